@@ -1,0 +1,44 @@
+# The two commands a new machine needs:
+#   make serve   install from Pipfile.lock, train and register a model if none is in Production, run Gunicorn
+#   make test    install the dev dependencies too and run the whole suite (what .ci/run does)
+
+PYTHON ?= python3
+PIPENV := $(PYTHON) -m pipenv
+export PIPENV_VENV_IN_PROJECT := 1
+export PIPENV_VERBOSITY := -1
+export PIPENV_NOSPIN := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+VENV := .venv
+
+.PHONY: serve train test lint format clean
+
+$(VENV)/.synced: Pipfile.lock
+	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
+	$(PIPENV) sync
+	touch $@
+
+$(VENV)/.synced-dev: Pipfile.lock
+	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
+	$(PIPENV) sync --dev
+	touch $(VENV)/.synced $@
+
+serve: $(VENV)/.synced
+	$(PIPENV) run python train.py --if-missing
+	$(PIPENV) run gunicorn --config gunicorn.conf.py predict:app
+
+train: $(VENV)/.synced
+	$(PIPENV) run python train.py
+
+lint: $(VENV)/.synced-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest
+
+format: $(VENV)/.synced-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

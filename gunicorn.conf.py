@@ -1,0 +1,23 @@
+"""Gunicorn settings for the prediction service: `gunicorn --config gunicorn.conf.py predict:app`.
+
+The app is preloaded, so the master loads the model once and the workers share it by fork. Two sync
+workers fit this 2-core machine; set WEB_CONCURRENCY to the number of cores on a bigger host.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
+
+from config import Settings
+
+bind = f"0.0.0.0:{Settings.from_env().port}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+preload_app = True
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+max_requests = 20_000
+max_requests_jitter = 2_000
+accesslog = "-"
+control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances

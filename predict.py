@@ -1,0 +1,151 @@
+"""The membership prediction web service.
+
+Endpoints:
+    POST /predict   a trip (JSON object) or a list of trips -> membership, proba (% that the rider is a
+                    Member) and the model version that answered. `?date_order=DMY` reads ambiguous slash
+                    dates day-first (see preprocess.py for the rule).
+    GET  /health    200 with the loaded model's name and version.
+
+Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
+
+Run with `gunicorn --config gunicorn.conf.py predict:app`, or `python predict.py` for Flask's debug mode on
+the same port. The model is loaded once when the app is created; requests never touch the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+import preprocess
+from config import Settings
+from model_store import LoadedModel, load_production_model
+
+JSON_CONTENT_TYPE = "application/json"
+MAX_TRIPS_PER_REQUEST = 10_000
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+api = Blueprint("api", __name__)
+
+
+class ApiError(Exception):
+    """A request the service refuses, rendered once as JSON by `render_api_error`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, item: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.item = status, code, message, field, item
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype=JSON_CONTENT_TYPE)
+
+
+def _read_json() -> Any:
+    if request.mimetype != JSON_CONTENT_TYPE:
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", f"send the trip as JSON with Content-Type: {JSON_CONTENT_TYPE}")
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, "MALFORMED_REQUEST", f"the body is not valid JSON: {error}") from None
+
+
+def _date_order() -> preprocess.DateOrder | None:
+    value = request.args.get("date_order")
+    if value is None:
+        return None
+    if value.upper() not in preprocess.DATE_ORDERS:
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", "must be MDY or DMY", field="date_order")
+    return value.upper()  # type: ignore[return-value]
+
+
+def _validated_trips(body: Any, date_order: preprocess.DateOrder | None) -> list[dict[str, Any]]:
+    if not isinstance(body, list | dict):
+        raise ApiError(400, "BAD_REQUEST", "the body must be a trip object or a list of trip objects")
+    records = body if isinstance(body, list) else [body]
+    if not records:
+        raise ApiError(400, "BAD_REQUEST", "the list of trips is empty")
+    if len(records) > MAX_TRIPS_PER_REQUEST:
+        raise ApiError(400, "BAD_REQUEST", f"at most {MAX_TRIPS_PER_REQUEST} trips per request")
+    item_of = (lambda index: index) if isinstance(body, list) else (lambda index: None)
+    try:
+        return [
+            preprocess.parse_request_trip(record, date_order, item_of(index)) for index, record in enumerate(records)
+        ]
+    except preprocess.InvalidTrip as error:
+        where = "" if error.item is None else f"trip {error.item}: "
+        field = f"{error.field} " if error.field else ""
+        raise ApiError(
+            400, "INVALID_PARAMETER_VALUE", f"{where}{field}{error.message}", error.field, error.item
+        ) from None
+
+
+def _answer(trip: dict[str, Any], member_probability: float) -> dict[str, Any]:
+    membership = preprocess.MEMBER if member_probability >= 0.5 else preprocess.CASUAL
+    return {"trip_id": trip["trip_id"], "membership": membership, "proba": round(float(member_probability) * 100, 2)}
+
+
+@api.post("/predict")
+def predict() -> Response:
+    model: LoadedModel = current_app.extensions["model"]
+    body = _read_json()
+    trips = _validated_trips(body, _date_order())
+    probabilities = model.member_probability(preprocess.request_frame(trips))
+    answers = [_answer(trip, proba) for trip, proba in zip(trips, probabilities, strict=True)]
+    if isinstance(body, list):
+        return json_response({"predictions": answers, "model": model.describe()})
+    return json_response({**answers[0], "model": model.describe()})
+
+
+@api.get("/health")
+def health() -> Response:
+    model: LoadedModel = current_app.extensions["model"]
+    return json_response(
+        {"status": "ok", "model": {**model.describe(), "source": model.source, "loaded_at": model.loaded_at}}
+    )
+
+
+def render_api_error(error: ApiError) -> Response:
+    return json_response(
+        {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
+        error.status,
+    )
+
+
+def render_http_error(error: HTTPException) -> Response:
+    code = (error.name or "error").upper().replace(" ", "_")
+    return render_api_error(ApiError(error.code or 500, code, error.description or error.name))
+
+
+def render_unexpected_error(error: Exception) -> Response:
+    log.exception("unhandled error")
+    return render_api_error(ApiError(500, "INTERNAL_ERROR", "the service failed to answer; the error is logged"))
+
+
+def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> Flask:
+    """Build the service around a loaded model: the given one, or the registry's Production version."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["model"] = model or load_production_model(settings.tracking_uri, settings.registered_model)
+    app.register_blueprint(api)
+    app.register_error_handler(ApiError, render_api_error)
+    app.register_error_handler(HTTPException, render_http_error)
+    app.register_error_handler(Exception, render_unexpected_error)
+    return app
+
+
+def __getattr__(name: str) -> Flask:
+    """`predict.app` for `gunicorn predict:app`, built on first access so importing this module loads no model."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    create_app().run(host="0.0.0.0", port=Settings.from_env().port, debug=True)

@@ -1,0 +1,495 @@
+"""The data contract: the trip schema, every City file layout, station look-up and the model's features.
+
+Training, the web service and batch scoring all go through this module, so a trip means the same thing
+everywhere. The request schema is the 2017 export's nine fields (`TRIP_FIELDS`); the model sees the typed
+columns in `MODEL_INPUT_COLUMNS` and turns them into features with `TripFeatures`, which is the first step
+of the logged pipeline.
+
+How a slash date is read (`M/D/YYYY`, `D/M/YYYY`, `M/DD/YY ...`): the order a date shows is the order used.
+A date whose first number is over 12 is day-first and one whose second number is over 12 is month-first.
+For a trip, evidence from either of its two timestamps decides both; for a file, evidence from the whole
+column decides every row. Only when nothing shows the order is a default used: for a request, the
+`date_order` the client gives (`MDY` unless told `DMY`); for a file, its layout's (day-first for the 2017
+Q1/Q2 layout, month-first for every later one). ISO 8601 is never ambiguous; a timestamp with a UTC offset
+is converted to Toronto time, a naive one is taken as Toronto time already.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+
+DATA_DIR = Path(__file__).parent / "data"
+STATIONS_FILE = DATA_DIR / "stations.csv"
+TORONTO = ZoneInfo("America/Toronto")
+
+TRIP_FIELDS = (
+    "trip_id",
+    "trip_start_time",
+    "trip_stop_time",
+    "trip_duration_seconds",
+    "from_station_id",
+    "from_station_name",
+    "to_station_id",
+    "to_station_name",
+    "user_type",
+)
+REQUIRED_FIELDS = ("trip_start_time", "trip_stop_time", "trip_duration_seconds")
+MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
+
+MEMBER = "Member"
+CASUAL = "Casual"
+LABELS = {
+    "member": MEMBER,
+    "annual member": MEMBER,
+    "casual": CASUAL,
+    "casual member": CASUAL,
+}
+MISSING_TEXT = {"", "null", "nullnull", "nan", "none"}
+
+DateOrder = Literal["MDY", "DMY"]
+DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
+DEFAULT_REQUEST_DATE_ORDER: DateOrder = "MDY"
+
+
+class InvalidTrip(ValueError):
+    """A trip that cannot be scored, naming the field, the problem and (in a list) the item."""
+
+    def __init__(self, field: str | None, message: str, item: int | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.item = item
+
+
+# --- Timestamps -------------------------------------------------------------------------------------
+
+_SLASH_TIMESTAMP = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})[ T]+(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+SlashParts = tuple[int, int, int, int, int, int]
+
+
+def _slash_parts(text: str) -> SlashParts | None:
+    """The six numbers of a slash timestamp, first and second date fields in the order written."""
+    match = _SLASH_TIMESTAMP.match(text)
+    if match is None:
+        return None
+    first, second, year, hour, minute, second_of_minute = match.groups()
+    full_year = int(year) + 2000 if len(year) == 2 else int(year)
+    return int(first), int(second), full_year, int(hour), int(minute), int(second_of_minute or 0)
+
+
+def evident_date_order(parts: Iterable[SlashParts]) -> DateOrder | None:
+    """The date order the timestamps show on their own, or None when they do not (or contradict)."""
+    day_first = month_first = False
+    for first, second, *_ in parts:
+        day_first |= first > 12
+        month_first |= second > 12
+    if day_first == month_first:
+        return None
+    return "DMY" if day_first else "MDY"
+
+
+def _from_parts(parts: SlashParts, order: DateOrder) -> datetime | None:
+    first, second, year, hour, minute, seconds = parts
+    month, day = (first, second) if order == "MDY" else (second, first)
+    try:
+        return datetime(year, month, day, hour, minute, seconds)
+    except ValueError:
+        return None
+
+
+def _from_iso(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(TORONTO).replace(tzinfo=None)
+    return moment
+
+
+def parse_timestamps(texts: Sequence[str | None], default_order: DateOrder) -> tuple[list[datetime | None], DateOrder]:
+    """Parse timestamps that belong together (one trip, or a file's columns) under one date order.
+
+    Returns the datetimes (None where a text is not a valid timestamp) and the date order used.
+    """
+    slash = {text: _slash_parts(text) for text in texts if text is not None}
+    order = evident_date_order(parts for parts in slash.values() if parts is not None) or default_order
+    parsed: list[datetime | None] = []
+    for text in texts:
+        parts = slash.get(text) if text is not None else None
+        if parts is not None:
+            parsed.append(_from_parts(parts, order))
+        elif text is not None and "-" in text:
+            parsed.append(_from_iso(text))
+        else:
+            parsed.append(None)
+    return parsed, order
+
+
+def parse_timestamp_columns(
+    columns: Sequence[pd.Series], default_order: DateOrder
+) -> tuple[list[pd.Series], DateOrder]:
+    """Vectorised `parse_timestamps` for file columns: each distinct text is parsed once."""
+    stacked = pd.concat(columns, ignore_index=True)
+    codes, uniques = pd.factorize(stacked.astype("string"), use_na_sentinel=True)
+    parsed, order = parse_timestamps([str(text) for text in uniques], default_order)
+    lookup = np.array(
+        [np.datetime64("NaT") if moment is None else np.datetime64(moment, "s") for moment in parsed]
+        + [np.datetime64("NaT")],
+        dtype="datetime64[s]",
+    )
+    values = lookup[codes]  # code -1 (missing) picks the trailing NaT
+    results, start = [], 0
+    for column in columns:
+        results.append(pd.Series(values[start : start + len(column)], index=column.index))
+        start += len(column)
+    return results, order
+
+
+# --- Stations ---------------------------------------------------------------------------------------
+
+_PUNCTUATION = re.compile(r"[.,'\u2019()\u2013\u2014\-]+")
+_SPELLING_DRIFTS = {"berkely": "berkeley", "av": "ave", "lakeshore": "lake shore", "crt": "ct", "st.": "st"}
+_DIRECTIONS = {"w", "e", "n", "s", "west", "east", "north", "south"}
+
+
+def normalise_station_name(name: str) -> str:
+    """A comparison key for station names: case, punctuation, doubled spaces and known spelling drifts."""
+    words = _PUNCTUATION.sub(" ", name.lower().replace("/", " / ")).split()
+    return " ".join(_SPELLING_DRIFTS.get(word, word) for word in words)
+
+
+def loose_station_key(name: str) -> str:
+    """The normalised name without compass directions (`College St W` vs `College St`)."""
+    return " ".join(word for word in normalise_station_name(name).split() if word not in _DIRECTIONS)
+
+
+@dataclass(frozen=True)
+class StationIndex:
+    """Station ids by name, and coordinates by id, from the bundled `data/stations.csv`."""
+
+    ids_by_name: Mapping[str, int]
+    ids_by_loose_name: Mapping[str, int]
+    coordinates: Mapping[int, tuple[float, float]]
+
+    def id_for(self, name: str | None) -> int | None:
+        if name is None or normalise_station_name(name) in MISSING_TEXT:
+            return None
+        key = normalise_station_name(name)
+        found = self.ids_by_name.get(key)
+        return found if found is not None else self.ids_by_loose_name.get(loose_station_key(key))
+
+
+@cache
+def station_index(path: Path = STATIONS_FILE) -> StationIndex:
+    stations = pd.read_csv(path)
+    ids_by_name: dict[str, int] = {}
+    loose: dict[str, set[int]] = {}
+    for station_id, name in zip(stations["station_id"], stations["name"], strict=True):
+        key = normalise_station_name(name)
+        ids_by_name.setdefault(key, int(station_id))
+        loose.setdefault(loose_station_key(key), set()).add(ids_by_name[key])
+    located = stations.dropna(subset=["lat", "lon"]).drop_duplicates("station_id")
+    return StationIndex(
+        ids_by_name=ids_by_name,
+        ids_by_loose_name={key: ids.pop() for key, ids in loose.items() if len(ids) == 1},
+        coordinates={int(row.station_id): (float(row.lat), float(row.lon)) for row in located.itertuples()},
+    )
+
+
+def resolve_station_ids(ids: pd.Series, names: pd.Series) -> pd.Series:
+    """Station ids as floats, looked up by name where the id is missing; NaN for an unknown station."""
+    resolved = pd.to_numeric(ids, errors="coerce").astype("float64")
+    missing = resolved.isna() & names.notna()
+    if missing.any():
+        index = station_index()
+        lookup = {name: index.id_for(name) for name in names[missing].unique()}
+        resolved[missing] = names[missing].map(lookup).astype("float64")
+    return resolved
+
+
+# --- File layouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One of the City's file layouts: how its columns map to the schema, and its default date order."""
+
+    name: str
+    columns: Mapping[str, str]
+    date_order: DateOrder
+
+
+_SCHEMA_NAMES = {field: field for field in TRIP_FIELDS}
+_CITY_2019_NAMES = {
+    "Trip Id": "trip_id",
+    "Trip  Duration": "trip_duration_seconds",
+    "Start Station Id": "from_station_id",
+    "Start Time": "trip_start_time",
+    "Start Station Name": "from_station_name",
+    "End Station Id": "to_station_id",
+    "End Time": "trip_stop_time",
+    "End Station Name": "to_station_name",
+    "User Type": "user_type",
+}
+_CITY_2025_NAMES = {name.replace("  ", " ").replace(" ", "_"): field for name, field in _CITY_2019_NAMES.items()}
+
+LAYOUTS = (
+    Layout("2017 Q1/Q2 (request schema)", _SCHEMA_NAMES, "DMY"),
+    Layout("2017 Q3/Q4 (no station ids)", _SCHEMA_NAMES, "MDY"),
+    Layout("2018 (reordered)", _SCHEMA_NAMES, "MDY"),
+    Layout("2019-2024", _CITY_2019_NAMES, "MDY"),
+    Layout("2025", _CITY_2025_NAMES, "MDY"),
+)
+
+
+def detect_layout(header: Sequence[str]) -> Layout:
+    """The layout of a file from its header; raises ValueError naming what is missing."""
+    names = [name.strip().lstrip("\ufeff") for name in header]
+    if "Trip  Duration" in names or "Trip Duration" in names:
+        return LAYOUTS[3]
+    if "Trip_Duration" in names:
+        return LAYOUTS[4]
+    missing = [field for field in REQUIRED_FIELDS if field not in names]
+    if missing:
+        raise ValueError(f"unknown file layout: no column {missing[0]!r} in header {names!r}")
+    if "from_station_id" not in names:
+        return LAYOUTS[1]
+    schema_order = [name for name in names if name in TRIP_FIELDS]
+    return LAYOUTS[0] if schema_order == list(TRIP_FIELDS[: len(schema_order)]) else LAYOUTS[2]
+
+
+@dataclass
+class ParsedTrips:
+    """Trips in the schema's types, and the rows that could not be parsed with the reason."""
+
+    trips: pd.DataFrame
+    rejects: pd.DataFrame
+    date_order: DateOrder
+
+
+def _text_column(values: pd.Series) -> pd.Series:
+    """Stripped text, None where the City wrote nothing, `NULL` or the like."""
+    text = values.astype("string").str.strip()
+    return text.mask(text.str.lower().isin(MISSING_TEXT) | text.isna()).astype(object).replace({pd.NA: None})
+
+
+def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None = None) -> ParsedTrips:
+    """Map a raw City frame (all columns as read) to the schema, rejecting rows that cannot be scored.
+
+    `date_order` overrides the layout's default, for a chunk of a file whose earlier chunks showed it.
+    """
+    raw = raw.rename(columns=lambda name: name.strip().lstrip("\ufeff"))
+    frame = raw.rename(columns=layout.columns).reindex(columns=list(TRIP_FIELDS))
+    (start, stop), order = parse_timestamp_columns(
+        [frame["trip_start_time"], frame["trip_stop_time"]], date_order or layout.date_order
+    )
+    duration = pd.to_numeric(frame["trip_duration_seconds"], errors="coerce").astype("float64")
+    from_name, to_name = _text_column(frame["from_station_name"]), _text_column(frame["to_station_name"])
+    user_type = _text_column(frame["user_type"]).str.lower().map(LABELS).replace({np.nan: None})
+
+    reasons = pd.Series(None, index=frame.index, dtype=object)
+    checks = [
+        (stop < start, "trip_stop_time: before trip_start_time"),
+        (duration < 0, "trip_duration_seconds: negative"),
+        (duration.isna(), "trip_duration_seconds: missing or not a number"),
+        (stop.isna(), "trip_stop_time: missing or not a date-time"),
+        (start.isna(), "trip_start_time: missing or not a date-time"),
+    ]
+    for failed, reason in checks:  # the last check that fails names the row's reason
+        reasons[failed.to_numpy()] = reason
+    bad = reasons.notna()
+
+    trips = pd.DataFrame(
+        {
+            "trip_id": frame["trip_id"],
+            "trip_start_time": start,
+            "trip_stop_time": stop,
+            "trip_duration_seconds": duration,
+            "from_station_id": resolve_station_ids(frame["from_station_id"], from_name),
+            "from_station_name": from_name,
+            "to_station_id": resolve_station_ids(frame["to_station_id"], to_name),
+            "to_station_name": to_name,
+            "user_type": user_type,
+        }
+    )
+    rejects = pd.DataFrame({"trip_id": frame["trip_id"][bad], "reason": reasons[bad]})
+    return ParsedTrips(trips=trips[~bad], rejects=rejects, date_order=order)
+
+
+def read_trips(path: str | Path) -> ParsedTrips:
+    """Read a whole City trip file (CSV, optionally compressed) of any known layout."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", encoding_errors="replace")
+    return parse_frame(raw, detect_layout(list(raw.columns)))
+
+
+# --- Requests ---------------------------------------------------------------------------------------
+
+
+def _optional_text(record: Mapping[str, Any], field: str, item: int | None) -> str | None:
+    value = record.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidTrip(field, "must be a string or null", item)
+    return None if value.strip().lower() in MISSING_TEXT else value
+
+
+def _optional_station_id(record: Mapping[str, Any], field: str, item: int | None) -> float:
+    value = record.get(field)
+    if value is None or (isinstance(value, str) and value.strip().lower() in MISSING_TEXT):
+        return math.nan
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | str)
+        or (isinstance(value, str) and not value.strip().isdigit())
+    ):
+        raise InvalidTrip(field, "must be a whole number, a string of digits, or null", item)
+    return float(int(value))
+
+
+def _required_timestamp(record: Mapping[str, Any], field: str, item: int | None) -> str:
+    value = record.get(field)
+    if value is None:
+        raise InvalidTrip(field, "is required", item)
+    if not isinstance(value, str):
+        raise InvalidTrip(field, "must be a string such as '2017-01-10T00:03:00' or '1/10/2017 0:03'", item)
+    return value
+
+
+def _duration(record: Mapping[str, Any], item: int | None) -> float:
+    field = "trip_duration_seconds"
+    value = record.get(field)
+    if value is None:
+        raise InvalidTrip(field, "is required", item)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidTrip(field, "must be a number of seconds", item)
+    if value < 0:
+        raise InvalidTrip(field, "must not be negative", item)
+    return float(value)
+
+
+def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: int | None = None) -> dict[str, Any]:
+    """Validate one trip as sent to the service and return it in the schema's types.
+
+    Raises InvalidTrip naming the field (and `item`, its position in a list).
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidTrip(None, "a trip must be a JSON object", item)
+    start_text = _required_timestamp(record, "trip_start_time", item)
+    stop_text = _required_timestamp(record, "trip_stop_time", item)
+    (start, stop), _ = parse_timestamps([start_text, stop_text], date_order or DEFAULT_REQUEST_DATE_ORDER)
+    for field, moment in (("trip_start_time", start), ("trip_stop_time", stop)):
+        if moment is None:
+            raise InvalidTrip(field, "is not a valid date-time: use ISO 8601 or M/D/YYYY H:MM[:SS]", item)
+    if stop < start:
+        raise InvalidTrip("trip_stop_time", "is before trip_start_time", item)
+    duration = _duration(record, item)
+    trip_id = record.get("trip_id")
+    if trip_id is not None and (isinstance(trip_id, bool) or not isinstance(trip_id, int | str)):
+        raise InvalidTrip("trip_id", "must be a number, a string or null", item)
+    user_type = _optional_text(record, "user_type", item)
+    if user_type is not None and user_type.strip().lower() not in LABELS:
+        raise InvalidTrip("user_type", "must be Member, Casual, Annual Member, Casual Member or null", item)
+
+    index = station_index()
+    ends = {}
+    for end in ("from", "to"):
+        name = _optional_text(record, f"{end}_station_name", item)
+        station_id = _optional_station_id(record, f"{end}_station_id", item)
+        if math.isnan(station_id) and name is not None:
+            found = index.id_for(name)
+            station_id = math.nan if found is None else float(found)
+        ends[f"{end}_station_id"], ends[f"{end}_station_name"] = station_id, name
+    return {
+        "trip_id": trip_id,
+        "trip_start_time": start,
+        "trip_stop_time": stop,
+        "trip_duration_seconds": duration,
+        **ends,
+        "user_type": LABELS[user_type.strip().lower()] if user_type else None,
+    }
+
+
+def request_frame(trips: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Validated request trips as the frame the model takes."""
+    frame = pd.DataFrame.from_records(trips, columns=list(TRIP_FIELDS))
+    frame["trip_start_time"] = frame["trip_start_time"].astype("datetime64[s]")
+    frame["trip_stop_time"] = frame["trip_stop_time"].astype("datetime64[s]")
+    for column in ("trip_duration_seconds", "from_station_id", "to_station_id"):
+        frame[column] = frame[column].astype("float64")
+    return frame
+
+
+# --- Features ---------------------------------------------------------------------------------------
+
+MAX_DURATION_SECONDS = 7 * 24 * 3600
+STATION_FEATURES = ["from_station", "to_station", "route"]
+NUMERIC_FEATURES = ["duration_log", "start_hour", "weekday", "month", "round_trip", "distance_km", "speed_kmh"]
+FEATURE_COLUMNS = NUMERIC_FEATURES + STATION_FEATURES
+EARTH_RADIUS_KM = 6371.0
+
+
+class TripFeatures(TransformerMixin, BaseEstimator):
+    """The features of a trip, computed column-wise from `MODEL_INPUT_COLUMNS`.
+
+    Fitting captures the station coordinates, so a logged pipeline carries the ones it was trained with.
+    Stations stay as ids (`route` is from * 10000 + to); the pipeline's encoder turns them into numbers.
+    """
+
+    def fit(self, trips: pd.DataFrame, target: Any = None) -> TripFeatures:
+        coordinates = station_index().coordinates
+        self.station_ids_ = np.array(sorted(coordinates), dtype="float64")
+        self.station_coordinates_ = np.radians(np.array([coordinates[int(i)] for i in self.station_ids_]))
+        return self
+
+    def _coordinates(self, station_ids: np.ndarray) -> np.ndarray:
+        """(n, 2) latitude/longitude in radians; NaN for an unknown station."""
+        position = np.searchsorted(self.station_ids_, station_ids).clip(0, len(self.station_ids_) - 1)
+        known = self.station_ids_[position] == station_ids
+        return np.where(known[:, None], self.station_coordinates_[position], np.nan)
+
+    def transform(self, trips: pd.DataFrame) -> pd.DataFrame:
+        start = pd.DatetimeIndex(trips["trip_start_time"])
+        duration = np.clip(trips["trip_duration_seconds"].to_numpy(dtype="float64"), 0, MAX_DURATION_SECONDS)
+        from_id = trips["from_station_id"].to_numpy(dtype="float64")
+        to_id = trips["to_station_id"].to_numpy(dtype="float64")
+        origin, destination = self._coordinates(from_id), self._coordinates(to_id)
+        half_chord = (
+            np.sin((destination[:, 0] - origin[:, 0]) / 2) ** 2
+            + np.cos(origin[:, 0]) * np.cos(destination[:, 0]) * np.sin((destination[:, 1] - origin[:, 1]) / 2) ** 2
+        )
+        distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
+        hours = np.maximum(duration, 60.0) / 3600
+        return pd.DataFrame(
+            {
+                "duration_log": np.log1p(duration),
+                "start_hour": start.hour.to_numpy() + start.minute.to_numpy() / 60,
+                "weekday": start.day_of_week.to_numpy(dtype="float64"),
+                "month": start.month.to_numpy(dtype="float64"),
+                "round_trip": np.where(
+                    np.isnan(from_id) | np.isnan(to_id), np.nan, (from_id == to_id).astype("float64")
+                ),
+                "distance_km": distance_km,
+                "speed_kmh": distance_km / hours,
+                "from_station": from_id,
+                "to_station": to_id,
+                "route": from_id * 10000 + to_id,
+            },
+            index=trips.index,
+        )
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array(FEATURE_COLUMNS, dtype=object)

@@ -1,0 +1,55 @@
+"""Smoke test for a running service: posts a real 2017 trip to /predict and prints the answer.
+
+    python test_pred.py [HOST] [--port N]
+
+Exits non-zero if the service does not answer with a membership and a proba.
+"""
+
+import argparse
+import json
+import sys
+
+import requests
+
+from config import DEFAULT_PORT
+
+# The first trip of the 2017 Q1 export, as the City wrote it (day-first dates, Q1's UTC clock).
+TRIP = {
+    "trip_id": 712382,
+    "trip_start_time": "1/1/2017 0:00",
+    "trip_stop_time": "1/1/2017 0:03",
+    "trip_duration_seconds": 223,
+    "from_station_id": 7051,
+    "from_station_name": "Wellesley St E / Yonge St Green P",
+    "to_station_id": 7089,
+    "to_station_name": "Church St  / Wood St",
+    "user_type": "Member",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("host", nargs="?", default="localhost")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the service's port (default {DEFAULT_PORT})")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = f"http://{args.host}:{args.port}/predict"
+    try:
+        response = requests.post(url, json=TRIP, timeout=args.timeout)
+        answer = response.json()
+    except (requests.RequestException, ValueError) as error:
+        print(f"FAILED: {url}: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    if response.status_code != 200 or answer.get("membership") not in ("Member", "Casual") or "proba" not in answer:
+        print(f"FAILED: {url} answered {response.status_code}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

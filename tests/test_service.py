@@ -1,0 +1,178 @@
+"""The Flask app through its test client, with the Production model of the test registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flask.testing import FlaskClient
+
+import predict
+from config import Settings
+from model_store import LoadedModel
+
+TRIP = {
+    "trip_id": 712382,
+    "trip_start_time": "1/1/2017 0:00",
+    "trip_stop_time": "1/1/2017 0:03",
+    "trip_duration_seconds": 223,
+    "from_station_id": 7051,
+    "from_station_name": "Wellesley St E / Yonge St Green P",
+    "to_station_id": 7089,
+    "to_station_name": "Church St  / Wood St",
+    "user_type": "Member",
+}
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, model: LoadedModel) -> FlaskClient:
+    return predict.create_app(settings, model).test_client()
+
+
+def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model: LoadedModel) -> None:
+    response = client.post("/predict", json=TRIP)
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["trip_id"] == 712382
+    assert 0 <= body["proba"] <= 100
+    assert body["membership"] == ("Member" if body["proba"] >= 50 else "Casual")
+    assert body["model"] == {"name": model.name, "version": model.version, "run_id": model.run_id}
+
+
+def test_proba_is_the_pipelines_probability(client: FlaskClient, model: LoadedModel) -> None:
+    import preprocess
+
+    expected = model.member_probability(preprocess.request_frame([preprocess.parse_request_trip(TRIP)]))[0]
+    assert client.post("/predict", json=TRIP).get_json()["proba"] == round(expected * 100, 2)
+
+
+def test_each_quarter_format_iso_and_unknown_stations_are_predicted(client: FlaskClient) -> None:
+    trips = [
+        {**TRIP, "trip_start_time": "18/04/2017 17:15", "trip_stop_time": "18/04/2017 17:30"},
+        {
+            **TRIP,
+            "trip_start_time": "7/10/2017 0:00",
+            "trip_stop_time": "7/10/2017 0:15",
+            "from_station_id": None,
+            "to_station_id": None,
+        },
+        {
+            **TRIP,
+            "trip_start_time": "10/01/17 00:00:01",
+            "trip_stop_time": "10/01/17 00:00:27",
+            "trip_duration_seconds": 26,
+        },
+        {**TRIP, "trip_start_time": "2017-07-10T08:15:00", "trip_stop_time": "2017-07-10T08:30:00"},
+        {
+            **TRIP,
+            "from_station_id": 99999,
+            "from_station_name": "Nowhere",
+            "to_station_id": None,
+            "to_station_name": "Base Station",
+        },
+        {key: TRIP[key] for key in ("trip_start_time", "trip_stop_time", "trip_duration_seconds")},
+    ]
+    response = client.post("/predict", json=trips)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert len(body["predictions"]) == len(trips)
+    assert all(answer["membership"] in ("Member", "Casual") for answer in body["predictions"])
+    assert body["model"]["version"]
+
+
+def test_casual_looking_trip_scores_below_a_commute(client: FlaskClient) -> None:
+    """A weekday 8am one-way hop is likelier a Member than a weekend afternoon round trip of two hours."""
+    commute = {
+        **TRIP,
+        "trip_start_time": "2017-05-09T08:05:00",
+        "trip_stop_time": "2017-05-09T08:12:00",
+        "trip_duration_seconds": 420,
+        "from_station_id": 7033,
+        "to_station_id": 7006,
+    }
+    leisure = {
+        **TRIP,
+        "trip_start_time": "2017-05-13T14:05:00",
+        "trip_stop_time": "2017-05-13T16:05:00",
+        "trip_duration_seconds": 7200,
+        "from_station_id": 7076,
+        "to_station_id": 7076,
+    }
+    commute_proba, leisure_proba = (
+        answer["proba"] for answer in client.post("/predict", json=[commute, leisure]).get_json()["predictions"]
+    )
+    assert commute_proba > leisure_proba
+
+
+def test_date_order_query_parameter(client: FlaskClient) -> None:
+    trip = {**TRIP, "trip_start_time": "1/10/2017 0:03", "trip_stop_time": "1/10/2017 0:18"}
+    assert client.post("/predict?date_order=DMY", json=trip).status_code == 200
+    response = client.post("/predict?date_order=YMD", json=trip)
+    assert response.status_code == 400 and response.get_json()["error"]["field"] == "date_order"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field", "item"),
+    [
+        ({**TRIP, "trip_start_time": None}, 400, "INVALID_PARAMETER_VALUE", "trip_start_time", None),
+        (
+            {k: v for k, v in TRIP.items() if k != "trip_duration_seconds"},
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "trip_duration_seconds",
+            None,
+        ),
+        ({**TRIP, "trip_duration_seconds": "long"}, 400, "INVALID_PARAMETER_VALUE", "trip_duration_seconds", None),
+        ({**TRIP, "trip_duration_seconds": -1}, 400, "INVALID_PARAMETER_VALUE", "trip_duration_seconds", None),
+        ({**TRIP, "trip_start_time": "2017-02-30T10:00:00"}, 400, "INVALID_PARAMETER_VALUE", "trip_start_time", None),
+        ({**TRIP, "trip_start_time": "13/13/2017 0:00"}, 400, "INVALID_PARAMETER_VALUE", "trip_start_time", None),
+        ({**TRIP, "trip_stop_time": "12/31/2016 23:59"}, 400, "INVALID_PARAMETER_VALUE", "trip_stop_time", None),
+        ({**TRIP, "from_station_id": {"id": 7051}}, 400, "INVALID_PARAMETER_VALUE", "from_station_id", None),
+        ([TRIP, {**TRIP, "trip_stop_time": "soon"}], 400, "INVALID_PARAMETER_VALUE", "trip_stop_time", 1),
+        ([TRIP, "not a trip"], 400, "INVALID_PARAMETER_VALUE", None, 1),
+        ([], 400, "BAD_REQUEST", None, None),
+        ("a string", 400, "BAD_REQUEST", None, None),
+        (42, 400, "BAD_REQUEST", None, None),
+        (None, 400, "BAD_REQUEST", None, None),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(client: FlaskClient, body, status, code, field, item) -> None:
+    response = client.post("/predict", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == status and response.mimetype == "application/json"
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"], error["item"]) == (code, field, item)
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "code"),
+    [
+        (b'{"trip_start_time": ', "application/json", 400, "MALFORMED_REQUEST"),
+        (b"\xff\xfe\x00", "application/json", 400, "MALFORMED_REQUEST"),
+        (b"[" * 100_000, "application/json", 400, "MALFORMED_REQUEST"),
+        (b"trip_id=1", "application/x-www-form-urlencoded", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (b"{}", None, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (b" " * (predict.MAX_BODY_BYTES + 1), "application/json", 413, "REQUEST_ENTITY_TOO_LARGE"),
+    ],
+)
+def test_unreadable_bodies_get_a_4xx(client: FlaskClient, data: bytes, content_type, status: int, code: str) -> None:
+    response = client.post("/predict", data=data, content_type=content_type)
+    assert response.status_code == status
+    assert response.get_json()["error"]["code"] == code
+
+
+def test_too_many_trips_is_refused(client: FlaskClient) -> None:
+    response = client.post("/predict", json=[TRIP] * (predict.MAX_TRIPS_PER_REQUEST + 1))
+    assert response.status_code == 400 and "at most" in response.get_json()["error"]["message"]
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    assert client.get("/nowhere").get_json()["error"]["code"] == "NOT_FOUND"
+    response = client.get("/predict")
+    assert response.status_code == 405 and response.get_json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_health_names_the_loaded_model(client: FlaskClient, model: LoadedModel) -> None:
+    body = client.get("/health").get_json()
+    assert body["status"] == "ok"
+    assert body["model"]["version"] == model.version and body["model"]["name"] == model.name
