@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from config import Settings
 from preprocess import MODEL_INPUT_COLUMNS
 
 PRODUCTION_ALIAS = "production"
@@ -73,8 +74,9 @@ def production_version(client: MlflowClient, name: str) -> ModelVersion:
     return max(versions, key=lambda version: int(version.version))
 
 
-def load_production_model(tracking_uri: str, name: str) -> LoadedModel:
-    """Resolve and load the Production version of `name` from the registry at `tracking_uri`."""
+def load_production_model(settings: Settings) -> LoadedModel:
+    """Resolve and load the Production version of the registered model."""
+    tracking_uri, name = settings.tracking_uri, settings.registered_model
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = production_version(client, name)
     uri = f"models:/{name}/{version.version}"

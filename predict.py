@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["model"] = model or load_production_model(settings.tracking_uri, settings.registered_model)
+    app.extensions["model"] = model or load_production_model(settings)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, render_api_error)
     app.register_error_handler(HTTPException, render_http_error)

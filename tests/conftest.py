@@ -109,7 +109,7 @@ def trained(settings: Settings, registry_dir: Path) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def model(settings: Settings, trained: subprocess.CompletedProcess) -> LoadedModel:
-    return load_production_model(settings.tracking_uri, settings.registered_model)
+    return load_production_model(settings)
 
 
 @pytest.fixture
