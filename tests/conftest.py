@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 import requests
 
@@ -75,6 +78,108 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def start_mlflow_server(
+    backend_db: Path, artifact_root: str, env: dict[str, str], log_path: Path
+) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port, clients reaching the artifact store directly."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{backend_db}", "--default-artifact-root", artifact_root]
+    command += ["--no-serve-artifacts"]
+    process = start(command, env, log_path)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", process, timeout=120)
+    return process, url
+
+
+@pytest.fixture(scope="session")
+def aws_profile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A named profile in throwaway AWS shared config files, as a mounted ~/.aws provides it; no keys in env."""
+    aws_dir = tmp_path_factory.mktemp("aws")
+    (aws_dir / "credentials").write_text(
+        "[bikeshare-test]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    (aws_dir / "config").write_text("[profile bikeshare-test]\nregion = us-east-1\n")
+    return {
+        "AWS_SHARED_CREDENTIALS_FILE": str(aws_dir / "credentials"),
+        "AWS_CONFIG_FILE": str(aws_dir / "config"),
+        "AWS_PROFILE": "bikeshare-test",
+    }
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+    bucket: str
+    env: dict[str, str]  # what a process needs to reach it: the profile and MLFLOW_S3_ENDPOINT_URL
+
+    def client(self) -> Any:  # boto3 generates its client types at run time
+        session = boto3.Session(profile_name=self.env["AWS_PROFILE"])
+        return session.client("s3", endpoint_url=self.url)
+
+
+@pytest.fixture(scope="session")
+def s3(aws_profile: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """A real S3-compatible HTTP endpoint on loopback (moto's server mode) with one bucket."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    process = start(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        dict(os.environ),
+        log_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/moto-api/", process)
+        endpoint = S3Endpoint(url=url, bucket="bikeshare-models", env={**aws_profile, "MLFLOW_S3_ENDPOINT_URL": url})
+        old_env = {key: os.environ.get(key) for key in aws_profile}
+        os.environ.update(aws_profile)  # boto3.Session(profile_name=...) in this process reads the same files
+        endpoint.client().create_bucket(Bucket=endpoint.bucket)
+        yield endpoint
+    finally:
+        stop(process)
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class RemoteRegistry:
+    settings: Settings
+    env: dict[str, str]  # what a process needs: tracking URI, model name, S3 endpoint, AWS profile
+    backend_db: Path
+    artifact_root: str
+
+
+@pytest.fixture(scope="session")
+def remote_registry(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteRegistry]:
+    """A real `mlflow server` (SQLite store, S3 artifacts) holding a model that `train.py` trained through it."""
+    work_dir = tmp_path_factory.mktemp("remote-registry")
+    backend_db = work_dir / "mlflow.db"
+    artifact_root = f"s3://{s3.bucket}/mlflow"
+    process, url = start_mlflow_server(
+        backend_db, artifact_root, service_env(Settings(), **s3.env), work_dir / "mlflow.log"
+    )
+    settings = Settings(tracking_uri=url, experiment_name="remote-test", registered_model="bikeshare-remote-test")
+    env = service_env(settings, **s3.env)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
+            cwd=work_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        yield RemoteRegistry(settings=settings, env=env, backend_db=backend_db, artifact_root=artifact_root)
+    finally:
+        stop(process)
 
 
 @pytest.fixture(scope="session")
