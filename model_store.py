@@ -22,12 +22,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from config import Settings
-from preprocess import MODEL_INPUT_COLUMNS
+from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS
 
+# P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
+DECISION_THRESHOLD = 0.5
 PRODUCTION_ALIAS = "production"
 PRODUCTION_STAGE = "Production"
 
 log = logging.getLogger(__name__)
+
+
+def membership(member_probability: np.ndarray) -> np.ndarray:
+    """`Member` or `Casual` for each probability, at `DECISION_THRESHOLD`."""
+    return np.where(member_probability >= DECISION_THRESHOLD, MEMBER, CASUAL)
 
 
 class NoProductionModel(LookupError):

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 import preprocess
 from config import Settings
-from model_store import LoadedModel, load_production_model
+from model_store import LoadedModel, load_production_model, membership
 
 JSON_CONTENT_TYPE = "application/json"
 MAX_TRIPS_PER_REQUEST = 10_000
@@ -84,18 +84,16 @@ def _validated_trips(body: Any, date_order: preprocess.DateOrder | None) -> list
         ) from None
 
 
-def _answer(trip: dict[str, Any], member_probability: float) -> dict[str, Any]:
-    membership = preprocess.MEMBER if member_probability >= 0.5 else preprocess.CASUAL
-    return {"trip_id": trip["trip_id"], "membership": membership, "proba": round(float(member_probability) * 100, 2)}
-
-
 @api.post("/predict")
 def predict() -> Response:
     model: LoadedModel = current_app.extensions["model"]
     body = _read_json()
     trips = _validated_trips(body, _date_order())
     probabilities = model.member_probability(preprocess.request_frame(trips))
-    answers = [_answer(trip, proba) for trip, proba in zip(trips, probabilities, strict=True)]
+    answers = [
+        {"trip_id": trip["trip_id"], "membership": label, "proba": round(float(proba) * 100, 2)}
+        for trip, label, proba in zip(trips, membership(probabilities), probabilities, strict=True)
+    ]
     if isinstance(body, list):
         return json_response({"predictions": answers, "model": model.describe()})
     return json_response({**answers[0], "model": model.describe()})

@@ -42,10 +42,16 @@ from sklearn.preprocessing import TargetEncoder
 
 import preprocess
 from config import Settings
-from model_store import PRODUCTION_ALIAS, PRODUCTION_STAGE, NoProductionModel, production_version
+from model_store import (
+    DECISION_THRESHOLD,
+    PRODUCTION_ALIAS,
+    PRODUCTION_STAGE,
+    NoProductionModel,
+    membership,
+    production_version,
+)
 
 DEFAULT_DATA = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-*.csv.gz"))
-DECISION_THRESHOLD = 0.5  # proba is calibrated, so 0.5 means "more likely a Member than not"
 SEED = 42
 HOLDOUT_SHARE = 0.2
 # Types the skops format must trust to load the pipeline: our feature step and the boosted trees.
@@ -103,7 +109,7 @@ def _log_figures(is_member: np.ndarray, proba: np.ndarray) -> None:
     mlflow.log_figure(roc.figure_, "roc_curve.png")
     matrix = ConfusionMatrixDisplay.from_predictions(
         np.where(is_member, preprocess.MEMBER, preprocess.CASUAL),
-        np.where(proba >= DECISION_THRESHOLD, preprocess.MEMBER, preprocess.CASUAL),
+        membership(proba),
         ax=Figure().subplots(),
     )
     matrix.ax_.set_title(f"Hold-out confusion matrix (threshold {DECISION_THRESHOLD})")
