@@ -6,6 +6,7 @@ workers fit this 2-core machine; set WEB_CONCURRENCY to the number of cores on a
 
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
 
@@ -21,3 +22,8 @@ max_requests = 20_000
 max_requests_jitter = 2_000
 accesslog = "-"
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
+
+
+def post_worker_init(worker: Any) -> None:
+    """Each worker checks the registry for newly promoted versions (threads do not survive the fork)."""
+    worker.wsgi.extensions["model_holder"].start_refreshing(Settings.from_env().refresh_seconds)

@@ -1,24 +1,54 @@
-"""The model store: finds the Production version of the registered model and loads it.
+"""The model store: which version is in Production, a local cache of its artifacts, loading, hot reload.
 
-The Production version is the one the alias `production` points at (MLflow 3), or else the newest version
-in the `Production` stage (MLflow 2's API, still honoured). Loading happens once, at start-up; requests
-only ever see a `LoadedModel`.
+- Resolution: the version the alias `production` names (MLflow 3), else the newest version in the
+  `Production` stage (MLflow 2's API, still honoured).
+- Cache: `MODEL_CACHE_DIR/<name>/<version>/` holds the artifacts and `manifest.json` (each file's size and
+  SHA-256, and the registry facts), written last and moved into place atomically. A version is loaded only
+  if every file matches its manifest, so a partial or corrupt download is fetched again, never loaded. A
+  file lock per model makes processes that need the same version at once (Gunicorn workers reloading
+  together) download it once per host.
+- Downloads: `s3://` artifacts straight from S3 with boto3 (the default credential chain, so `AWS_PROFILE`
+  picks a profile from `~/.aws`; `MLFLOW_S3_ENDPOINT_URL` for S3-compatible stores); any other artifact
+  URI through MLflow's own client.
+- Bounded waiting: every registry and S3 call has a connect and read timeout (`MODEL_FETCH_TIMEOUT`) and a
+  bounded retry with backoff (`MODEL_FETCH_RETRIES`). If the registry or the bucket cannot be reached at
+  start-up, the newest cached version is served; with nothing cached, `ModelUnavailable` is raised.
+- Hot reload: `ModelHolder` checks the registry every `MODEL_REFRESH_SECONDS` in a background thread, loads
+  a newly promoted version beside the current one and swaps the reference; a request that already holds
+  the old model finishes on it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import boto3
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from config import Settings
@@ -28,6 +58,9 @@ from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS
 DECISION_THRESHOLD = 0.5
 PRODUCTION_ALIAS = "production"
 PRODUCTION_STAGE = "Production"
+MANIFEST = "manifest.json"
+# What "cannot reach the registry or the bucket" looks like from the clients we use.
+FETCH_ERRORS = (MlflowException, requests.RequestException, BotoCoreError, ClientError, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +74,14 @@ class NoProductionModel(LookupError):
     """The registry has no Production version of the model."""
 
 
+class ModelUnavailable(RuntimeError):
+    """No model can be served: the reason fits on one line."""
+
+
+class CorruptCache(ValueError):
+    """A cached version whose files do not match its manifest."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A fitted pipeline with the registry facts that identify it in every answer."""
@@ -49,7 +90,9 @@ class LoadedModel:
     version: str
     run_id: str
     pipeline: Any
-    source: str
+    source: str  # where the artifacts came from
+    origin: str  # how this process got them: downloaded, cache, path
+    metadata: dict[str, Any] = field(default_factory=dict)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def member_probability(self, trips: pd.DataFrame) -> np.ndarray:
@@ -81,24 +124,314 @@ def production_version(client: MlflowClient, name: str) -> ModelVersion:
     return max(versions, key=lambda version: int(version.version))
 
 
-def load_production_model(settings: Settings) -> LoadedModel:
-    """Resolve and load the Production version of the registered model."""
-    tracking_uri, name = settings.tracking_uri, settings.registered_model
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version = production_version(client, name)
-    uri = f"models:/{name}/{version.version}"
-    started = time.monotonic()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    pipeline = mlflow.sklearn.load_model(uri)
-    log.info(
-        "loaded model %s version %s (run %s) from %s in %.2fs",
-        name,
-        version.version,
-        version.run_id,
-        version.source,
-        time.monotonic() - started,
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def verify_cached(directory: Path) -> dict[str, Any]:
+    """The manifest of a cached version, after checking every file against it; raises CorruptCache."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCache(f"{directory}: no readable manifest ({error})") from None
+    if _file_manifest(directory) != manifest["files"]:
+        raise CorruptCache(f"{directory}: files differ from the manifest")
+    return manifest
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one short line, for logs and /health."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+class ModelStore:
+    """Resolves, caches and loads versions of one registered model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # MLflow's REST client reads its timeout and retry settings from the environment; bound them
+        # (its defaults: 120 s timeout, 7 retries with backoff factor 2) unless the operator set them.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.fetch_timeout_seconds)))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.fetch_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        self.cache_dir = Path(settings.model_cache_dir) / settings.registered_model.replace(os.sep, "_")
+
+    def production_version(self) -> ModelVersion:
+        return production_version(self.client, self.settings.registered_model)
+
+    def load_production(self) -> LoadedModel:
+        """The Production version, or the newest cached one if the registry or bucket is unreachable."""
+        name, uri = self.settings.registered_model, self.settings.tracking_uri
+        try:
+            return self.load(self.production_version())
+        except NoProductionModel as error:
+            raise ModelUnavailable(f"{error} at {uri}") from None
+        except FETCH_ERRORS as error:
+            reason = first_line(error)
+            cached = self.newest_cached()
+            if cached is None:
+                raise ModelUnavailable(f"cannot fetch {name} from {uri} ({reason}) and none is cached") from None
+            log.warning("cannot fetch the Production version (%s); serving cached version %s", reason, cached.name)
+            model = self._load_directory(cached, verify_cached(cached), origin="cache")
+            model.metadata["fetch_error"] = reason
+            return model
+
+    def load(self, version: ModelVersion) -> LoadedModel:
+        """Load `version` from the cache, downloading it first if it is not there (or not intact)."""
+        directory = self.cache_dir / str(version.version)
+        with self._lock():
+            try:
+                manifest = verify_cached(directory)
+                origin = "cache"
+            except CorruptCache as error:
+                if directory.exists():
+                    log.warning("cached model is incomplete or corrupt, fetching it again: %s", error)
+                    shutil.rmtree(directory)
+                manifest = self._download(version, directory)
+                origin = "downloaded"
+        return self._load_directory(directory, manifest, origin)
+
+    def newest_cached(self) -> Path | None:
+        """The cached version with the highest number whose files are intact."""
+        versions = sorted(
+            (path for path in self.cache_dir.glob("*") if path.name.isdigit()), key=lambda path: -int(path.name)
+        )
+        for directory in versions:
+            try:
+                verify_cached(directory)
+            except CorruptCache as error:
+                log.warning("skipping cached model: %s", error)
+                continue
+            return directory
+        return None
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / ".lock", "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _download(self, version: ModelVersion, directory: Path) -> dict[str, Any]:
+        name = self.settings.registered_model
+        source = self.client.get_model_version_download_uri(name, version.version)
+        run = self.client.get_run(version.run_id) if version.run_id else None
+        started = time.monotonic()
+        staging_root = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=self.cache_dir))
+        staging = staging_root / "model"
+        try:
+            if urlparse(source).scheme == "s3":
+                download_s3_prefix(source, staging, self.settings)
+            else:
+                downloaded = mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(staging_root), tracking_uri=self.settings.tracking_uri
+                )
+                Path(downloaded).rename(staging)
+            files = _file_manifest(staging)
+            seconds = time.monotonic() - started
+            manifest = {
+                "name": name,
+                "version": str(version.version),
+                "run_id": version.run_id or "",
+                "source": source,
+                "files": files,
+                "bytes": sum(entry["size"] for entry in files.values()),
+                "download_seconds": round(seconds, 3),
+                "registry": {
+                    "current_stage": version.current_stage,
+                    "aliases": list(version.aliases or []),
+                    "creation_timestamp": version.creation_timestamp,
+                    "description": version.description,
+                },
+                "metrics": dict(run.data.metrics) if run else {},
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            staging.rename(directory)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        log.info(
+            "fetched model %s version %s from %s: %d bytes in %.2fs",
+            name,
+            version.version,
+            source,
+            manifest["bytes"],
+            seconds,
+        )
+        return manifest
+
+    def _load_directory(self, directory: Path, manifest: dict[str, Any], origin: str) -> LoadedModel:
+        started = time.monotonic()
+        pipeline = mlflow.sklearn.load_model(str(directory))
+        signature = Model.load(str(directory)).signature
+        log.info(
+            "loaded model %s version %s (%s, %s) in %.2fs",
+            manifest["name"],
+            manifest["version"],
+            origin,
+            directory,
+            time.monotonic() - started,
+        )
+        metadata = {
+            "registry": manifest["registry"],
+            "metrics": manifest["metrics"],
+            "signature": signature.to_dict() if signature else None,
+            "bytes": manifest["bytes"],
+        }
+        return LoadedModel(
+            name=manifest["name"],
+            version=manifest["version"],
+            run_id=manifest["run_id"],
+            pipeline=pipeline,
+            source=manifest["source"],
+            origin=origin,
+            metadata=metadata,
+        )
+
+
+def s3_client(settings: Settings) -> Any:
+    """An S3 client with bounded timeouts and retries, from the default credential chain (AWS_PROFILE)."""
+    config = BotoConfig(
+        connect_timeout=settings.fetch_timeout_seconds,
+        read_timeout=settings.fetch_timeout_seconds,
+        retries={"max_attempts": settings.fetch_retries + 1, "mode": "standard"},
     )
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"), config=config)
+
+
+def download_s3_prefix(uri: str, destination: Path, settings: Settings) -> int:
+    """Download every object under the `s3://bucket/prefix` URI; returns the bytes, checked object by object."""
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/") + "/"
+    client = s3_client(settings)
+    total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            target = destination / entry["Key"][len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, entry["Key"], str(target))
+            if target.stat().st_size != entry["Size"]:
+                raise OSError(f"s3://{bucket}/{entry['Key']}: got {target.stat().st_size} of {entry['Size']} bytes")
+            total += entry["Size"]
+    if total == 0:
+        raise OSError(f"{uri}: no objects")
+    return total
+
+
+def load_model_path(path: str) -> LoadedModel:
+    """A model from a local MLflow model directory, with no registry involved (`MODEL_PATH`)."""
+    directory = Path(path)
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    pipeline = mlflow.sklearn.load_model(str(directory))
     return LoadedModel(
-        name=name, version=str(version.version), run_id=version.run_id or "", pipeline=pipeline, source=uri
+        name=manifest.get("name", directory.name),
+        version=manifest.get("version", "local"),
+        run_id=manifest.get("run_id", ""),
+        pipeline=pipeline,
+        source=str(directory),
+        origin="path",
+        metadata={"metrics": manifest.get("metrics", {}), "registry": manifest.get("registry", {})},
     )
+
+
+def load_production_model(settings: Settings) -> LoadedModel:
+    """The model to serve now, for one-off use (batch jobs); the service keeps a `ModelHolder`."""
+    return ModelHolder.from_settings(settings).model
+
+
+class ModelHolder:
+    """The model a process serves now; a background check swaps in newly promoted versions."""
+
+    def __init__(self, store: ModelStore | None, model: LoadedModel) -> None:
+        self.store = store  # None when the model came from a path: nothing to refresh
+        self.model = model
+        self.registry_error: str | None = model.metadata.get("fetch_error")
+        self.checked_at: str | None = model.loaded_at if store else None
+        self.reloads = 0
+        self.failed_reloads = 0
+        self._refresh_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelHolder:
+        """The model from `MODEL_PATH` if set (never refreshed), else the registry's Production version."""
+        if settings.model_path:
+            return cls(None, load_model_path(settings.model_path))
+        store = ModelStore(settings)
+        return cls(store, store.load_production())
+
+    def refresh(self) -> bool:
+        """Check the registry once; load and swap in a new Production version. True if it swapped."""
+        if self.store is None:
+            return False
+        with self._refresh_lock:
+            self.checked_at = datetime.now(UTC).isoformat(timespec="seconds")
+            try:
+                version = self.store.production_version()
+            except (NoProductionModel, *FETCH_ERRORS) as error:
+                self.registry_error = first_line(error)
+                log.warning(
+                    "registry check failed, still serving version %s: %s", self.model.version, self.registry_error
+                )
+                return False
+            self.registry_error = None
+            if str(version.version) == self.model.version:
+                return False
+            try:
+                candidate = self.store.load(version)
+            except Exception as error:  # a bad version must never take down the one being served
+                self.failed_reloads += 1
+                log.error(
+                    "failed to load version %s, still serving %s: %s",
+                    version.version,
+                    self.model.version,
+                    first_line(error),
+                )
+                return False
+            previous, self.model = self.model, candidate
+            self.reloads += 1
+            log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
+            return True
+
+    def start_refreshing(self, every_seconds: float) -> None:
+        """Check every `every_seconds` (with jitter, so workers do not call the registry in step); 0 = never."""
+        if self.store is None or every_seconds <= 0 or (self._thread is not None and self._thread.is_alive()):
+            return
+
+        def run() -> None:
+            while True:
+                time.sleep(every_seconds * random.uniform(0.9, 1.1))
+                self.refresh()
+
+        self._thread = threading.Thread(target=run, name="model-refresh", daemon=True)
+        self._thread.start()
+
+    def health(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            "status": "ok",
+            "model": {**model.describe(), "loaded_at": model.loaded_at, "source": model.source, "origin": model.origin},
+            "registry": {
+                "reachable": self.registry_error is None,
+                "error": self.registry_error,
+                "checked_at": self.checked_at,
+            },
+        }

@@ -4,12 +4,15 @@ Endpoints:
     POST /predict   a trip (JSON object) or a list of trips -> membership, proba (% that the rider is a
                     Member) and the model version that answered. `?date_order=DMY` reads ambiguous slash
                     dates day-first (see preprocess.py for the rule).
-    GET  /health    200 with the loaded model's name and version.
+    GET  /health    200 with the loaded model (name, version, loaded-at, source) and whether the registry
+                    answered its last check.
+    GET  /model     the loaded model's registry metadata, signature and training metrics.
 
 Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
 
 Run with `gunicorn --config gunicorn.conf.py predict:app`, or `python predict.py` for Flask's debug mode on
-the same port. The model is loaded once when the app is created; requests never touch the registry.
+the same port. The model is loaded once when the app is created and swapped when a new version is promoted
+(model_store.ModelHolder); requests never touch the registry.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 import preprocess
 from config import Settings
-from model_store import LoadedModel, load_production_model, membership
+from model_store import ModelHolder, ModelUnavailable, membership
 
 JSON_CONTENT_TYPE = "application/json"
 MAX_TRIPS_PER_REQUEST = 10_000
@@ -84,9 +87,13 @@ def _validated_trips(body: Any, date_order: preprocess.DateOrder | None) -> list
         ) from None
 
 
+def _holder() -> ModelHolder:
+    return current_app.extensions["model_holder"]
+
+
 @api.post("/predict")
 def predict() -> Response:
-    model: LoadedModel = current_app.extensions["model"]
+    model = _holder().model  # read once: this request is answered by this version, even if a swap happens
     body = _read_json()
     trips = _validated_trips(body, _date_order())
     probabilities = model.member_probability(preprocess.request_frame(trips))
@@ -101,9 +108,20 @@ def predict() -> Response:
 
 @api.get("/health")
 def health() -> Response:
-    model: LoadedModel = current_app.extensions["model"]
+    return json_response(_holder().health())
+
+
+@api.get("/model")
+def model_info() -> Response:
+    model = _holder().model
     return json_response(
-        {"status": "ok", "model": {**model.describe(), "source": model.source, "loaded_at": model.loaded_at}}
+        {
+            **model.describe(),
+            "source": model.source,
+            "origin": model.origin,
+            "loaded_at": model.loaded_at,
+            **model.metadata,
+        }
     )
 
 
@@ -124,12 +142,15 @@ def render_unexpected_error(error: Exception) -> Response:
     return render_api_error(ApiError(500, "INTERNAL_ERROR", "the service failed to answer; the error is logged"))
 
 
-def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> Flask:
-    """Build the service around a loaded model: the given one, or the registry's Production version."""
+def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> Flask:
+    """Build the service around a model holder: the given one, or one with the registry's Production version.
+
+    Raises ModelUnavailable when there is no model to serve.
+    """
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["model"] = model or load_production_model(settings)
+    app.extensions["model_holder"] = holder or ModelHolder.from_settings(settings)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, render_api_error)
     app.register_error_handler(HTTPException, render_http_error)
@@ -137,13 +158,23 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     return app
 
 
+def serve_app() -> Flask:
+    """The app as a server process runs it: logging set up, and a one-line exit when there is no model."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return create_app()
+    except ModelUnavailable as error:
+        raise SystemExit(f"bikeshare-membership: no model to serve: {error}") from None
+
+
 def __getattr__(name: str) -> Flask:
     """`predict.app` for `gunicorn predict:app`, built on first access so importing this module loads no model."""
     if name == "app":
-        return create_app()
+        return serve_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    create_app().run(host="0.0.0.0", port=Settings.from_env().port, debug=True)
+    debug_app = serve_app()
+    debug_app.extensions["model_holder"].start_refreshing(Settings.from_env().refresh_seconds)
+    debug_app.run(host="0.0.0.0", port=Settings.from_env().port, debug=True)

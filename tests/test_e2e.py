@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import requests
-from conftest import ROOT, free_port, service_env, start, stop, wait_for_http
+from conftest import service_env
+from harness import ROOT, free_port, start, stop, wait_for_http
 
 from config import Settings
 

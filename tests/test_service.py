@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 
 import predict
 from config import Settings
-from model_store import LoadedModel
+from model_store import LoadedModel, ModelHolder
 
 TRIP = {
     "trip_id": 712382,
@@ -26,7 +26,7 @@ TRIP = {
 
 @pytest.fixture(scope="module")
 def client(settings: Settings, model: LoadedModel) -> FlaskClient:
-    return predict.create_app(settings, model).test_client()
+    return predict.create_app(settings, ModelHolder(None, model)).test_client()
 
 
 def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model: LoadedModel) -> None:

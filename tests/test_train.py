@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import warnings
 from pathlib import Path
@@ -43,11 +44,9 @@ def test_holdout_beats_the_prior_and_everything_is_logged(
     assert {"roc_curve.png", "confusion_matrix.png"} <= artifacts
 
 
-def test_logged_model_is_the_fitted_pipeline_with_signature(model, settings: Settings) -> None:
-    from mlflow.models import get_model_info
-
-    info = get_model_info(f"models:/{settings.registered_model}/{model.version}")
-    assert [column.name for column in info.signature.inputs] == train.preprocess.MODEL_INPUT_COLUMNS
+def test_logged_model_is_the_fitted_pipeline_with_signature(model) -> None:
+    inputs = json.loads(model.metadata["signature"]["inputs"])
+    assert [column["name"] for column in inputs] == train.preprocess.MODEL_INPUT_COLUMNS
     assert model.pipeline.named_steps["classifier"].n_iter_ > 0  # fitted, not a clone
     assert hasattr(model.pipeline.named_steps["features"], "station_coordinates_")
 
@@ -56,7 +55,7 @@ def test_promoting_a_new_version_archives_the_previous_one(settings: Settings, m
     client = client_for(settings)
     name = f"{settings.registered_model}-promotion"
     client.create_registered_model(name)
-    source = client.get_model_version(settings.registered_model, model.version).source
+    source = client.get_model_version_download_uri(settings.registered_model, model.version)
     first = client.create_model_version(name, source, run_id=model.run_id).version
     second = client.create_model_version(name, source, run_id=model.run_id).version
     train.promote(client, name, first)

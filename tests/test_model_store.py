@@ -1,0 +1,266 @@
+"""Model retrieval against the real topology: `mlflow server` (SQLite store) with S3 artifacts on a moto
+server, credentials from a named profile in AWS config files, and the service under Gunicorn."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import RemoteRegistry
+from harness import ROOT, free_port, start, start_gunicorn, stop
+from mlflow.tracking import MlflowClient
+
+import train
+from config import Settings
+from model_store import MANIFEST, ModelStore, verify_cached
+
+TRIP = {
+    "trip_start_time": "2017-07-10T08:15:00",
+    "trip_stop_time": "2017-07-10T08:30:00",
+    "trip_duration_seconds": 900,
+    "from_station_id": 7033,
+    "to_station_id": 7006,
+}
+
+
+def service_env_for(registry: RemoteRegistry, cache_dir: Path, **extra: str) -> dict[str, str]:
+    return {**registry.env, "MODEL_CACHE_DIR": str(cache_dir), "MODEL_REFRESH_SECONDS": "0", **extra}
+
+
+def test_credentials_come_from_the_profile_only(remote_registry: RemoteRegistry) -> None:
+    env = remote_registry.env
+    assert env["AWS_PROFILE"] and "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert "aws_access_key_id" in Path(env["AWS_SHARED_CREDENTIALS_FILE"]).read_text()
+
+
+def test_cold_start_fetches_from_s3_then_a_warm_restart_needs_no_bucket(
+    remote_registry: RemoteRegistry, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    process, url = start_gunicorn(service_env_for(remote_registry, cache_dir), tmp_path / "cold.log")
+    try:
+        health = requests.get(f"{url}/health", timeout=5).json()
+        answer = requests.post(f"{url}/predict", json=TRIP, timeout=5).json()
+        model = requests.get(f"{url}/model", timeout=5).json()
+    finally:
+        stop(process)
+    log = (tmp_path / "cold.log").read_text()
+    assert "fetched model bikeshare-remote-test version 1 from s3://bikeshare-models/mlflow/" in log
+    assert " bytes in " in log
+    assert log.count("fetched model") == 1  # the master fetched it; the preloaded workers did not
+    assert health["model"]["origin"] == "downloaded" and health["registry"]["reachable"] is True
+    assert health["model"]["source"].startswith("s3://")
+    assert answer["model"]["version"] == "1" and answer["membership"] in ("Member", "Casual")
+    assert model["metrics"]["holdout_roc_auc"] > 0.6 and model["signature"]["inputs"]
+    assert model["registry"]["aliases"] == ["production"]
+    manifest = verify_cached(cache_dir / "bikeshare-remote-test" / "1")
+    assert manifest["bytes"] == sum(entry["size"] for entry in manifest["files"].values()) > 0
+
+    # A restart with the bucket unreachable still starts: the cache holds version 1, intact.
+    no_bucket = service_env_for(remote_registry, cache_dir, MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    process, url = start_gunicorn(no_bucket, tmp_path / "warm.log")
+    try:
+        health = requests.get(f"{url}/health", timeout=5).json()
+        assert requests.post(f"{url}/predict", json=TRIP, timeout=5).status_code == 200
+    finally:
+        stop(process)
+    assert health["model"]["origin"] == "cache" and health["model"]["version"] == "1"
+    assert "fetched model" not in (tmp_path / "warm.log").read_text()
+
+
+def warm_cache(registry: RemoteRegistry, cache_dir: Path) -> Path:
+    """Fill `cache_dir` with the Production version the way the service does; returns its directory."""
+    settings = Settings(
+        tracking_uri=registry.settings.tracking_uri,
+        registered_model=registry.settings.registered_model,
+        model_cache_dir=str(cache_dir),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "MLFLOW_S3_ENDPOINT_URL"):
+            patch.setenv(key, registry.env[key])
+        model = ModelStore(settings).load_production()
+    return cache_dir / settings.registered_model / model.version
+
+
+def test_registry_down_with_a_warm_cache_serves_the_cached_version(
+    remote_registry: RemoteRegistry, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    warm_cache(remote_registry, cache_dir)
+    env = service_env_for(remote_registry, cache_dir, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    process, url = start_gunicorn(env, tmp_path / "gunicorn.log")
+    try:
+        health = requests.get(f"{url}/health", timeout=5).json()
+        answer = requests.post(f"{url}/predict", json=TRIP, timeout=5).json()
+    finally:
+        stop(process)
+    assert answer["model"]["version"] == "1"
+    assert health["model"]["origin"] == "cache"
+    assert health["registry"]["reachable"] is False and "Connection" in health["registry"]["error"]
+    assert "serving cached version 1" in (tmp_path / "gunicorn.log").read_text()
+
+
+def exit_of_gunicorn(env: dict[str, str], log_path: Path, limit: float) -> tuple[int, float, str]:
+    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), "predict:app"]
+    started = time.monotonic()
+    process = start(command, {**env, "MODEL_PORT": str(free_port())}, log_path)
+    try:
+        returncode = process.wait(timeout=limit)
+    finally:
+        stop(process)
+    return returncode, time.monotonic() - started, log_path.read_text()
+
+
+def test_registry_down_with_no_cache_exits_with_one_line(remote_registry: RemoteRegistry, tmp_path: Path) -> None:
+    env = service_env_for(remote_registry, tmp_path / "empty", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    returncode, seconds, log = exit_of_gunicorn(env, tmp_path / "gunicorn.log", limit=60)
+    assert returncode != 0 and seconds < 30
+    last_line = log.strip().splitlines()[-1]
+    assert last_line.startswith("bikeshare-membership: no model to serve: cannot fetch bikeshare-remote-test")
+    assert "none is cached" in last_line
+
+
+def test_a_registry_that_never_answers_is_given_up_on(remote_registry: RemoteRegistry, tmp_path: Path) -> None:
+    """A host that accepts the connection and then says nothing: bounded by MODEL_FETCH_TIMEOUT, not a hang."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = service_env_for(
+            remote_registry,
+            tmp_path / "empty",
+            MLFLOW_TRACKING_URI=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            MODEL_FETCH_TIMEOUT="2",
+        )
+        returncode, seconds, log = exit_of_gunicorn(env, tmp_path / "gunicorn.log", limit=60)
+    assert returncode != 0 and seconds < 30, log[-2000:]
+    assert "none is cached" in log.strip().splitlines()[-1]
+
+
+def test_a_corrupt_cached_download_is_fetched_again(
+    remote_registry: RemoteRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = warm_cache(remote_registry, tmp_path / "cache")
+    model_file = next(path for path in directory.rglob("model.*") if path.suffix in (".skops", ".pkl"))
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="differ from the manifest"):
+        verify_cached(directory)
+    caplog.set_level(logging.INFO, logger="model_store")
+    warm_cache(remote_registry, tmp_path / "cache")
+    assert "incomplete or corrupt" in caplog.text and "fetched model" in caplog.text
+    verify_cached(directory)
+    (directory / MANIFEST).unlink()  # a download cut before its manifest was written counts as absent
+    with pytest.raises(ValueError, match="no readable manifest"):
+        verify_cached(directory)
+
+
+def test_processes_that_need_the_same_version_download_it_once(
+    remote_registry: RemoteRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="model_store")
+    loaders = [threading.Thread(target=warm_cache, args=(remote_registry, tmp_path / "cache")) for _ in range(3)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join(timeout=120)
+    assert caplog.text.count("fetched model") == 1
+    assert caplog.text.count("loaded model") == 3
+
+
+def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
+    remote_registry: RemoteRegistry, tmp_path: Path
+) -> None:
+    """A new name in the same registry, so promotions here do not move the other tests' model."""
+    client = MlflowClient(remote_registry.settings.tracking_uri)
+    original = remote_registry.settings.registered_model
+    name = "bikeshare-reload-test"
+    client.create_registered_model(name)
+    good_source = client.get_model_version_download_uri(original, "1")
+    run_id = client.get_model_version(original, "1").run_id
+    train.promote(
+        client, name, client.create_model_version(name, good_source, run_id=run_id, await_creation_for=0).version
+    )
+
+    env = service_env_for(remote_registry, tmp_path / "cache", MLFLOW_REGISTERED_MODEL=name, MODEL_REFRESH_SECONDS="1")
+    process, url = start_gunicorn(env, tmp_path / "gunicorn.log")
+    outcomes: Counter[str] = Counter()
+    versions_seen: list[str] = []
+    stop_hammering = threading.Event()
+
+    def hammer() -> None:
+        with requests.Session() as session:
+            deadline = time.monotonic() + 90
+            while not stop_hammering.is_set() and time.monotonic() < deadline:
+                try:
+                    response = session.post(f"{url}/predict", json=TRIP, timeout=10)
+                    outcomes[str(response.status_code)] += 1
+                    versions_seen.append(response.json()["model"]["version"])
+                except requests.RequestException as error:
+                    outcomes[type(error).__name__] += 1
+
+    hammers = [threading.Thread(target=hammer) for _ in range(4)]
+    try:
+        for thread in hammers:
+            thread.start()
+        # A version whose artifacts do not exist: the reload fails and version 1 keeps serving.
+        broken = client.create_model_version(
+            name, f"s3://{remote_registry.artifact_root[5:]}/missing", run_id=run_id, await_creation_for=0
+        )
+        train.promote(client, name, broken.version)
+        deadline = time.monotonic() + 30
+        while "failed to load version 2" not in (tmp_path / "gunicorn.log").read_text():
+            assert time.monotonic() < deadline, "the broken version was never tried"
+            time.sleep(0.5)
+        assert versions_seen[-1] == "1"
+
+        # A good version: every worker converges on it, and no request fails during the swap.
+        promoted_at = time.monotonic()
+        train.promote(
+            client, name, client.create_model_version(name, good_source, run_id=run_id, await_creation_for=0).version
+        )
+        converged = None
+        while converged is None and time.monotonic() - promoted_at < 30:
+            recent = [
+                requests.post(f"{url}/predict", json=TRIP, timeout=10).json()["model"]["version"] for _ in range(20)
+            ]
+            converged = time.monotonic() - promoted_at if set(recent) == {"3"} else None
+        stop_hammering.set()
+        for thread in hammers:
+            thread.join(timeout=30)
+        health = requests.get(f"{url}/health", timeout=5).json()
+    finally:
+        stop_hammering.set()
+        stop(process)
+    log = (tmp_path / "gunicorn.log").read_text()
+    print(f"requests during the swaps: {dict(outcomes)}; converged {converged:.1f}s after the promotion")
+    assert converged is not None, "the workers did not all move to version 3"
+    assert set(outcomes) == {"200"} and outcomes["200"] > 50
+    assert {"1", "3"} <= set(versions_seen) and "2" not in versions_seen
+    assert health["model"]["version"] == "3" and health["registry"]["reachable"] is True
+    assert log.count("now serving bikeshare-reload-test version 3") == 2  # both workers
+    assert log.count("fetched model bikeshare-reload-test version 3") == 1  # once per host
+
+
+def test_a_model_path_is_served_without_any_registry(remote_registry: RemoteRegistry, tmp_path: Path) -> None:
+    directory = warm_cache(remote_registry, tmp_path / "cache")
+    env = service_env_for(remote_registry, tmp_path / "unused", MODEL_PATH=str(directory))
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    process, url = start_gunicorn(env, tmp_path / "gunicorn.log")
+    try:
+        answer = requests.post(f"{url}/predict", json=TRIP, timeout=5).json()
+        health = requests.get(f"{url}/health", timeout=5).json()
+    finally:
+        stop(process)
+    assert answer["model"] == {"name": "bikeshare-remote-test", "version": "1", "run_id": answer["model"]["run_id"]}
+    assert health["model"]["origin"] == "path"
+
+
+def test_train_through_the_tracking_server_stored_artifacts_in_s3(remote_registry: RemoteRegistry, s3) -> None:
+    keys = [entry["Key"] for entry in s3.client().list_objects_v2(Bucket=s3.bucket)["Contents"]]
+    assert any(key.endswith("/MLmodel") for key in keys) and any(key.endswith("roc_curve.png") for key in keys)
