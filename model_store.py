@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -171,6 +172,11 @@ class ModelStore:
         self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
         self.cache_dir = Path(settings.model_cache_dir) / settings.registered_model.replace(os.sep, "_")
 
+    @cached_property
+    def s3(self) -> Any:
+        """One S3 client for the life of the store: credentials and endpoint are resolved once."""
+        return s3_client(self.settings)
+
     def production_version(self) -> ModelVersion:
         return production_version(self.client, self.settings.registered_model)
 
@@ -239,7 +245,7 @@ class ModelStore:
         staging = staging_root / "model"
         try:
             if urlparse(source).scheme == "s3":
-                download_s3_prefix(source, staging, self.settings)
+                download_s3_prefix(source, staging, self.s3)
             else:
                 downloaded = mlflow.artifacts.download_artifacts(
                     artifact_uri=source, dst_path=str(staging_root), tracking_uri=self.settings.tracking_uri
@@ -316,11 +322,10 @@ def s3_client(settings: Settings) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"), config=config)
 
 
-def download_s3_prefix(uri: str, destination: Path, settings: Settings) -> int:
+def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
     """Download every object under the `s3://bucket/prefix` URI; returns the bytes, checked object by object."""
     parsed = urlparse(uri)
     bucket, prefix = parsed.netloc, parsed.path.strip("/") + "/"
-    client = s3_client(settings)
     total = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for entry in page.get("Contents", []):

@@ -1,0 +1,178 @@
+"""Cold and warm start of the service, and the model download beside a plain boto3 download.
+
+    python bench/coldstart.py [--repeats 3]
+
+Starts, on loopback: moto's S3 server, an `mlflow server` (SQLite store, S3 artifacts) and trains a model
+through it with `train.py`. Then measures, in one run, the time from launching Gunicorn to the first
+successful POST /predict: with an empty model cache (registry + S3), with a warm cache, and with
+MODEL_PATH pointing at the same files (no registry at all). Then the model store's download of the
+version (registry look-ups included) beside boto3 downloading the same objects. Medians of --repeats.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import free_port, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
+
+from config import Settings  # noqa: E402
+from model_store import ModelStore, s3_client  # noqa: E402
+
+MODEL = "bikeshare-coldstart"
+TRIP = {
+    "trip_start_time": "2017-07-10T08:15:00",
+    "trip_stop_time": "2017-07-10T08:30:00",
+    "trip_duration_seconds": 900,
+    "from_station_id": 7033,
+    "to_station_id": 7006,
+}
+
+
+def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:
+    """Launch Gunicorn and time it until POST /predict first answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
+    command += ["--bind", f"127.0.0.1:{port}", "predict:app"]
+    started = time.monotonic()
+    process = start(command, {**env, "MODEL_PORT": str(port)}, log_path)
+    try:
+        while time.monotonic() - started < 120:
+            if process.poll() is not None:
+                raise RuntimeError(f"Gunicorn exited: {log_path.read_text()[-2000:]}")
+            try:
+                if requests.post(f"http://127.0.0.1:{port}/predict", json=TRIP, timeout=5).status_code == 200:
+                    return time.monotonic() - started
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("no prediction within 120 s")
+    finally:
+        stop(process)
+
+
+def timed(action: object, repeats: int) -> float:
+    durations = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        action()  # type: ignore[operator]
+        durations.append(time.monotonic() - started)
+    return statistics.median(durations)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="coldstart-"))
+    base_env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    profile = write_aws_profile(work)
+    processes = []
+    try:
+        moto, s3_url = start_moto(work / "moto.log")
+        processes.append(moto)
+        env = {**base_env, **profile, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        os.environ.update(profile | {"MLFLOW_S3_ENDPOINT_URL": s3_url})  # this process's own S3 clients
+        settings = Settings(fetch_timeout_seconds=30)
+        s3_client(settings).create_bucket(Bucket="models")
+        mlflow_server, tracking_uri = start_mlflow_server(
+            work / "mlflow.db", "s3://models/mlflow", env, work / "mlflow.log"
+        )
+        processes.append(mlflow_server)
+        env |= {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTERED_MODEL": MODEL, "MODEL_REFRESH_SECONDS": "0"}
+        print("training a model through the tracking server ...", flush=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
+            cwd=work,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+        cache = work / "cache"
+        cold = []
+        for attempt in range(args.repeats):
+            shutil.rmtree(cache, ignore_errors=True)
+            cold.append(seconds_to_first_prediction(env | {"MODEL_CACHE_DIR": str(cache)}, work / f"cold{attempt}.log"))
+        warm = [
+            seconds_to_first_prediction(env | {"MODEL_CACHE_DIR": str(cache)}, work / "warm.log")
+            for _ in range(args.repeats)
+        ]
+        version_dir = next(path for path in (cache / MODEL).iterdir() if path.name.isdigit())
+        local = [
+            seconds_to_first_prediction(env | {"MODEL_PATH": str(version_dir)}, work / "local.log")
+            for _ in range(args.repeats)
+        ]
+
+        store = ModelStore(
+            Settings(tracking_uri=tracking_uri, registered_model=MODEL, model_cache_dir=str(work / "dl"))
+        )
+        version = store.production_version()
+
+        def store_download_only() -> None:
+            target = work / "dl" / MODEL / str(version.version)
+            shutil.rmtree(target, ignore_errors=True)
+            with store._lock():
+                store._download(version, target)
+
+        source = store.client.get_model_version_download_uri(MODEL, version.version)
+        bucket, prefix = source[len("s3://") :].split("/", 1)
+        client = s3_client(settings)
+        keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]]
+
+        def boto3_download() -> None:
+            target = work / "boto3"
+            shutil.rmtree(target, ignore_errors=True)
+            for key in keys:
+                path = target / key[len(prefix) + 1 :]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(path))
+
+        store.load(version)  # warm the clients and the registry connection, as a long-lived service has them
+        download_s = timed(store_download_only, max(args.repeats, 5))
+        boto3_s = timed(boto3_download, max(args.repeats, 5))
+        model_bytes = sum(path.stat().st_size for path in (work / "boto3").rglob("*") if path.is_file())
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "cold_start_s": round(statistics.median(cold), 3),
+        "warm_start_s": round(statistics.median(warm), 3),
+        "local_path_start_s": round(statistics.median(local), 3),
+        "warm_vs_local": round(statistics.median(warm) / statistics.median(local), 3),
+        "download_s": round(download_s, 4),
+        "boto3_download_s": round(boto3_s, 4),
+        "download_vs_boto3": round(download_s / boto3_s, 3),
+    }
+    print(f"model artifacts: {len(keys)} objects, {model_bytes:,} bytes")
+    print(
+        f"launch -> first /predict, median of {args.repeats}: cold (registry + S3) {result['cold_start_s']} s, "
+        f"warm cache {result['warm_start_s']} s, local path {result['local_path_start_s']} s "
+        f"(warm/local {result['warm_vs_local']}x)"
+    )
+    print(
+        f"download of the version: model store {result['download_s']} s (registry look-ups + S3 + manifest), "
+        f"plain boto3 {result['boto3_download_s']} s ({result['download_vs_boto3']}x)"
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
