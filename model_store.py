@@ -319,7 +319,7 @@ def s3_client(settings: Settings) -> Any:
         read_timeout=settings.fetch_timeout_seconds,
         retries={"max_attempts": settings.fetch_retries + 1, "mode": "standard"},
     )
-    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"), config=config)
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
 
 
 def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
