@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,11 +53,13 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from config import Settings
+from fast_pipeline import FastPipeline, UnsupportedPipeline
 from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
 DECISION_THRESHOLD = 0.5
 PRODUCTION_ALIAS = "production"
+FAST_PATH_MAX_ROWS = 1000
 PRODUCTION_STAGE = "Production"
 MANIFEST = "manifest.json"
 # What "cannot reach the registry or the bucket" looks like from the clients we use.
@@ -83,6 +85,15 @@ class CorruptCache(ValueError):
     """A cached version whose files do not match its manifest."""
 
 
+def fast_form(pipeline: Any) -> FastPipeline | None:
+    """The exact fast evaluation of `pipeline`, or None (and the scikit-learn path) if it has none."""
+    try:
+        return FastPipeline.from_pipeline(pipeline)
+    except UnsupportedPipeline as error:
+        log.warning("serving through scikit-learn only: %s", error)
+        return None
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A fitted pipeline with the registry facts that identify it in every answer."""
@@ -95,11 +106,19 @@ class LoadedModel:
     origin: str  # how this process got them: downloaded, cache, path
     metadata: dict[str, Any] = field(default_factory=dict)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    fast: FastPipeline | None = None
 
-    def member_probability(self, trips: pd.DataFrame) -> np.ndarray:
-        """P(Member) for each trip, from the pipeline's `predict_proba`."""
+    def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
+        """P(Member) for each trip (a DataFrame, or columns as arrays), equal to the pipeline's `predict_proba`.
+
+        Up to FAST_PATH_MAX_ROWS trips go through the exact fast form; more, through scikit-learn, whose
+        per-call cost is then spread over enough rows to win.
+        """
+        if self.fast is not None and len(trips["trip_duration_seconds"]) <= FAST_PATH_MAX_ROWS:
+            return self.fast.member_probability(trips)
+        frame = trips if isinstance(trips, pd.DataFrame) else pd.DataFrame(trips)
         classes = list(self.pipeline.classes_)
-        return self.pipeline.predict_proba(trips[MODEL_INPUT_COLUMNS])[:, classes.index(1)]
+        return self.pipeline.predict_proba(frame[MODEL_INPUT_COLUMNS])[:, classes.index(1)]
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
@@ -309,6 +328,7 @@ class ModelStore:
             source=manifest["source"],
             origin=origin,
             metadata=metadata,
+            fast=fast_form(pipeline),
         )
 
 
@@ -319,7 +339,9 @@ def s3_client(settings: Settings) -> Any:
         read_timeout=settings.fetch_timeout_seconds,
         retries={"max_attempts": settings.fetch_retries + 1, "mode": "standard"},
     )
-    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config
+    )
 
 
 def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
@@ -354,6 +376,7 @@ def load_model_path(path: str) -> LoadedModel:
         source=str(directory),
         origin="path",
         metadata={"metrics": manifest.get("metrics", {}), "registry": manifest.get("registry", {})},
+        fast=fast_form(pipeline),
     )
 
 

@@ -17,10 +17,10 @@ the same port. The model is loaded once when the app is created and swapped when
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
@@ -45,15 +45,15 @@ class ApiError(Exception):
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, mimetype=JSON_CONTENT_TYPE)
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status=status, mimetype=JSON_CONTENT_TYPE)
 
 
 def _read_json() -> Any:
     if request.mimetype != JSON_CONTENT_TYPE:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", f"send the trip as JSON with Content-Type: {JSON_CONTENT_TYPE}")
     try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, RecursionError) as error:
+        return orjson.loads(request.get_data(cache=False))
+    except orjson.JSONDecodeError as error:
         raise ApiError(400, "MALFORMED_REQUEST", f"the body is not valid JSON: {error}") from None
 
 
@@ -96,7 +96,7 @@ def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
     body = _read_json()
     trips = _validated_trips(body, _date_order())
-    probabilities = model.member_probability(preprocess.request_frame(trips))
+    probabilities = model.member_probability(preprocess.model_input(trips))
     answers = [
         {"trip_id": trip["trip_id"], "membership": label, "proba": round(float(proba) * 100, 2)}
         for trip, label, proba in zip(trips, membership(probabilities), probabilities, strict=True)

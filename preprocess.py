@@ -423,14 +423,14 @@ def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: i
     }
 
 
-def request_frame(trips: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Validated request trips as the frame the model takes."""
-    frame = pd.DataFrame.from_records(trips, columns=list(TRIP_FIELDS))
-    frame["trip_start_time"] = frame["trip_start_time"].astype("datetime64[s]")
-    frame["trip_stop_time"] = frame["trip_stop_time"].astype("datetime64[s]")
-    for column in ("trip_duration_seconds", "from_station_id", "to_station_id"):
-        frame[column] = frame[column].astype("float64")
-    return frame
+def model_input(trips: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Validated request trips as the columns the model takes (`MODEL_INPUT_COLUMNS`), without pandas."""
+    return {
+        "trip_start_time": np.array([trip["trip_start_time"] for trip in trips], dtype="datetime64[s]"),
+        "trip_duration_seconds": np.array([trip["trip_duration_seconds"] for trip in trips], dtype="float64"),
+        "from_station_id": np.array([trip["from_station_id"] for trip in trips], dtype="float64"),
+        "to_station_id": np.array([trip["to_station_id"] for trip in trips], dtype="float64"),
+    }
 
 
 # --- Features ---------------------------------------------------------------------------------------
@@ -461,11 +461,17 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         known = self.station_ids_[position] == station_ids
         return np.where(known[:, None], self.station_coordinates_[position], np.nan)
 
-    def transform(self, trips: pd.DataFrame) -> pd.DataFrame:
-        start = pd.DatetimeIndex(trips["trip_start_time"])
-        duration = np.clip(trips["trip_duration_seconds"].to_numpy(dtype="float64"), 0, MAX_DURATION_SECONDS)
-        from_id = trips["from_station_id"].to_numpy(dtype="float64")
-        to_id = trips["to_station_id"].to_numpy(dtype="float64")
+    def feature_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
+        """The (n, len(FEATURE_COLUMNS)) float64 features of `MODEL_INPUT_COLUMNS` given as columns.
+
+        Plain numpy, so one trip costs microseconds; `transform` and the service's fast path both use it.
+        """
+        start = np.asarray(trips["trip_start_time"], dtype="datetime64[s]")
+        duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
+        from_id = np.asarray(trips["from_station_id"], dtype="float64")
+        to_id = np.asarray(trips["to_station_id"], dtype="float64")
+        days = start.astype("datetime64[D]")
+        minute_of_day = (start - days).astype("timedelta64[m]").astype("int64")
         origin, destination = self._coordinates(from_id), self._coordinates(to_id)
         half_chord = (
             np.sin((destination[:, 0] - origin[:, 0]) / 2) ** 2
@@ -473,23 +479,23 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         )
         distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
         hours = np.maximum(duration, 60.0) / 3600
-        return pd.DataFrame(
-            {
-                "duration_log": np.log1p(duration),
-                "start_hour": start.hour.to_numpy() + start.minute.to_numpy() / 60,
-                "weekday": start.day_of_week.to_numpy(dtype="float64"),
-                "month": start.month.to_numpy(dtype="float64"),
-                "round_trip": np.where(
-                    np.isnan(from_id) | np.isnan(to_id), np.nan, (from_id == to_id).astype("float64")
-                ),
-                "distance_km": distance_km,
-                "speed_kmh": distance_km / hours,
-                "from_station": from_id,
-                "to_station": to_id,
-                "route": from_id * 10000 + to_id,
-            },
-            index=trips.index,
-        )
+        columns = {
+            "duration_log": np.log1p(duration),
+            "start_hour": minute_of_day // 60 + (minute_of_day % 60) / 60,
+            "weekday": (days.astype("int64") + 3) % 7,  # 1970-01-01 was a Thursday; Monday is 0
+            "month": start.astype("datetime64[M]").astype("int64") % 12 + 1,
+            "round_trip": np.where(np.isnan(from_id) | np.isnan(to_id), np.nan, from_id == to_id),
+            "distance_km": distance_km,
+            "speed_kmh": distance_km / hours,
+            "from_station": from_id,
+            "to_station": to_id,
+            "route": from_id * 10000 + to_id,
+        }
+        return np.column_stack([np.asarray(columns[name], dtype="float64") for name in FEATURE_COLUMNS])
+
+    def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
+        index = trips.index if isinstance(trips, pd.DataFrame) else None
+        return pd.DataFrame(self.feature_matrix(trips), columns=FEATURE_COLUMNS, index=index)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array(FEATURE_COLUMNS, dtype=object)

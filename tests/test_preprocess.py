@@ -230,7 +230,7 @@ def test_station_names_resolve_through_spacing_and_spelling_drifts() -> None:
 def test_features_match_hand_computed_values() -> None:
     # Union Station (7033) 43.645609,-79.380386 -> York St / Queens Quay W (7076) 43.640132,-79.380464,
     # on Saturday 2017-07-15 at 14:30, for 600 s.
-    trips = preprocess.request_frame(
+    trips = preprocess.model_input(
         [
             parse_request_trip(
                 {
@@ -285,6 +285,6 @@ def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
             "to_station_name": "Fringe Next Stage - 7219",
         },
     ]
-    requested = preprocess.request_frame([parse_request_trip(record) for record in records])
+    requested = preprocess.model_input([parse_request_trip(record) for record in records])
     step = preprocess.TripFeatures().fit(parsed)
     pd.testing.assert_frame_equal(step.transform(parsed).reset_index(drop=True), step.transform(requested))

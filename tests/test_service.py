@@ -42,7 +42,7 @@ def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model:
 def test_proba_is_the_pipelines_probability(client: FlaskClient, model: LoadedModel) -> None:
     import preprocess
 
-    expected = model.member_probability(preprocess.request_frame([preprocess.parse_request_trip(TRIP)]))[0]
+    expected = model.member_probability(preprocess.model_input([preprocess.parse_request_trip(TRIP)]))[0]
     assert client.post("/predict", json=TRIP).get_json()["proba"] == round(expected * 100, 2)
 
 

@@ -1,0 +1,170 @@
+"""An exact, fast evaluation of the fitted membership pipeline, derived from it when a version is loaded.
+
+scikit-learn spends milliseconds on one row (pandas, input validation, the boosted trees' thread pool),
+while the web service should answer a trip in microseconds. `FastPipeline` evaluates the same fitted
+objects directly:
+
+- features: `TripFeatures.feature_matrix`, the very code the pipeline's first step runs;
+- stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
+- the boosted trees: compiled to nested Python comparisons on the same float64 thresholds, summed in the
+  same order, through the same logistic link.
+
+The registry's model stays the single source of truth: this is built from the loaded pipeline, and
+`from_pipeline` checks it against `pipeline.predict_proba` before it is used. Anything it cannot evaluate
+exactly raises `UnsupportedPipeline`, and the caller keeps the scikit-learn path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, TargetEncoder
+
+from preprocess import FEATURE_COLUMNS, MODEL_INPUT_COLUMNS, TripFeatures
+
+# Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
+PARITY_TOLERANCE = 1e-9
+
+
+class UnsupportedPipeline(ValueError):
+    """The pipeline has a step this module cannot evaluate exactly."""
+
+
+class StationEncoding:
+    """A fitted binary `TargetEncoder` column as a dict look-up."""
+
+    def __init__(self, categories: np.ndarray, encodings: np.ndarray, target_mean: float) -> None:
+        known = ~np.isnan(categories)
+        self.by_category = dict(zip(categories[known].tolist(), encodings[known].tolist(), strict=True))
+        self.missing = float(encodings[~known][0]) if (~known).any() else target_mean
+        self.unknown = target_mean
+
+    def encode(self, values: list[float]) -> list[float]:
+        get, unknown, missing = self.by_category.get, self.unknown, self.missing
+        return [missing if value != value else get(value, unknown) for value in values]  # NaN != NaN
+
+
+def _tree_source(nodes: np.ndarray, index: int, indent: str) -> str:
+    """Python source adding one tree's leaf value to `raw`, with scikit-learn's split rule:
+    `x <= threshold` goes left, NaN goes where `missing_go_to_left` says."""
+    node = nodes[index]
+    if node["is_leaf"]:
+        return f"{indent}raw += {float(node['value'])!r}\n"
+    feature, threshold = int(node["feature_idx"]), float(node["num_threshold"])
+    limit = "INF" if math.isinf(threshold) else repr(threshold)
+    test = f"x{feature} <= {limit}" + (f" or x{feature} != x{feature}" if node["missing_go_to_left"] else "")
+    deeper = indent + " "
+    return (
+        f"{indent}if {test}:\n"
+        + _tree_source(nodes, int(node["left"]), deeper)
+        + f"{indent}else:\n"
+        + _tree_source(nodes, int(node["right"]), deeper)
+    )
+
+
+def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
+    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features."""
+    if list(classifier.classes_) != [0, 1] or classifier.n_trees_per_iteration_ != 1:
+        raise UnsupportedPipeline("only a binary classifier with classes [0, 1] is supported")
+    if getattr(classifier, "_preprocessor", None) is not None or classifier.is_categorical_ is not None:
+        raise UnsupportedPipeline("categorical features in the boosted trees are not supported")
+    trees = [predictors[0].nodes for predictors in classifier._predictors]
+    if any(tree["is_categorical"].any() for tree in trees):
+        raise UnsupportedPipeline("categorical splits are not supported")
+    arguments = ", ".join(f"x{i}" for i in range(n_features))
+    baseline = float(np.ravel(classifier._baseline_prediction)[0])
+    source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
+    source += "".join(_tree_source(tree, 0, " ") for tree in trees)
+    source += " return raw\n"
+    namespace: dict[str, Any] = {"INF": math.inf}
+    exec(compile(source, f"<{len(trees)} boosted trees>", "exec"), namespace)  # our own numbers, no input
+    return namespace["raw_score"]
+
+
+class FastPipeline:
+    """`member_probability(trips)` equal to the pipeline's `predict_proba(trips)[:, 1]`."""
+
+    def __init__(
+        self,
+        features: TripFeatures,
+        columns: list[tuple[int, StationEncoding | None]],
+        raw_score: Callable[..., float],
+    ) -> None:
+        self.features = features
+        self.columns = columns  # per model column: the feature it comes from, and its encoding if any
+        self.raw_score = raw_score
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any) -> FastPipeline:
+        """Build from a fitted pipeline and check it against the pipeline; raises UnsupportedPipeline."""
+        if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 3:
+            raise UnsupportedPipeline("expected the pipeline TripFeatures -> ColumnTransformer -> classifier")
+        features, encoder, classifier = (step for _, step in pipeline.steps)
+        if not isinstance(features, TripFeatures) or not isinstance(encoder, ColumnTransformer):
+            raise UnsupportedPipeline("expected TripFeatures then a ColumnTransformer")
+        if not isinstance(classifier, HistGradientBoostingClassifier):
+            raise UnsupportedPipeline(f"no exact fast form for {type(classifier).__name__}")
+        columns: list[tuple[int, StationEncoding | None]] = []
+        for name, transformer, selected in encoder.transformers_:
+            positions = [FEATURE_COLUMNS.index(column) for column in selected]
+            if transformer == "drop" or not positions:
+                continue
+            if transformer == "passthrough" or (
+                isinstance(transformer, FunctionTransformer) and transformer.func is None
+            ):
+                columns += [(position, None) for position in positions]
+            elif isinstance(transformer, TargetEncoder) and transformer.target_type_ == "binary":
+                for position, categories, encodings in zip(
+                    positions, transformer.categories_, transformer.encodings_, strict=True
+                ):
+                    encoding = StationEncoding(
+                        np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_
+                    )
+                    columns.append((position, encoding))
+            else:
+                raise UnsupportedPipeline(f"no exact fast form for the column step {name!r}")
+        fast = cls(features, columns, compile_trees(classifier, len(columns)))
+        check_trips = parity_check_trips(features, columns)
+        expected = pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1]
+        difference = float(np.max(np.abs(fast.member_probability(check_trips) - expected)))
+        if difference > PARITY_TOLERANCE:
+            raise UnsupportedPipeline(f"differs from scikit-learn by {difference:.3g} on the check trips")
+        return fast
+
+    def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
+        matrix = self.features.feature_matrix(trips)
+        model_columns = [
+            encoding.encode(matrix[:, position].tolist()) if encoding else matrix[:, position].tolist()
+            for position, encoding in self.columns
+        ]
+        raw_score = self.raw_score
+        raw = np.array([raw_score(*row) for row in zip(*model_columns, strict=True)], dtype="float64")
+        return expit(raw)  # the link scikit-learn's binomial loss uses
+
+
+def parity_check_trips(features: TripFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:
+    """Trips that reach every kind of input: known, unknown and missing stations, round trips, every hour
+    and weekday, durations from 0 s to beyond the cap. Drawn with a fixed seed, so a check is repeatable."""
+    rng = np.random.default_rng(2017)
+    size = 2000
+    encoded = [encoding for _, encoding in columns if encoding is not None]
+    known = np.array(sorted(set(features.station_ids_.tolist()) | set(encoded[0].by_category)), dtype="float64")
+    stations = np.concatenate([known, [np.nan, 99_999.0]])
+    from_id = rng.choice(stations, size)
+    to_id = np.where(rng.random(size) < 0.1, from_id, rng.choice(stations, size))
+    start = np.datetime64("2017-01-01T00:00:00") + rng.integers(0, 3 * 365 * 86_400, size).astype("timedelta64[s]")
+    duration = np.concatenate([[0.0, 59.0, 60.0, 8 * 86_400.0], rng.lognormal(6.5, 1.0, size - 4)])
+    return {
+        "trip_start_time": start,
+        "trip_duration_seconds": duration,
+        "from_station_id": from_id,
+        "to_station_id": to_id,
+    }

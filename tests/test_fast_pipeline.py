@@ -1,0 +1,98 @@
+"""The fast form of the pipeline gives scikit-learn's probabilities, on real trips and unknown stations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import Pipeline
+
+import fast_pipeline
+import preprocess
+from fast_pipeline import FastPipeline, UnsupportedPipeline
+from model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
+
+
+@pytest.fixture(scope="module")
+def real_trips() -> pd.DataFrame:
+    """Every bundled trip, plus the same trips with unknown (99999) and missing stations."""
+    trips = pd.concat(
+        [preprocess.read_trips(path).trips for path in sorted(preprocess.DATA_DIR.glob("*.csv.gz"))],
+        ignore_index=True,
+    )[preprocess.MODEL_INPUT_COLUMNS]
+    unknown = trips.sample(2000, random_state=1).assign(from_station_id=99_999.0)
+    missing = trips.sample(2000, random_state=2).assign(to_station_id=np.nan)
+    return pd.concat([trips, unknown, missing], ignore_index=True)
+
+
+def test_fast_form_matches_scikit_learn_on_real_trips(model: LoadedModel, real_trips: pd.DataFrame) -> None:
+    assert model.fast is not None, "the served model has no fast form"
+    expected = model.pipeline.predict_proba(real_trips)[:, 1]
+    actual = model.fast.member_probability(real_trips)
+    print(f"{len(real_trips)} trips, largest difference {np.max(np.abs(actual - expected)):.3g}")
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+    assert len(real_trips) > 60_000
+
+
+def test_request_columns_and_frames_agree(model: LoadedModel) -> None:
+    """The service's path (validated dicts -> arrays -> fast form) equals the frame path through sklearn."""
+    records = [
+        {
+            "trip_start_time": "18/04/2017 17:15",
+            "trip_stop_time": "18/04/2017 17:30",
+            "trip_duration_seconds": 900,
+            "from_station_name": "Union Station",
+            "to_station_name": "Nowhere",
+        },
+        {
+            "trip_start_time": "2017-07-10T08:15:00Z",
+            "trip_stop_time": "2017-07-10T08:25:00Z",
+            "trip_duration_seconds": 600,
+            "from_station_id": 7033,
+            "to_station_id": 7033,
+        },
+        {"trip_start_time": "10/01/17 00:00:01", "trip_stop_time": "10/01/17 00:00:27", "trip_duration_seconds": 26},
+    ]
+    columns = preprocess.model_input([preprocess.parse_request_trip(record) for record in records])
+    expected = model.pipeline.predict_proba(pd.DataFrame(columns))[:, 1]
+    np.testing.assert_allclose(model.member_probability(columns), expected, rtol=0, atol=1e-5)
+
+
+def test_large_lists_take_the_scikit_learn_path_with_the_same_answers(
+    model: LoadedModel, real_trips: pd.DataFrame
+) -> None:
+    many = real_trips.head(FAST_PATH_MAX_ROWS + 1)
+    np.testing.assert_allclose(model.member_probability(many), model.fast.member_probability(many), rtol=0, atol=1e-5)
+
+
+def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real_trips: pd.DataFrame) -> None:
+    features, columns, _ = (step for _, step in model.pipeline.steps)
+    sample = real_trips.sample(3000, random_state=3)
+    target = (model.pipeline.predict_proba(sample)[:, 1] > 0.3).astype(int)
+    forest = Pipeline(
+        [
+            ("features", features),
+            ("columns", columns),
+            ("classifier", RandomForestClassifier(n_estimators=5, random_state=0)),
+        ]
+    )
+    forest.fit(sample, target)
+    with pytest.raises(UnsupportedPipeline, match="RandomForestClassifier"):
+        FastPipeline.from_pipeline(forest)
+    assert fast_form(forest) is None
+    served = LoadedModel(name="m", version="1", run_id="", pipeline=forest, source="", origin="path")
+    np.testing.assert_array_equal(served.member_probability(sample.head(5)), forest.predict_proba(sample.head(5))[:, 1])
+
+
+def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The self-check at load time: trees compiled wrong by a small margin never serve."""
+    compile_trees = fast_pipeline.compile_trees
+
+    def slightly_off(classifier, n_features):
+        raw_score = compile_trees(classifier, n_features)
+        return lambda *features: raw_score(*features) + 1e-4
+
+    monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
+    with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
+        FastPipeline.from_pipeline(model.pipeline)
