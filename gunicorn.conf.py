@@ -26,4 +26,6 @@ control_socket_disable = True  # Gunicorn 26+ would share one control socket pat
 
 def post_worker_init(worker: Any) -> None:
     """Each worker checks the registry for newly promoted versions (threads do not survive the fork)."""
-    worker.wsgi.extensions["model_holder"].start_refreshing(Settings.from_env().refresh_seconds)
+    holder = worker.wsgi.extensions.get("model_holder")  # the benchmark's no-op HTTP floor has no model
+    if holder is not None:
+        holder.start_refreshing(Settings.from_env().refresh_seconds)

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 import preprocess
 from config import Settings
-from model_store import ModelHolder, ModelUnavailable, membership
+from model_store import LoadedModel, ModelHolder, ModelUnavailable, membership
 
 JSON_CONTENT_TYPE = "application/json"
 MAX_TRIPS_PER_REQUEST = 10_000
@@ -94,16 +94,20 @@ def _holder() -> ModelHolder:
 @api.post("/predict")
 def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
-    body = _read_json()
-    trips = _validated_trips(body, _date_order())
+    return json_response(predictions(_read_json(), model, _date_order()))
+
+
+def predictions(body: Any, model: LoadedModel, date_order: preprocess.DateOrder | None = None) -> dict[str, Any]:
+    """The answer to a parsed /predict body: validation, features and model, without HTTP."""
+    trips = _validated_trips(body, date_order)
     probabilities = model.member_probability(preprocess.model_input(trips))
     answers = [
         {"trip_id": trip["trip_id"], "membership": label, "proba": round(float(proba) * 100, 2)}
-        for trip, label, proba in zip(trips, membership(probabilities), probabilities, strict=True)
+        for trip, label, proba in zip(trips, membership(probabilities).tolist(), probabilities.tolist(), strict=True)
     ]
     if isinstance(body, list):
-        return json_response({"predictions": answers, "model": model.describe()})
-    return json_response({**answers[0], "model": model.describe()})
+        return {"predictions": answers, "model": model.describe()}
+    return {**answers[0], "model": model.describe()}
 
 
 @api.get("/health")

@@ -1,0 +1,206 @@
+"""Serving throughput and latency: this service beside `mlflow models serve` and an HTTP floor, in one run.
+
+    python bench/serve.py [--duration 10]        # needs wrk (apt-get install wrk)
+
+On free loopback ports it starts: this service under its production Gunicorn configuration, `mlflow
+models serve` on the same registered model version, and a no-op Flask app under the same Gunicorn
+configuration (the floor: HTTP and Flask, no model). wrk, in its own process, drives each with the same
+bounded load: single trips at 1, 8 and 32 connections, and 100-trip lists at 8, for --duration seconds
+each. It prints req/s, p50/p99 latency and errors for each, the ratios, and the in-process cost of one
+prediction through the service's code path without HTTP. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import free_port, start, start_gunicorn, stop, wait_for_http  # noqa: E402
+
+import predict  # noqa: E402
+from config import Settings  # noqa: E402
+from model_store import ModelStore  # noqa: E402
+
+MODEL = "bikeshare-serve-bench"
+TRIP = {
+    "trip_id": 712382,
+    "trip_start_time": "1/1/2017 0:00",
+    "trip_stop_time": "1/1/2017 0:03",
+    "trip_duration_seconds": 223,
+    "from_station_id": 7051,
+    "from_station_name": "Wellesley St E / Yonge St Green P",
+    "to_station_id": 7089,
+    "to_station_name": "Church St  / Wood St",
+    "user_type": "Member",
+}
+# The same trip as `mlflow models serve` takes it: the model's signature columns, dataframe_split.
+MLFLOW_ROW = ["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]
+MLFLOW_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
+SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch100", 8, 100)]
+
+
+@dataclass
+class Result:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def body_for(server: str, trips: int) -> bytes:
+    if server == "mlflow":
+        return orjson.dumps({"dataframe_split": {"columns": MLFLOW_COLUMNS, "data": [MLFLOW_ROW] * trips}})
+    return orjson.dumps(TRIP if trips == 1 else [TRIP] * trips)
+
+
+def milliseconds(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url: str, body: bytes, connections: int, duration: int, work: Path) -> Result:
+    script = work / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body.decode())}\n"
+    )
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return Result(
+        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        p50_ms=milliseconds(re.search(r"\s50%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        p99_ms=milliseconds(re.search(r"\s99%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        errors=(sum(int(count) for count in socket_errors.groups()) if socket_errors else 0)
+        + (int(non_2xx.group(1)) if non_2xx else 0),
+    )
+
+
+def in_process_microseconds(settings: Settings, repeats: int = 3000) -> float:
+    """One single-trip prediction through the service's code path (parse, validate, features, model,
+    render), without HTTP; the median of `repeats` calls."""
+    model = ModelStore(settings).load_production()
+    raw = orjson.dumps(TRIP)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        orjson.dumps(predict.predictions(orjson.loads(raw), model))
+        timings.append(time.perf_counter() - started)
+    return sorted(timings)[len(timings) // 2] * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario and server")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/serve.py needs wrk: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    settings = Settings(
+        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registered_model=MODEL, model_cache_dir=str(work / "cache")
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    env |= {
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_REGISTERED_MODEL": MODEL,
+        "MODEL_CACHE_DIR": settings.model_cache_dir,
+        "MODEL_REFRESH_SECONDS": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    processes = []
+    try:
+        print("training the model to serve ...", flush=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
+            cwd=work,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        version = ModelStore(settings).production_version().version
+
+        service, service_url = start_gunicorn(env, work / "service.log")
+        processes.append(service)
+        floor_port = free_port()
+        floor_command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
+        floor_command += ["--bind", f"127.0.0.1:{floor_port}", "bench.noop_app:app"]
+        floor = start(floor_command, env, work / "floor.log")
+        processes.append(floor)
+        floor_url = f"http://127.0.0.1:{floor_port}"
+        wait_for_http(f"{floor_url}/health", floor)
+        mlflow_port = free_port()
+        mlflow_command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/{version}"]
+        mlflow_command += ["-h", "127.0.0.1", "-p", str(mlflow_port), "--env-manager", "local"]
+        bin_dir = str(Path(sys.executable).parent)  # uvicorn must be on PATH for `mlflow models serve`
+        mlflow_serve = start(mlflow_command, env | {"PATH": f"{bin_dir}:{env['PATH']}"}, work / "mlflow-serve.log")
+        processes.append(mlflow_serve)
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        wait_for_http(f"{mlflow_url}/ping", mlflow_serve, timeout=120)
+
+        servers = {
+            "service": f"{service_url}/predict",
+            "mlflow": f"{mlflow_url}/invocations",
+            "floor": f"{floor_url}/predict",
+        }
+        results: dict[tuple[str, str, int], Result] = {}
+        print(f"{'server':8} {'load':10} {'clients':>7} {'req/s':>9} {'trips/s':>9} {'p50 ms':>8} {'p99 ms':>8} errors")
+        for kind, connections, trips in SCENARIOS:
+            for server, url in servers.items():
+                result = run_wrk(url, body_for(server, trips), connections, args.duration, work)
+                results[server, kind, connections] = result
+                rates = f"{result.requests_per_s:>9.0f} {result.requests_per_s * trips:>9.0f}"
+                latency = f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
+                print(f"{server:8} {kind:10} {connections:>7} {rates} {latency} {result.errors}", flush=True)
+        in_process_us = in_process_microseconds(settings)
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    service_c8, mlflow_c8 = results["service", "single", 8], results["mlflow", "single", 8]
+    service_c1, floor_c1 = results["service", "single", 1], results["floor", "single", 1]
+    summary = {
+        "single_c8_ratio_vs_mlflow": round(service_c8.requests_per_s / mlflow_c8.requests_per_s, 1),
+        "single_c1_p50_ms": round(service_c1.p50_ms, 3),
+        "single_c1_p50_vs_floor": round(service_c1.p50_ms / floor_c1.p50_ms, 2),
+        "batch100_c8_trips_per_s": round(results["service", "batch100", 8].requests_per_s * 100),
+        "errors": sum(result.errors for (server, _, _), result in results.items() if server == "service"),
+    }
+    print(f"in process, one trip through the service's code path without HTTP: {in_process_us:.0f} us")
+    print(
+        f"single trip, 8 clients: {summary['single_c8_ratio_vs_mlflow']}x mlflow models serve; "
+        f"1 client p50 {summary['single_c1_p50_ms']} ms = {summary['single_c1_p50_vs_floor']}x the no-op floor; "
+        f"100-trip lists, 8 clients: {summary['batch100_c8_trips_per_s']} trips/s"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
