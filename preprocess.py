@@ -464,34 +464,35 @@ class TripFeatures(TransformerMixin, BaseEstimator):
     def feature_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
         """The (n, len(FEATURE_COLUMNS)) float64 features of `MODEL_INPUT_COLUMNS` given as columns.
 
-        Plain numpy, so one trip costs microseconds; `transform` and the service's fast path both use it.
+        Plain numpy in few operations, so one trip costs microseconds; `transform` and the service's fast
+        path both use it.
         """
-        start = np.asarray(trips["trip_start_time"], dtype="datetime64[s]")
+        seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
         duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
         from_id = np.asarray(trips["from_station_id"], dtype="float64")
         to_id = np.asarray(trips["to_station_id"], dtype="float64")
-        days = start.astype("datetime64[D]")
-        minute_of_day = (start - days).astype("timedelta64[m]").astype("int64")
-        origin, destination = self._coordinates(from_id), self._coordinates(to_id)
+        days, second_of_day = np.divmod(seconds, 86_400)
+        hour, minute = np.divmod(second_of_day // 60, 60)
+        ends = self._coordinates(np.concatenate([from_id, to_id]))
+        origin, destination = ends[: len(from_id)], ends[len(from_id) :]
         half_chord = (
             np.sin((destination[:, 0] - origin[:, 0]) / 2) ** 2
             + np.cos(origin[:, 0]) * np.cos(destination[:, 0]) * np.sin((destination[:, 1] - origin[:, 1]) / 2) ** 2
         )
         distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
-        hours = np.maximum(duration, 60.0) / 3600
         columns = {
             "duration_log": np.log1p(duration),
-            "start_hour": minute_of_day // 60 + (minute_of_day % 60) / 60,
-            "weekday": (days.astype("int64") + 3) % 7,  # 1970-01-01 was a Thursday; Monday is 0
-            "month": start.astype("datetime64[M]").astype("int64") % 12 + 1,
+            "start_hour": hour + minute / 60,
+            "weekday": (days + 3) % 7,  # 1970-01-01 was a Thursday; Monday is 0
+            "month": days.astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1,
             "round_trip": np.where(np.isnan(from_id) | np.isnan(to_id), np.nan, from_id == to_id),
             "distance_km": distance_km,
-            "speed_kmh": distance_km / hours,
+            "speed_kmh": distance_km / (np.maximum(duration, 60.0) / 3600),
             "from_station": from_id,
             "to_station": to_id,
             "route": from_id * 10000 + to_id,
         }
-        return np.column_stack([np.asarray(columns[name], dtype="float64") for name in FEATURE_COLUMNS])
+        return np.column_stack([columns[name] for name in FEATURE_COLUMNS]).astype("float64", copy=False)
 
     def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
         index = trips.index if isinstance(trips, pd.DataFrame) else None
