@@ -32,15 +32,9 @@ from harness import free_port, start, start_mlflow_server, start_moto, stop, wri
 
 from config import Settings  # noqa: E402
 from model_store import ModelStore, s3_client  # noqa: E402
+from test_pred import TRIP  # noqa: E402
 
 MODEL = "bikeshare-coldstart"
-TRIP = {
-    "trip_start_time": "2017-07-10T08:15:00",
-    "trip_stop_time": "2017-07-10T08:30:00",
-    "trip_duration_seconds": 900,
-    "from_station_id": 7033,
-    "to_station_id": 7006,
-}
 
 
 def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:

@@ -34,19 +34,9 @@ from harness import free_port, start, start_gunicorn, stop, wait_for_http  # noq
 import predict  # noqa: E402
 from config import Settings  # noqa: E402
 from model_store import ModelStore  # noqa: E402
+from test_pred import TRIP  # noqa: E402
 
 MODEL = "bikeshare-serve-bench"
-TRIP = {
-    "trip_id": 712382,
-    "trip_start_time": "1/1/2017 0:00",
-    "trip_stop_time": "1/1/2017 0:03",
-    "trip_duration_seconds": 223,
-    "from_station_id": 7051,
-    "from_station_name": "Wellesley St E / Yonge St Green P",
-    "to_station_id": 7089,
-    "to_station_name": "Church St  / Wood St",
-    "user_type": "Member",
-}
 # The same trip as `mlflow models serve` takes it: the model's signature columns, dataframe_split.
 MLFLOW_ROW = ["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]
 MLFLOW_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]

@@ -20,14 +20,7 @@ from mlflow.tracking import MlflowClient
 import train
 from config import Settings
 from model_store import MANIFEST, ModelStore, verify_cached
-
-TRIP = {
-    "trip_start_time": "2017-07-10T08:15:00",
-    "trip_stop_time": "2017-07-10T08:30:00",
-    "trip_duration_seconds": 900,
-    "from_station_id": 7033,
-    "to_station_id": 7006,
-}
+from test_pred import TRIP
 
 
 def service_env_for(registry: RemoteRegistry, cache_dir: Path, **extra: str) -> dict[str, str]:

@@ -10,18 +10,7 @@ from flask.testing import FlaskClient
 import predict
 from config import Settings
 from model_store import LoadedModel, ModelHolder
-
-TRIP = {
-    "trip_id": 712382,
-    "trip_start_time": "1/1/2017 0:00",
-    "trip_stop_time": "1/1/2017 0:03",
-    "trip_duration_seconds": 223,
-    "from_station_id": 7051,
-    "from_station_name": "Wellesley St E / Yonge St Green P",
-    "to_station_id": 7089,
-    "to_station_name": "Church St  / Wood St",
-    "user_type": "Member",
-}
+from test_pred import TRIP
 
 
 @pytest.fixture(scope="module")
