@@ -10,7 +10,7 @@ export PIPENV_NOSPIN := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 VENV := .venv
 
-.PHONY: serve train test lint format clean
+.PHONY: serve train test lint lint-docker format clean
 
 $(VENV)/.synced: Pipfile.lock
 	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
@@ -29,9 +29,12 @@ serve: $(VENV)/.synced
 train: $(VENV)/.synced
 	$(PIPENV) run python train.py
 
-lint: $(VENV)/.synced-dev
+lint: lint-docker
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+lint-docker: $(VENV)/.synced-dev
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
 
 test: lint
 	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest
