@@ -1,6 +1,7 @@
 # The two commands a new machine needs:
 #   make serve   install from Pipfile.lock, train and register a model if none is in Production, run Gunicorn
 #   make test    install the dev dependencies too and run the whole suite (what .ci/run does)
+#   make test-container   build the image and test the compose stack on a real Docker engine (.ci/run does it too)
 
 PYTHON ?= python3
 PIPENV := $(PYTHON) -m pipenv
@@ -10,7 +11,7 @@ export PIPENV_NOSPIN := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 VENV := .venv
 
-.PHONY: serve train test lint format clean
+.PHONY: serve train test test-container lint lint-docker format clean
 
 $(VENV)/.synced: Pipfile.lock
 	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
@@ -29,12 +30,19 @@ serve: $(VENV)/.synced
 train: $(VENV)/.synced
 	$(PIPENV) run python train.py
 
-lint: $(VENV)/.synced-dev
+lint: lint-docker
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+lint-docker: $(VENV)/.synced-dev
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
+
 test: lint
-	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest
+	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest --ignore=tests/container
+
+# Needs a Docker engine, docker compose or docker-compose, and python:3.11-slim (pulled, or the stand-in .ci/run builds).
+test-container: lint-docker
+	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest tests/container -o log_cli=true --log-cli-level=INFO
 
 format: $(VENV)/.synced-dev
 	$(VENV)/bin/ruff check --fix .
