@@ -47,9 +47,8 @@ class StationEncoding:
         self.missing = float(encodings[~known][0]) if (~known).any() else target_mean
         self.unknown = target_mean
 
-    def encode(self, values: list[float]) -> list[float]:
-        get, unknown, missing = self.by_category.get, self.unknown, self.missing
-        return [missing if value != value else get(value, unknown) for value in values]  # NaN != NaN
+    def encode(self, value: float) -> float:
+        return self.missing if value != value else self.by_category.get(value, self.unknown)  # NaN != NaN
 
 
 def _tree_source(nodes: np.ndarray, index: int, indent: str) -> str:
@@ -140,14 +139,20 @@ class FastPipeline:
         return fast
 
     def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
-        matrix = self.features.feature_matrix(trips)
-        model_columns = [
-            encoding.encode(matrix[:, position].tolist()) if encoding else matrix[:, position].tolist()
-            for position, encoding in self.columns
+        """P(Member) for trips given as columns; one trip skips the array machinery (same values)."""
+        if len(trips["trip_duration_seconds"]) == 1:
+            start, duration, from_id, to_id = (trips[column][0] for column in MODEL_INPUT_COLUMNS)
+            rows = [self.features.feature_row(start, float(duration), float(from_id), float(to_id))]
+        else:
+            rows = self.features.feature_matrix(trips).tolist()
+        columns, raw_score = self.columns, self.raw_score
+        raw = [
+            raw_score(
+                *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in columns]
+            )
+            for row in rows
         ]
-        raw_score = self.raw_score
-        raw = np.array([raw_score(*row) for row in zip(*model_columns, strict=True)], dtype="float64")
-        return expit(raw)  # the link scikit-learn's binomial loss uses
+        return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses
 
 
 def parity_check_trips(features: TripFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:

@@ -442,6 +442,35 @@ FEATURE_COLUMNS = NUMERIC_FEATURES + STATION_FEATURES
 EARTH_RADIUS_KM = 6371.0
 
 
+def trip_features(
+    seconds: Any, duration: Any, from_id: Any, to_id: Any, origin: Any, destination: Any
+) -> tuple[Any, ...]:
+    """The features, in FEATURE_COLUMNS order, of trips given as numpy arrays or of one trip given as numbers.
+
+    The one definition: operators and numpy ufuncs only, so an array and a single number give identical
+    values. `seconds` is the start in seconds since 1970 (Toronto wall clock), `duration` is clipped,
+    `origin` and `destination` are (latitude, longitude) in radians, NaN when unknown.
+    """
+    days, second_of_day = divmod(seconds, 86_400)
+    hour, minute = divmod(second_of_day // 60, 60)
+    (origin_lat, origin_lon), (destination_lat, destination_lon) = origin, destination
+    half_lat, half_lon = np.sin((destination_lat - origin_lat) / 2), np.sin((destination_lon - origin_lon) / 2)
+    half_chord = half_lat * half_lat + np.cos(origin_lat) * np.cos(destination_lat) * (half_lon * half_lon)
+    distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
+    return (
+        np.log1p(duration),  # duration_log
+        hour + minute / 60,  # start_hour
+        (days + 3) % 7,  # weekday: 1970-01-01 was a Thursday; Monday is 0
+        np.asarray(days).astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1,  # month
+        np.where(np.isnan(from_id) | np.isnan(to_id), np.nan, from_id == to_id),  # round_trip
+        distance_km,
+        distance_km / (np.maximum(duration, 60.0) / 3600),  # speed_kmh
+        from_id,  # from_station
+        to_id,  # to_station
+        from_id * 10000 + to_id,  # route
+    )
+
+
 class TripFeatures(TransformerMixin, BaseEstimator):
     """The features of a trip, computed column-wise from `MODEL_INPUT_COLUMNS`.
 
@@ -462,37 +491,22 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         return np.where(known[:, None], self.station_coordinates_[position], np.nan)
 
     def feature_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
-        """The (n, len(FEATURE_COLUMNS)) float64 features of `MODEL_INPUT_COLUMNS` given as columns.
-
-        Plain numpy in few operations, so one trip costs microseconds; `transform` and the service's fast
-        path both use it.
-        """
+        """The (n, len(FEATURE_COLUMNS)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
         seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
         duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
         from_id = np.asarray(trips["from_station_id"], dtype="float64")
         to_id = np.asarray(trips["to_station_id"], dtype="float64")
-        days, second_of_day = np.divmod(seconds, 86_400)
-        hour, minute = np.divmod(second_of_day // 60, 60)
         ends = self._coordinates(np.concatenate([from_id, to_id]))
         origin, destination = ends[: len(from_id)], ends[len(from_id) :]
-        half_chord = (
-            np.sin((destination[:, 0] - origin[:, 0]) / 2) ** 2
-            + np.cos(origin[:, 0]) * np.cos(destination[:, 0]) * np.sin((destination[:, 1] - origin[:, 1]) / 2) ** 2
-        )
-        distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
-        columns = {
-            "duration_log": np.log1p(duration),
-            "start_hour": hour + minute / 60,
-            "weekday": (days + 3) % 7,  # 1970-01-01 was a Thursday; Monday is 0
-            "month": days.astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1,
-            "round_trip": np.where(np.isnan(from_id) | np.isnan(to_id), np.nan, from_id == to_id),
-            "distance_km": distance_km,
-            "speed_kmh": distance_km / (np.maximum(duration, 60.0) / 3600),
-            "from_station": from_id,
-            "to_station": to_id,
-            "route": from_id * 10000 + to_id,
-        }
-        return np.column_stack([columns[name] for name in FEATURE_COLUMNS]).astype("float64", copy=False)
+        values = trip_features(seconds, duration, from_id, to_id, origin.T, destination.T)
+        return np.column_stack(values).astype("float64", copy=False)
+
+    def feature_row(self, start: np.datetime64, duration: float, from_id: float, to_id: float) -> list[float]:
+        """The features of one trip, equal to its row of `feature_matrix`, without array overhead."""
+        seconds = int(np.datetime64(start, "s").astype("int64"))
+        ends = self._coordinates(np.array([from_id, to_id]))
+        duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
+        return [float(value) for value in trip_features(seconds, duration, from_id, to_id, *ends.tolist())]
 
     def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
         index = trips.index if isinstance(trips, pd.DataFrame) else None

@@ -96,3 +96,16 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
     monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         FastPipeline.from_pipeline(model.pipeline)
+
+
+def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
+    """The service answers one trip through `feature_row`, not arrays: check that path trip by trip."""
+    sample = real_trips.sample(2000, random_state=4)
+    expected = model.pipeline.predict_proba(sample)[:, 1]
+    columns = {name: sample[name].to_numpy() for name in preprocess.MODEL_INPUT_COLUMNS}
+    one_by_one = [
+        model.fast.member_probability({name: values[i : i + 1] for name, values in columns.items()})[0]
+        for i in range(len(sample))
+    ]
+    np.testing.assert_allclose(one_by_one, expected, rtol=0, atol=1e-5)
+    assert np.max(np.abs(np.array(one_by_one) - expected)) == 0
