@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -67,7 +69,7 @@ def test_large_lists_take_the_scikit_learn_path_with_the_same_answers(
 
 
 def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real_trips: pd.DataFrame) -> None:
-    features, columns, _ = (step for _, step in model.pipeline.steps)
+    features, columns, _ = (copy.deepcopy(step) for _, step in model.pipeline.steps)  # fitting must not touch the model
     sample = real_trips.sample(3000, random_state=3)
     target = (model.pipeline.predict_proba(sample)[:, 1] > 0.3).astype(int)
     forest = Pipeline(
