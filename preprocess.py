@@ -28,6 +28,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.base import BaseEstimator, TransformerMixin
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -75,7 +77,12 @@ class InvalidTrip(ValueError):
 
 # --- Timestamps -------------------------------------------------------------------------------------
 
-_SLASH_TIMESTAMP = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})[ T]+(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+# One pattern for both readers: Python's `re` for a request's two texts, Arrow's RE2 for a file's columns.
+_SLASH_TIMESTAMP_PATTERN = (
+    r"^\s*(?P<first>\d{1,2})/(?P<second>\d{1,2})/(?P<year>\d{4}|\d{2})"
+    r"[ T]+(?P<hour>\d{1,2}):(?P<minute>\d{2})(?::(?P<second_of_minute>\d{2}))?\s*$"
+)
+_SLASH_TIMESTAMP = re.compile(_SLASH_TIMESTAMP_PATTERN, re.ASCII)
 SlashParts = tuple[int, int, int, int, int, int]
 
 
@@ -138,19 +145,59 @@ def parse_timestamps(texts: Sequence[str | None], default_order: DateOrder) -> t
     return parsed, order
 
 
+def _arrow_text(values: pd.Series) -> pa.Array:
+    """A column as Arrow text (null where missing), without copying the str columns pandas reads."""
+    return pa.array(values.astype("str"), type=pa.large_string(), from_pandas=True)
+
+
+def _field_numbers(parts: pa.StructArray, name: str) -> np.ndarray:
+    """One captured group of `_SLASH_TIMESTAMP_PATTERN` as integers, 0 where it did not match."""
+    field = pc.fill_null(parts.field(name), "")
+    return pc.cast(pc.if_else(pc.equal(field, ""), "0", field), pa.int64()).to_numpy()
+
+
+def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tuple[np.ndarray, DateOrder]:
+    """`parse_timestamps` over distinct texts, in Arrow and numpy: datetime64[s], NaT where not valid."""
+    parts = pc.extract_regex(texts, _SLASH_TIMESTAMP_PATTERN)
+    slash = parts.is_valid().to_numpy(zero_copy_only=False)
+    first, second = _field_numbers(parts, "first"), _field_numbers(parts, "second")
+    hour, minute = _field_numbers(parts, "hour"), _field_numbers(parts, "minute")
+    seconds = _field_numbers(parts, "second_of_minute")
+    two_digit_year = pc.equal(pc.utf8_length(pc.fill_null(parts.field("year"), "")), 2).to_numpy(zero_copy_only=False)
+    year = _field_numbers(parts, "year") + np.where(two_digit_year, 2000, 0)
+
+    day_first, month_first = bool((first[slash] > 12).any()), bool((second[slash] > 12).any())
+    order = default_order if day_first == month_first else ("DMY" if day_first else "MDY")
+    month, day = (first, second) if order == "MDY" else (second, first)
+
+    valid = slash & (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60)
+    valid &= seconds < 60
+    month_start = ((np.where(valid, year, 1970) - 1970) * 12 + np.where(valid, month, 1) - 1).astype("datetime64[M]")
+    first_day = month_start.astype("datetime64[D]")
+    valid &= day <= ((month_start + 1).astype("datetime64[D]") - first_day).astype("int64")
+    moments = (first_day + (day - 1)).astype("datetime64[s]") + (hour * 3600 + minute * 60 + seconds)
+    moments[~valid] = np.datetime64("NaT")
+
+    iso = ~slash & pc.fill_null(pc.match_substring(texts, "-"), False).to_numpy(zero_copy_only=False)
+    if iso.any():
+        positions = np.flatnonzero(iso)
+        parsed = [_from_iso(text) for text in texts.take(positions).to_pylist()]
+        moments[positions] = np.array(parsed, dtype="datetime64[s]")
+    return moments, order
+
+
 def parse_timestamp_columns(
     columns: Sequence[pd.Series], default_order: DateOrder
 ) -> tuple[list[pd.Series], DateOrder]:
-    """Vectorised `parse_timestamps` for file columns: each distinct text is parsed once."""
-    stacked = pd.concat(columns, ignore_index=True)
-    codes, uniques = pd.factorize(stacked.astype("string"), use_na_sentinel=True)
-    parsed, order = parse_timestamps([str(text) for text in uniques], default_order)
-    lookup = np.array(
-        [np.datetime64("NaT") if moment is None else np.datetime64(moment, "s") for moment in parsed]
-        + [np.datetime64("NaT")],
-        dtype="datetime64[s]",
-    )
-    values = lookup[codes]  # code -1 (missing) picks the trailing NaT
+    """`parse_timestamps` for file columns, vectorised: each distinct text is parsed once.
+
+    A file's chunk has a few thousand distinct minutes among a hundred thousand timestamps, so the texts
+    are dictionary-encoded in Arrow and only the dictionary is parsed.
+    """
+    encoded = pc.dictionary_encode(pa.concat_arrays([_arrow_text(column) for column in columns]))
+    moments, order = _parse_distinct_timestamps(encoded.dictionary, default_order)
+    lookup = np.append(moments, np.datetime64("NaT"))  # a missing text picks the trailing NaT
+    values = lookup[pc.fill_null(encoded.indices, len(moments)).to_numpy()]
     results, start = [], 0
     for column in columns:
         results.append(pd.Series(values[start : start + len(column)], index=column.index))
@@ -211,7 +258,7 @@ def station_index(path: Path = STATIONS_FILE) -> StationIndex:
 
 def resolve_station_ids(ids: pd.Series, names: pd.Series) -> pd.Series:
     """Station ids as floats, looked up by name where the id is missing; NaN for an unknown station."""
-    resolved = pd.to_numeric(ids, errors="coerce").astype("float64")
+    resolved = pd.Series(parse_numbers(ids), index=ids.index)
     missing = resolved.isna() & names.notna()
     if missing.any():
         index = station_index()
@@ -280,10 +327,41 @@ class ParsedTrips:
     date_order: DateOrder
 
 
+_DECIMAL_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+
+
+def parse_numbers(values: pd.Series) -> np.ndarray:
+    """Finite decimal numbers as float64; NaN where a text is missing or not a number."""
+    text = pc.utf8_trim_whitespace(_arrow_text(values))
+    numbers = pc.cast(pc.if_else(pc.match_substring_regex(text, _DECIMAL_NUMBER), text, None), pa.float64())
+    result = numbers.to_numpy(zero_copy_only=False)
+    return np.where(np.isfinite(result), result, np.nan)
+
+
+def _distinct_texts(values: pd.Series) -> tuple[np.ndarray, list[str | None]]:
+    """Each row's position in the column's distinct stripped texts; the last one, None, stands for missing.
+
+    `NULL`, `NULLNULL`, blanks and the like are missing. Files repeat a few hundred station names and two
+    labels over every row, so working on the distinct texts keeps a chunk's text handling cheap.
+    """
+    text = pc.utf8_trim_whitespace(_arrow_text(values))
+    missing = pc.is_in(pc.utf8_lower(text), value_set=pa.array(sorted(MISSING_TEXT), pa.large_string()))
+    encoded = pc.dictionary_encode(pc.if_else(missing, None, text))
+    distinct = [*encoded.dictionary.to_pylist(), None]
+    return pc.fill_null(encoded.indices, len(distinct) - 1).to_numpy(), distinct
+
+
 def _text_column(values: pd.Series) -> pd.Series:
     """Stripped text, None where the City wrote nothing, `NULL` or the like."""
-    text = values.astype("string").str.strip()
-    return text.mask(text.str.lower().isin(MISSING_TEXT) | text.isna()).astype(object).replace({pd.NA: None})
+    codes, distinct = _distinct_texts(values)
+    return pd.Series(np.array(distinct, dtype=object)[codes], index=values.index, dtype=object)
+
+
+def _label_column(values: pd.Series) -> pd.Series:
+    """`Member` or `Casual` from any era's label, None where missing or unknown."""
+    codes, distinct = _distinct_texts(values)
+    labels = [None if text is None else LABELS.get(text.lower()) for text in distinct]
+    return pd.Series(np.array(labels, dtype=object)[codes], index=values.index, dtype="str")
 
 
 def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None = None) -> ParsedTrips:
@@ -296,9 +374,9 @@ def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None 
     (start, stop), order = parse_timestamp_columns(
         [frame["trip_start_time"], frame["trip_stop_time"]], date_order or layout.date_order
     )
-    duration = pd.to_numeric(frame["trip_duration_seconds"], errors="coerce").astype("float64")
+    duration = pd.Series(parse_numbers(frame["trip_duration_seconds"]), index=frame.index)
     from_name, to_name = _text_column(frame["from_station_name"]), _text_column(frame["to_station_name"])
-    user_type = _text_column(frame["user_type"]).str.lower().map(LABELS).replace({np.nan: None})
+    user_type = _label_column(frame["user_type"])
 
     reasons = pd.Series(None, index=frame.index, dtype=object)
     checks = [

@@ -147,6 +147,34 @@ def test_bundled_training_files_parse_without_rejects() -> None:
         assert parsed.trips["trip_start_time"].dt.year.eq(2023).all()
 
 
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["10/1/2017 0:03", "18/01/2017 22:16", "31/2/2017 0:00", "NULLNULL", "", None],  # day-first evident
+        ["12/31/17 23:46:27", "1/01/18 00:11:40", "1/1/2017 24:00", "1/1/2017 0:60", " 7/10/2017 0:00 "],  # month-first
+        ["1/10/2017 0:03", "2/3/0000 1:00", "5/6/2024T08:15"],  # nothing evident: the default decides
+        ["13/1/2017 0:00", "1/13/2017 0:00", "13/13/2017 0:00"],  # contradicting: the default decides
+        ["2017-07-10T12:15:00Z", "2017-01-10T13:03:00+00:00", "2025-06-16 08:01:00", "2017-02-30T10:00:00", "x-y"],
+    ],
+)
+def test_file_columns_read_timestamps_by_the_request_rule(texts: list[str | None]) -> None:
+    """The vectorised reader of a file's columns agrees with `parse_timestamps`, text by text."""
+    for default in preprocess.DATE_ORDERS:
+        expected, expected_order = preprocess.parse_timestamps(texts, default)
+        half = len(texts) // 2
+        columns = [pd.Series(texts[:half], dtype=object), pd.Series(texts[half:], dtype="str")]
+        (first, second), order = preprocess.parse_timestamp_columns(columns, default)
+        assert order == expected_order
+        assert [None if pd.isna(moment) else moment.to_pydatetime() for moment in [*first, *second]] == expected
+
+
+def test_numbers_in_files_are_finite_decimals() -> None:
+    values = pd.Series([" 223 ", "7030.0", "1e3", "-5", ".5", "NULL", "", None, "inf", "1e999", "0x10", "1,234"])
+    parsed = preprocess.parse_numbers(values)
+    assert parsed[:5].tolist() == [223, 7030, 1000, -5, 0.5]
+    assert np.isnan(parsed[5:]).all()
+
+
 # --- requests: the date-order rule -------------------------------------------------------------------
 
 TRIP = {
