@@ -146,8 +146,9 @@ def parse_timestamps(texts: Sequence[str | None], default_order: DateOrder) -> t
 
 
 def _arrow_text(values: pd.Series) -> pa.Array:
-    """A column as Arrow text (null where missing), without copying the str columns pandas reads."""
-    return pa.array(values.astype("str"), type=pa.large_string(), from_pandas=True)
+    """A column as one Arrow text array (null where missing), sharing the memory of pandas' str columns."""
+    text = pa.array(values.astype("str"), type=pa.large_string(), from_pandas=True)
+    return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text  # a large file is read in chunks
 
 
 def _field_numbers(parts: pa.StructArray, name: str) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import preprocess
@@ -166,6 +167,17 @@ def test_file_columns_read_timestamps_by_the_request_rule(texts: list[str | None
         (first, second), order = preprocess.parse_timestamp_columns(columns, default)
         assert order == expected_order
         assert [None if pd.isna(moment) else moment.to_pydatetime() for moment in [*first, *second]] == expected
+
+
+def test_columns_held_in_several_arrow_chunks_parse_like_one(tmp_path: Path) -> None:
+    """pandas holds a large file's columns as several Arrow chunks (as it does rows put together here)."""
+    raw = pd.read_csv(write(tmp_path, Y2018), dtype=str, keep_default_na=False)
+    chunked = pd.concat([raw.iloc[:1], raw.iloc[1:]])
+    assert pa.array(chunked["trip_id"]).num_chunks == 2
+    layout = preprocess.detect_layout(list(raw.columns))
+    pd.testing.assert_frame_equal(
+        preprocess.parse_frame(chunked, layout).trips, preprocess.parse_frame(raw, layout).trips
+    )
 
 
 def test_numbers_in_files_are_finite_decimals() -> None:
