@@ -24,6 +24,18 @@ class Settings:
     fetch_timeout_seconds: float = 10.0
     fetch_retries: int = 2
     model_path: str | None = None  # a local MLflow model directory, served with no registry
+    # The folder whose files `POST /predict/batch` may read and write; None refuses every local path.
+    batch_root: str | None = None
+    # Where batch jobs and `batch.py watch` keep their state: shared by every Gunicorn worker.
+    batch_state_dir: str = "batch-state"
+    # The experiment `batch.py evaluate` logs to; empty means "<experiment_name>-monitoring".
+    monitoring_experiment: str = ""
+    # `batch.py evaluate` fails (exits non-zero) below this ROC AUC.
+    eval_min_roc_auc: float = 0.6
+
+    @property
+    def monitoring_experiment_name(self) -> str:
+        return self.monitoring_experiment or f"{self.experiment_name}-monitoring"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -37,4 +49,26 @@ class Settings:
             fetch_timeout_seconds=float(environ.get("MODEL_FETCH_TIMEOUT", cls.fetch_timeout_seconds)),
             fetch_retries=int(environ.get("MODEL_FETCH_RETRIES", cls.fetch_retries)),
             model_path=environ.get("MODEL_PATH") or None,
+            batch_root=environ.get("BATCH_ROOT") or None,
+            batch_state_dir=environ.get("BATCH_STATE_DIR", cls.batch_state_dir),
+            monitoring_experiment=environ.get("MLFLOW_MONITORING_EXP_NAME", cls.monitoring_experiment),
+            eval_min_roc_auc=float(environ.get("EVAL_MIN_ROC_AUC", cls.eval_min_roc_auc)),
         )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child process (a batch job) these same settings."""
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_EXP_NAME": self.experiment_name,
+            "MLFLOW_REGISTERED_MODEL": self.registered_model,
+            "MODEL_PORT": str(self.port),
+            "MODEL_CACHE_DIR": self.model_cache_dir,
+            "MODEL_REFRESH_SECONDS": str(self.refresh_seconds),
+            "MODEL_FETCH_TIMEOUT": str(self.fetch_timeout_seconds),
+            "MODEL_FETCH_RETRIES": str(self.fetch_retries),
+            "MODEL_PATH": self.model_path or "",
+            "BATCH_ROOT": self.batch_root or "",
+            "BATCH_STATE_DIR": self.batch_state_dir,
+            "MLFLOW_MONITORING_EXP_NAME": self.monitoring_experiment,
+            "EVAL_MIN_ROC_AUC": str(self.eval_min_roc_auc),
+        }
