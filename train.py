@@ -6,7 +6,8 @@
 The pipeline is `TripFeatures` (preprocess.py) -> target-encoded stations and routes -> gradient boosting.
 Its probabilities are scored on a stratified hold-out against a prior-only baseline; the fitted pipeline is
 logged with its signature, an input example and `preprocess.py`, registered, moved to the Production stage
-(archiving the previous one) and given the alias `production`.
+(archiving the previous one) and given the alias `production`. The run also keeps a profile of the training
+features (`feature_profile.json`, see drift.py), the reference `batch.py evaluate` measures drift against.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score, tra
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import TargetEncoder
 
+import drift
 import preprocess
 from config import Settings
 from model_store import (
@@ -164,6 +166,8 @@ def train(settings: Settings, paths: list[Path], cv_folds: int = 5) -> TrainingR
         )
         mlflow.log_metrics(metrics)
         _log_figures(test_y, proba)
+        # The reference `batch.py evaluate` measures drift against: the features this model learnt from.
+        mlflow.log_dict(drift.feature_profile(drift.trip_features(train_x)), drift.PROFILE_ARTIFACT)
 
         example = train_x.head(5)
         model_info = mlflow.sklearn.log_model(
