@@ -463,3 +463,14 @@ class ModelHolder:
                 "checked_at": self.checked_at,
             },
         }
+
+
+def load_model_version(settings: Settings, version: str) -> LoadedModel:
+    """One version of the registered model, through the cache: a batch job scores with its worker's version.
+
+    With `MODEL_PATH` set the worker serves that directory, and so does the job.
+    """
+    if settings.model_path:
+        return load_model_path(settings.model_path)
+    store = ModelStore(settings)
+    return store.load(store.client.get_model_version(settings.registered_model, version))

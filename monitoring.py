@@ -1,0 +1,153 @@
+"""How the deployed model does on a new labelled batch of trips: `batch.py evaluate`, logged to MLflow.
+
+The file is read in chunks like any batch (trip_reader.py) and scored with the given model (the Production
+one from the command line). One run in the monitoring experiment (`MLFLOW_MONITORING_EXP_NAME`, by default
+`<MLFLOW_EXP_NAME>-monitoring`) records the same metrics training records on its hold-out (ROC AUC, log loss,
+Brier score, precision and recall of Member), the Member share predicted against the share observed, a
+calibration curve and a confusion matrix, and each feature's drift against the model's training data (the
+profile train.py logged with the model's run; see drift.py). `passed` says whether ROC AUC reached the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, brier_score_loss, log_loss
+
+import drift
+import storage
+import trip_reader
+from config import Settings
+from model_store import DECISION_THRESHOLD, LoadedModel, membership
+from preprocess import CASUAL, MEMBER
+from train import holdout_metrics
+
+log = logging.getLogger("monitoring")
+
+
+class NoLabels(ValueError):
+    """The file has no trip with a label (`user_type`, `User Type`, ...), so there is nothing to evaluate."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run_id: str
+    experiment: str
+    metrics: dict[str, float]
+    passed: bool
+    message: str
+
+
+def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, min_roc_auc: float) -> Evaluation:
+    """Score a labelled file with `model` and log the evaluation run; see the module docstring."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    profile = _training_profile(model)
+    drift_counter = drift.DriftCounter(profile) if profile else None
+    is_member, probabilities = [], []
+    rows = rejected = 0
+    with storage.local_copy(input_location, settings) as path:
+        for chunk in trip_reader.read_chunks(path):
+            trips = chunk.parsed.trips
+            rows += len(trips) + len(chunk.parsed.rejects)
+            rejected += len(chunk.parsed.rejects)
+            if trips.empty:
+                continue
+            if drift_counter is not None:
+                drift_counter.add(drift.trip_features(trips))
+            labelled = trips["user_type"].notna().to_numpy()
+            is_member.append((trips["user_type"].to_numpy()[labelled] == MEMBER).astype("int8"))
+            probabilities.append(model.member_probability(trips[labelled]) if labelled.any() else np.empty(0))
+    truth = np.concatenate(is_member) if is_member else np.empty(0, dtype="int8")
+    proba = np.concatenate(probabilities) if probabilities else np.empty(0)
+    if len(truth) == 0:
+        raise NoLabels(f"{input_location} has no labelled trips (user_type), so the model cannot be evaluated")
+
+    metrics = _metrics(truth, proba)
+    metrics.update(rows=rows, rejected_rows=rejected, labelled_rows=len(truth))
+    drift_report = drift_counter.summary() if drift_counter is not None else {}
+    metrics.update({f"psi_{name}": feature["psi"] for name, feature in drift_report.items()})
+    passed, message = _verdict(metrics.get("eval_roc_auc"), min_roc_auc, truth)
+
+    mlflow.set_experiment(settings.monitoring_experiment_name)
+    with mlflow.start_run(run_name=f"evaluate {storage.name_of(input_location)}") as run:
+        mlflow.log_params(
+            {
+                "input": input_location,
+                "model_name": model.name,
+                "model_version": model.version,
+                "model_run_id": model.run_id,
+                "min_roc_auc": min_roc_auc,
+            }
+        )
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"passed": str(passed).lower(), "verdict": message})
+        _log_figures(truth, proba)
+        if drift_report:
+            mlflow.log_dict(drift_report, "feature_drift.json")
+        else:
+            mlflow.set_tag("drift", f"no {drift.PROFILE_ARTIFACT} in the model's run {model.run_id}")
+    return Evaluation(
+        run_id=run.info.run_id,
+        experiment=settings.monitoring_experiment_name,
+        metrics=metrics,
+        passed=passed,
+        message=message,
+    )
+
+
+def _training_profile(model: LoadedModel) -> dict[str, Any] | None:
+    """The feature profile logged with the model's training run, or None for a model trained without one."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{model.run_id}/{drift.PROFILE_ARTIFACT}")
+    except (MlflowException, OSError, json.JSONDecodeError) as error:
+        log.warning("no training feature profile for run %s, so no drift report: %s", model.run_id, error)
+        return None
+
+
+def _metrics(truth: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    both_classes = 0 < truth.sum() < len(truth)
+    scores = (
+        holdout_metrics(truth, proba, "eval")
+        if both_classes  # ROC AUC needs both a Member and a Casual trip
+        else {
+            "eval_log_loss": log_loss(truth, proba, labels=[0, 1]),
+            "eval_brier": brier_score_loss(truth, proba, pos_label=1),
+        }
+    )
+    return {
+        **{name: float(value) for name, value in scores.items()},
+        "member_share_observed": float(truth.mean()),
+        "member_share_predicted": float((membership(proba) == MEMBER).mean()),
+        "mean_member_probability": float(proba.mean()),
+    }
+
+
+def _verdict(roc_auc: float | None, floor: float, truth: np.ndarray) -> tuple[bool, str]:
+    if roc_auc is None:
+        only = MEMBER if truth.all() else CASUAL
+        return False, f"ROC AUC is undefined: every labelled trip is {only}, so the floor {floor:.2f} cannot be checked"
+    if roc_auc < floor:
+        return False, f"ROC AUC {roc_auc:.4f} is below the floor {floor:.2f}"
+    return True, f"ROC AUC {roc_auc:.4f} is at or above the floor {floor:.2f}"
+
+
+def _log_figures(truth: np.ndarray, proba: np.ndarray) -> None:
+    """The calibration curve and the confusion matrix, on plain Figures (no pyplot state, no display)."""
+    calibration = CalibrationDisplay.from_predictions(
+        truth, proba, n_bins=10, strategy="quantile", pos_label=1, name="model", ax=Figure().subplots()
+    )
+    calibration.ax_.set_title("Calibration: P(Member) against the observed share")
+    mlflow.log_figure(calibration.figure_, "calibration_curve.png")
+    matrix = ConfusionMatrixDisplay.from_predictions(
+        np.where(truth == 1, MEMBER, CASUAL), membership(proba), labels=[CASUAL, MEMBER], ax=Figure().subplots()
+    )
+    matrix.ax_.set_title(f"Confusion matrix (threshold {DECISION_THRESHOLD})")
+    mlflow.log_figure(matrix.figure_, "confusion_matrix.png")
