@@ -7,6 +7,10 @@ Endpoints:
     GET  /health    200 with the loaded model (name, version, loaded-at, source) and whether the registry
                     answered its last check.
     GET  /model     the loaded model's registry metadata, signature and training metrics.
+    POST /predict/batch        {"input": "<path under BATCH_ROOT or s3:// URI>", "output": optional} -> 202
+                               and a job scoring that file in the background (batch.py).
+    GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
+                               summary) or failed (with the error).
 
 Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
 
@@ -24,6 +28,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+import batch
 import preprocess
 from config import Settings
 from model_store import LoadedModel, ModelHolder, ModelUnavailable, membership
@@ -129,6 +134,28 @@ def model_info() -> Response:
     )
 
 
+# --- Batch scoring: thin routes over batch.py, which checks the request and runs the job ------------
+
+
+@api.post("/predict/batch")
+def submit_batch() -> Response:
+    """Start scoring a file in the background; 202 with the job to poll."""
+    model = _holder().model  # the job scores with the version this worker serves now
+    try:
+        job = batch.submit_job(current_app.extensions["settings"], _read_json(), model)
+    except batch.JobRefused as error:
+        raise ApiError(error.status, error.code, error.message, error.field) from None
+    return json_response(job, 202)
+
+
+@api.get("/predict/batch/<job_id>")
+def batch_job(job_id: str) -> Response:
+    job = batch.job_status(current_app.extensions["settings"], job_id)
+    if job is None:
+        raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"no batch job {job_id!r}", field="job_id")
+    return json_response(job)
+
+
 def render_api_error(error: ApiError) -> Response:
     return json_response(
         {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
@@ -154,6 +181,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["settings"] = settings
     app.extensions["model_holder"] = holder or ModelHolder.from_settings(settings)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, render_api_error)
