@@ -401,13 +401,11 @@ def parse_interval(text: str) -> float:
 
 
 def input_files(source: str, settings: Settings) -> list[storage.StoredFile]:
-    """The trip files under a folder or prefix: readable suffixes, not hidden, not results of `score`."""
+    """The trip files under a folder or prefix: readable suffixes, not results of `score`."""
     return [
         found
         for found in storage.list_files(source, settings)
-        if trip_reader.input_suffix(name := storage.name_of(found.location))
-        and not name.startswith(".")
-        and not is_batch_output(name)
+        if trip_reader.input_suffix(name := storage.name_of(found.location)) and not is_batch_output(name)
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -70,7 +70,8 @@ class StoredFile:
 
 
 def list_files(source: str, settings: Settings) -> list[StoredFile]:
-    """Every file under a local folder (recursively) or an S3 prefix."""
+    """Every file under a local folder (recursively) or an S3 prefix, but hidden ones: a name or folder
+    starting with `.`, like the partial files `output_file` writes."""
     if is_s3(source):
         bucket, prefix = split_s3(source)
         pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -83,14 +84,18 @@ def list_files(source: str, settings: Settings) -> list[StoredFile]:
             )
             for page in pages
             for item in page.get("Contents", [])
-            if not item["Key"].endswith("/")
+            if not item["Key"].endswith("/") and not _hidden(item["Key"][len(prefix) :].split("/"))
         ]
     found = []
     for path in sorted(Path(source).rglob("*")):
-        if path.is_file():
+        if path.is_file() and not _hidden(path.relative_to(source).parts):
             stat = path.stat()
             found.append(StoredFile(str(path), stat.st_size, stat.st_mtime, f"{stat.st_size}:{stat.st_mtime_ns}"))
     return found
+
+
+def _hidden(parts: Sequence[str]) -> bool:
+    return any(part.startswith(".") for part in parts)
 
 
 @contextmanager

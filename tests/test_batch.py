@@ -44,11 +44,14 @@ TRIP = {
 }
 
 
-def run_batch(settings: Settings, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python batch.py ...` as a real process, against the test registry."""
+def run_batch(
+    settings: Settings, cwd: Path, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`python batch.py ...` as a real process, against the test registry (a new experiment's artifacts go
+    to `cwd`/mlruns, as MLflow does with a local store)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "batch.py"), *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=service_env(settings, **env),
         capture_output=True,
         text=True,
@@ -201,7 +204,7 @@ def test_cli_reads_and_writes_s3_with_credentials_from_a_profile(
     client = s3.client()
     client.upload_file(str(BUNDLED[1]), s3.bucket, "incoming/2023-02.csv.gz")
 
-    result = run_batch(settings, "score", f"s3://{s3.bucket}/incoming/2023-02.csv.gz", **s3.env)
+    result = run_batch(settings, tmp_path, "score", f"s3://{s3.bucket}/incoming/2023-02.csv.gz", **s3.env)
 
     assert result.returncode == 0, result.stderr[-3000:]
     keys = {item["Key"] for item in client.list_objects_v2(Bucket=s3.bucket, Prefix="incoming/")["Contents"]}
@@ -365,9 +368,11 @@ def test_training_logs_the_feature_profile_of_its_training_data(settings: Settin
         assert sum(feature["shares"]) == pytest.approx(1) and len(feature["shares"]) == len(feature["bins"])
 
 
-def test_evaluate_logs_metrics_images_and_drift_and_fails_below_the_floor(settings: Settings, trained) -> None:
+def test_evaluate_logs_metrics_images_and_drift_and_fails_below_the_floor(
+    settings: Settings, trained, registry_dir: Path
+) -> None:
     may = BUNDLED[-1]
-    result = run_batch(settings, "evaluate", str(may))
+    result = run_batch(settings, registry_dir, "evaluate", str(may))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at or above the floor 0.60" in result.stdout
 
@@ -386,7 +391,7 @@ def test_evaluate_logs_metrics_images_and_drift_and_fails_below_the_floor(settin
     assert {"calibration_curve.png", "confusion_matrix.png", "feature_drift.json"} <= artifacts
     assert run.data.params["model_version"] and run.data.tags["passed"] == "true"
 
-    failed = run_batch(settings, "evaluate", str(may), EVAL_MIN_ROC_AUC="0.99")
+    failed = run_batch(settings, registry_dir, "evaluate", str(may), EVAL_MIN_ROC_AUC="0.99")
     assert failed.returncode == 1 and "below the floor 0.99" in failed.stderr
     latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
     assert latest.data.tags["passed"] == "false"
@@ -419,7 +424,7 @@ def stamp(path: Path, minutes_ago: float) -> None:
 
 
 def test_watch_scores_the_newest_file_once_and_what_arrives_while_it_is_down(
-    settings: Settings, trained, tmp_path: Path
+    settings: Settings, trained, registry_dir: Path, tmp_path: Path
 ) -> None:
     source, state = tmp_path / "incoming", tmp_path / "watch-state.json"
     source.mkdir()
@@ -428,24 +433,27 @@ def test_watch_scores_the_newest_file_once_and_what_arrives_while_it_is_down(
         stamp(source / name, age)
     watch = ("watch", str(source), "--every", "0.1s", "--state-file", str(state))
 
-    first = run_batch(settings, *watch, "--max-cycles", "2")
+    first = run_batch(settings, registry_dir, *watch, "--max-cycles", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     scored = source / "2023-02.predictions.csv"
     assert scored.is_file() and not (source / "2023-01.predictions.csv").exists()  # the newest only
     assert first.stdout.count(" rows in ") == 1 and "nothing new" in first.stderr  # once, not every cycle
     written = scored.stat().st_mtime_ns
 
-    restarted = run_batch(settings, *watch, "--max-cycles", "1")
+    restarted = run_batch(settings, registry_dir, *watch, "--max-cycles", "1")
     assert restarted.returncode == 0 and "nothing new" in restarted.stderr
     assert scored.stat().st_mtime_ns == written  # not scored again after a restart
 
     for name, copy_from, age in (("2023-03.csv.gz", BUNDLED[2], 10), ("2023-05.csv.gz", BUNDLED[3], 5)):
         (source / name).write_bytes(copy_from.read_bytes())
         stamp(source / name, age)
-    caught_up = run_batch(settings, *watch, "--max-cycles", "1", "--evaluate")
+    (source / ".upload").mkdir()  # hidden: a file still being written, say
+    (source / ".upload" / "2023-06.csv.gz").write_bytes(BUNDLED[3].read_bytes())
+    caught_up = run_batch(settings, registry_dir, *watch, "--max-cycles", "1", "--evaluate")
     assert caught_up.returncode == 0, caught_up.stderr[-3000:]
     assert (source / "2023-03.predictions.csv").is_file() and (source / "2023-05.predictions.csv").is_file()
     assert scored.stat().st_mtime_ns == written and not (source / "2023-01.predictions.csv").exists()
+    assert not list((source / ".upload").glob("*.predictions.*"))
     files = json.loads(state.read_text())["files"]
     assert {Path(location).name for location in files} == {"2023-02.csv.gz", "2023-03.csv.gz", "2023-05.csv.gz"}
     assert files[str(source / "2023-05.csv.gz")]["evaluation"]["passed"] is True
