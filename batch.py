@@ -342,7 +342,6 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
 
     job_id = uuid.uuid4().hex
     folder = jobs_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
     status_path = folder / f"{job_id}.json"
     status = {
         "job_id": job_id,
@@ -353,7 +352,12 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
         "model": model.describe(),
         "submitted_at": _now(),
     }
-    _write_json(status_path, status)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(status_path, status)
+    except OSError as error:
+        message = f"batch jobs cannot be recorded: BATCH_STATE_DIR is not writable ({error.strerror})"
+        raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message) from None
     command = [sys.executable, str(Path(__file__).resolve()), "score", input_location, "--output", output_location]
     command += ["--model-version", model.version, "--status-file", str(status_path), "--nice", str(JOB_NICENESS)]
     with open(folder / f"{job_id}.log", "ab") as job_log:

@@ -277,6 +277,17 @@ def test_batch_requests_outside_the_root_or_malformed_get_a_4xx(
     assert not (Path(batch_settings.batch_state_dir) / "jobs").exists()  # no job was started
 
 
+def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
+    batch_settings: Settings, model: LoadedModel, tmp_path: Path
+) -> None:
+    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+    (tmp_path / "not-a-folder").write_text("")
+    broken = replace(batch_settings, batch_state_dir=str(tmp_path / "not-a-folder"))
+    client = predict.create_app(broken, ModelHolder(None, model)).test_client()
+    response = client.post("/predict/batch", json={"input": "trips.csv"})
+    assert response.status_code == 503 and "BATCH_STATE_DIR" in response.get_json()["error"]["message"]
+
+
 def test_a_service_without_batch_root_reads_no_local_file(settings: Settings, model: LoadedModel) -> None:
     client = predict.create_app(replace(settings, batch_root=None), ModelHolder(None, model)).test_client()
     response = client.post("/predict/batch", json={"input": str(BUNDLED[0])})
