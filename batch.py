@@ -410,7 +410,8 @@ class JobStatusFile:
         self.path, self.last_write = path, 0.0
 
     def update(self, **changes: Any) -> None:
-        _write_json(self.path, {**json.loads(self.path.read_text()), **changes})
+        current = json.loads(self.path.read_text()) if self.path.exists() else {}
+        _write_json(self.path, {**current, **changes})
         self.last_write = time.monotonic()
 
     def progress(self, rows: int, bytes_read: int, size: int) -> None:

@@ -71,7 +71,7 @@ def score_end_to_end(trips_csv: Path, folder: Path) -> dict:
     memory at the fork too.
     """
     status = folder / "job.json"
-    status.write_text(json.dumps({"status": "starting"}))
+    status.unlink(missing_ok=True)
     command = [sys.executable, str(ROOT / "batch.py"), "score", str(trips_csv), "--output", str(folder / "scores.csv")]
     subprocess.run([*command, "--status-file", str(status)], check=True)
     return json.loads(status.read_text())

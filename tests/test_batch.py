@@ -339,28 +339,30 @@ def batch_service(batch_settings: Settings, trained, tmp_path: Path):
 def test_a_large_job_through_gunicorn_completes_while_predict_keeps_answering(
     batch_service: str, batch_settings: Settings
 ) -> None:
-    rows = write_big_csv(Path(batch_settings.batch_root) / "big.csv", copies=5)
+    rows = write_big_csv(Path(batch_settings.batch_root) / "big.csv", copies=8)
 
     submitted = requests.post(f"{batch_service}/predict/batch", json={"input": "big.csv"}, timeout=10)
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()
     assert job["status"] == "starting" and job["output"].endswith("big.predictions.csv")
 
-    seen, latencies = [], []
-    while True:
-        status = requests.get(f"{batch_service}/predict/batch/{job['job_id']}", timeout=10).json()
-        seen.append(status["status"])
-        if status["status"] in batch.FINISHED:
-            break
+    def poll() -> dict:  # either worker may answer: the job's state is in a file both read
+        return requests.get(f"{batch_service}/predict/batch/{job['job_id']}", timeout=10).json()
+
+    answered_while_running, latencies = 0, []
+    deadline = time.monotonic() + 180
+    status = poll()
+    while status["status"] not in batch.FINISHED:
+        assert time.monotonic() < deadline, f"the job did not finish: {status}"
         asked = time.monotonic()
         answer = requests.post(f"{batch_service}/predict", json=TRIP, timeout=10)
         latencies.append(time.monotonic() - asked)
         assert answer.status_code == 200 and answer.json()["membership"] in ("Member", "Casual")
-        assert len(seen) < 2000, "the job did not finish"
+        answered_while_running += status["status"] == "running"
+        status = poll()
 
     assert status["status"] == "succeeded", status
-    assert "running" in seen and seen.count("running") >= 3  # /predict answered while the job ran
-    assert max(latencies) < 5.0
+    assert answered_while_running >= 1 and max(latencies) < 5.0  # /predict kept answering while the job ran
     assert status["summary"]["rows"] == status["summary"]["scored"] == status["rows_done"] == rows
     assert status["model"]["version"] == requests.get(f"{batch_service}/health", timeout=10).json()["model"]["version"]
     output = Path(status["output"])
