@@ -24,7 +24,7 @@ CATEGORICAL_FEATURES = {"weekday", "month", "round_trip", "from_station", "to_st
 EMPTY_SHARE = 1e-4  # the share a bin without trips counts as, so that the logarithm stays finite
 
 
-def trip_features(trips: pd.DataFrame) -> pd.DataFrame:
+def model_features(trips: pd.DataFrame) -> pd.DataFrame:
     """The model's features of parsed trips, as `TripFeatures` computes them for the pipeline."""
     return preprocess.TripFeatures().fit(trips).transform(trips[preprocess.MODEL_INPUT_COLUMNS])
 

@@ -61,7 +61,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
             if trips.empty:
                 continue
             if drift_counter is not None:
-                drift_counter.add(drift.trip_features(trips))
+                drift_counter.add(drift.model_features(trips))
             labelled = trips["user_type"].notna().to_numpy()
             is_member.append((trips["user_type"].to_numpy()[labelled] == MEMBER).astype("int8"))
             probabilities.append(model.member_probability(trips[labelled]) if labelled.any() else np.empty(0))

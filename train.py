@@ -167,7 +167,7 @@ def train(settings: Settings, paths: list[Path], cv_folds: int = 5) -> TrainingR
         mlflow.log_metrics(metrics)
         _log_figures(test_y, proba)
         # The reference `batch.py evaluate` measures drift against: the features this model learnt from.
-        mlflow.log_dict(drift.feature_profile(drift.trip_features(train_x)), drift.PROFILE_ARTIFACT)
+        mlflow.log_dict(drift.feature_profile(drift.model_features(train_x)), drift.PROFILE_ARTIFACT)
 
         example = train_x.head(5)
         model_info = mlflow.sklearn.log_model(

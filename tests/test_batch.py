@@ -419,7 +419,7 @@ def test_evaluate_refuses_a_file_without_labels(settings: Settings, model: Loade
 
 def test_population_stability_is_zero_for_the_same_data_and_large_for_a_shift() -> None:
     trips = preprocess.read_trips(BUNDLED[0]).trips
-    features = drift.trip_features(trips)
+    features = drift.model_features(trips)
     same = drift.DriftCounter(drift.feature_profile(features))
     same.add(features)
     assert max(feature["psi"] for feature in same.summary().values()) == pytest.approx(0, abs=1e-9)
