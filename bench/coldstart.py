@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import free_port, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
+from harness import free_port, run_train, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
 
 from config import Settings  # noqa: E402
 from model_store import ModelStore, s3_client  # noqa: E402
@@ -89,13 +88,7 @@ def main() -> int:
         processes.append(mlflow_server)
         env |= {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTERED_MODEL": MODEL, "MODEL_REFRESH_SECONDS": "0"}
         print("training a model through the tracking server ...", flush=True)
-        subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
-            cwd=work,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        run_train(env, work)
 
         cache = work / "cache"
         cold = []

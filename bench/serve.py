@@ -29,7 +29,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import free_port, start, start_gunicorn, stop, wait_for_http  # noqa: E402
+from harness import free_port, run_train, start, start_gunicorn, stop, wait_for_http  # noqa: E402
 
 import predict  # noqa: E402
 from config import Settings  # noqa: E402
@@ -126,13 +126,7 @@ def main() -> int:
     processes = []
     try:
         print("training the model to serve ...", flush=True)
-        subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
-            cwd=work,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        run_train(env, work)
         version = ModelStore(settings).production_version().version
 
         service, service_url = start_gunicorn(env, work / "service.log")

@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import botocore.session
 import pytest
-from harness import ROOT, free_port, start_gunicorn, start_mlflow_server, start_moto, stop, write_aws_profile
+from harness import ROOT, free_port, run_train, start_gunicorn, start_mlflow_server, start_moto, stop, write_aws_profile
 
 sys.path.insert(0, str(ROOT))
 
@@ -91,16 +91,7 @@ def remote_registry(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) ->
     settings = Settings(tracking_uri=url, experiment_name="remote-test", registered_model="bikeshare-remote-test")
     env = service_env(settings, **s3.env)
     try:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
-            cwd=work_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_train(env, work_dir, cv_folds=2)
         yield RemoteRegistry(settings=settings, env=env, backend_db=backend_db, artifact_root=artifact_root)
     finally:
         stop(process)
@@ -125,16 +116,7 @@ def settings(registry_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def trained(settings: Settings, registry_dir: Path) -> subprocess.CompletedProcess:
     """`train.py` run for real into an empty SQLite registry (artifacts beside it)."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--cv-folds", "3"],
-        cwd=registry_dir,
-        env=service_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_train(service_env(settings), registry_dir, cv_folds=3)
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,22 @@ def start_gunicorn(env: dict[str, str], log_path: Path) -> tuple[subprocess.Pope
     return process, f"http://127.0.0.1:{port}"
 
 
+def run_train(env: dict[str, str], cwd: Path, cv_folds: int = 2) -> subprocess.CompletedProcess:
+    """`train.py` for real, as a user runs it, in `cwd` (where local artifacts land); raises if it fails."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--cv-folds", str(cv_folds)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py failed:\n{result.stderr[-3000:]}")
+    return result
+
+
 def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
     """moto's S3-compatible server on a free loopback port."""
     port = free_port()

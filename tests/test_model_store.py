@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import RemoteRegistry
-from harness import ROOT, free_port, start, start_gunicorn, stop
+from harness import ROOT, free_port, run_train, start, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 
 import train
@@ -214,14 +213,7 @@ def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
         assert versions_seen[-1] == "1"
 
         # train.py trains, registers and promotes version 3: every worker converges on it, no request fails.
-        subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), "--cv-folds", "2"],
-            cwd=tmp_path,
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
+        run_train(env, tmp_path)
         promoted_at = time.monotonic()
         converged = None
         while converged is None and time.monotonic() - promoted_at < 30:
