@@ -144,6 +144,16 @@ def production_version(client: MlflowClient, name: str) -> ModelVersion:
     return max(versions, key=lambda version: int(version.version))
 
 
+def has_production_model(settings: Settings) -> bool:
+    """Whether the registry has a Production version (for `train.py --if-missing` and wait_for_model.py)."""
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    try:
+        production_version(client, settings.registered_model)
+    except NoProductionModel:
+        return False
+    return True
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -212,7 +222,7 @@ class ModelStore:
             if cached is None:
                 raise ModelUnavailable(f"cannot fetch {name} from {uri} ({reason}) and none is cached") from None
             log.warning("cannot fetch the Production version (%s); serving cached version %s", reason, cached.name)
-            model = self._load_directory(cached, verify_cached(cached), origin="cache")
+            model = load_directory(cached, verify_cached(cached), origin="cache")
             model.metadata["fetch_error"] = reason
             return model
 
@@ -229,7 +239,7 @@ class ModelStore:
                     shutil.rmtree(directory)
                 manifest = self._download(version, directory)
                 origin = "downloaded"
-        return self._load_directory(directory, manifest, origin)
+        return load_directory(directory, manifest, origin)
 
     def newest_cached(self) -> Path | None:
         """The cached version with the highest number whose files are intact."""
@@ -302,34 +312,36 @@ class ModelStore:
         )
         return manifest
 
-    def _load_directory(self, directory: Path, manifest: dict[str, Any], origin: str) -> LoadedModel:
-        started = time.monotonic()
-        pipeline = mlflow.sklearn.load_model(str(directory))
-        signature = Model.load(str(directory)).signature
-        log.info(
-            "loaded model %s version %s (%s, %s) in %.2fs",
-            manifest["name"],
-            manifest["version"],
-            origin,
-            directory,
-            time.monotonic() - started,
-        )
-        metadata = {
-            "registry": manifest["registry"],
-            "metrics": manifest["metrics"],
-            "signature": signature.to_dict() if signature else None,
-            "bytes": manifest["bytes"],
-        }
-        return LoadedModel(
-            name=manifest["name"],
-            version=manifest["version"],
-            run_id=manifest["run_id"],
-            pipeline=pipeline,
-            source=manifest["source"],
-            origin=origin,
-            metadata=metadata,
-            fast=fast_form(pipeline),
-        )
+
+def load_directory(directory: Path, manifest: dict[str, Any], origin: str) -> LoadedModel:
+    """Load the MLflow model in `directory`, identified by its manifest; builds its fast form too."""
+    started = time.monotonic()
+    pipeline = mlflow.sklearn.load_model(str(directory))
+    signature = Model.load(str(directory)).signature
+    log.info(
+        "loaded model %s version %s (%s, %s) in %.2fs",
+        manifest["name"],
+        manifest["version"],
+        origin,
+        directory,
+        time.monotonic() - started,
+    )
+    metadata = {
+        "registry": manifest["registry"],
+        "metrics": manifest["metrics"],
+        "signature": signature.to_dict() if signature else None,
+        "bytes": manifest["bytes"],
+    }
+    return LoadedModel(
+        name=manifest["name"],
+        version=manifest["version"],
+        run_id=manifest["run_id"],
+        pipeline=pipeline,
+        source=manifest["source"],
+        origin=origin,
+        metadata=metadata,
+        fast=fast_form(pipeline),
+    )
 
 
 def s3_client(settings: Settings) -> Any:
@@ -363,21 +375,16 @@ def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
 
 
 def load_model_path(path: str) -> LoadedModel:
-    """A model from a local MLflow model directory, with no registry involved (`MODEL_PATH`)."""
+    """A model from a local MLflow model directory, with no registry involved (`MODEL_PATH`).
+
+    A cached version's manifest, if the directory has one, names it; otherwise it is `<folder>/local`.
+    """
     directory = Path(path)
     manifest_path = directory / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    pipeline = mlflow.sklearn.load_model(str(directory))
-    return LoadedModel(
-        name=manifest.get("name", directory.name),
-        version=manifest.get("version", "local"),
-        run_id=manifest.get("run_id", ""),
-        pipeline=pipeline,
-        source=str(directory),
-        origin="path",
-        metadata={"metrics": manifest.get("metrics", {}), "registry": manifest.get("registry", {})},
-        fast=fast_form(pipeline),
-    )
+    manifest = {"name": directory.name, "version": "local", "run_id": "", "registry": {}, "metrics": {}, "bytes": None}
+    if manifest_path.exists():
+        manifest |= json.loads(manifest_path.read_text())
+    return load_directory(directory, manifest | {"source": str(directory)}, origin="path")
 
 
 def load_production_model(settings: Settings) -> LoadedModel:

@@ -48,9 +48,8 @@ from model_store import (
     DECISION_THRESHOLD,
     PRODUCTION_ALIAS,
     PRODUCTION_STAGE,
-    NoProductionModel,
+    has_production_model,
     membership,
-    production_version,
 )
 
 DEFAULT_DATA = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-*.csv.gz"))
@@ -191,15 +190,6 @@ def promote(client: MlflowClient, name: str, version: str) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         client.transition_model_version_stage(name, version, PRODUCTION_STAGE, archive_existing_versions=True)
     client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
-
-
-def has_production_model(settings: Settings) -> bool:
-    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
-    try:
-        production_version(client, settings.registered_model)
-    except NoProductionModel:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import time
 from mlflow.exceptions import MlflowException
 
 from config import Settings
-from train import has_production_model
+from model_store import has_production_model
 
 
 def wait_for_model(settings: Settings, timeout: float, interval: float) -> bool:
