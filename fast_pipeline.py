@@ -4,7 +4,8 @@ scikit-learn spends milliseconds on one row (pandas, input validation, the boost
 while the web service should answer a trip in microseconds. `FastPipeline` evaluates the same fitted
 objects directly:
 
-- features: `TripFeatures.feature_matrix`, the very code the pipeline's first step runs;
+- features: `preprocess.trip_features`, the very definition the pipeline's first step runs (on arrays for
+  lists, on Python numbers with math's functions for one trip);
 - stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
 - the boosted trees: compiled to nested Python comparisons on the same float64 thresholds, summed in the
   same order, through the same logistic link.
@@ -28,10 +29,20 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, TargetEncoder
 
-from preprocess import FEATURE_COLUMNS, MODEL_INPUT_COLUMNS, TripFeatures
+from preprocess import (
+    FEATURE_COLUMNS,
+    MAX_DURATION_SECONDS,
+    MODEL_INPUT_COLUMNS,
+    SCALAR_MATH,
+    TripFeatures,
+    trip_features,
+)
 
 # Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
 PARITY_TOLERANCE = 1e-9
+# Of the check trips, how many the self-check also sends one at a time (the path a single request takes).
+SINGLE_TRIP_CHECKS = 300
+UNKNOWN_PLACE = (math.nan, math.nan)
 
 
 class UnsupportedPipeline(ValueError):
@@ -100,6 +111,10 @@ class FastPipeline:
         self.features = features
         self.columns = columns  # per model column: the feature it comes from, and its encoding if any
         self.raw_score = raw_score
+        # (latitude, longitude) in radians by station id: the fitted coordinates, for one trip's features.
+        self.places = dict(
+            zip(features.station_ids_.tolist(), map(tuple, features.station_coordinates_.tolist()), strict=True)
+        )
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> FastPipeline:
@@ -133,16 +148,31 @@ class FastPipeline:
         fast = cls(features, columns, compile_trees(classifier, len(columns)))
         check_trips = parity_check_trips(features, columns)
         expected = pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1]
-        difference = float(np.max(np.abs(fast.member_probability(check_trips) - expected)))
+        one_by_one = [
+            fast.member_probability({name: values[i : i + 1] for name, values in check_trips.items()})[0]
+            for i in range(SINGLE_TRIP_CHECKS)
+        ]
+        difference = max(
+            float(np.max(np.abs(fast.member_probability(check_trips) - expected))),
+            float(np.max(np.abs(np.array(one_by_one) - expected[:SINGLE_TRIP_CHECKS]))),
+        )
         if difference > PARITY_TOLERANCE:
             raise UnsupportedPipeline(f"differs from scikit-learn by {difference:.3g} on the check trips")
         return fast
 
+    def feature_row(self, start: np.datetime64, duration: float, from_id: float, to_id: float) -> list[float]:
+        """One trip's features, equal to its row of `TripFeatures.feature_matrix`, without array overhead."""
+        seconds = int(start.astype("datetime64[s]").astype("int64"))
+        duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
+        origin, destination = self.places.get(from_id, UNKNOWN_PLACE), self.places.get(to_id, UNKNOWN_PLACE)
+        values = trip_features(seconds, duration, from_id, to_id, origin, destination, SCALAR_MATH)
+        return [float(value) for value in values]
+
     def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
         """P(Member) for trips given as columns; one trip skips the array machinery (same values)."""
         if len(trips["trip_duration_seconds"]) == 1:
-            start, duration, from_id, to_id = (trips[column][0] for column in MODEL_INPUT_COLUMNS)
-            rows = [self.features.feature_row(start, float(duration), float(from_id), float(to_id))]
+            start, duration, from_id, to_id = (np.asarray(trips[column])[0] for column in MODEL_INPUT_COLUMNS)
+            rows = [self.feature_row(start, float(duration), float(from_id), float(to_id))]
         else:
             rows = self.features.feature_matrix(trips).tolist()
         columns, raw_score = self.columns, self.raw_score

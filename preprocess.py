@@ -20,9 +20,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -519,31 +520,69 @@ STATION_FEATURES = ["from_station", "to_station", "route"]
 NUMERIC_FEATURES = ["duration_log", "start_hour", "weekday", "month", "round_trip", "distance_km", "speed_kmh"]
 FEATURE_COLUMNS = NUMERIC_FEATURES + STATION_FEATURES
 EARTH_RADIUS_KM = 6371.0
+UNIX_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _months_of_days(days: Any) -> Any:
+    """The calendar month (1-12) of day numbers since 1970-01-01."""
+    return np.asarray(days).astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1
+
+
+def _month_of_day(day: int) -> int:
+    return date.fromordinal(UNIX_EPOCH_ORDINAL + day).month
+
+
+# The functions `trip_features` calls, for columns and for one trip's Python numbers. Transcendental functions
+# are numpy's in both (libm's may differ in the last bit, enough to cross a split threshold); the exact ones
+# (sqrt, comparisons, calendar) are Python's for one trip, where a numpy call costs about a microsecond.
+ARRAY_MATH = SimpleNamespace(
+    sin=np.sin,
+    cos=np.cos,
+    arcsin=np.arcsin,
+    log1p=np.log1p,
+    sqrt=np.sqrt,
+    isnan=np.isnan,
+    maximum=np.maximum,
+    where=np.where,
+    month=_months_of_days,
+)
+SCALAR_MATH = SimpleNamespace(
+    sin=np.sin,
+    cos=np.cos,
+    arcsin=np.arcsin,
+    log1p=np.log1p,
+    sqrt=math.sqrt,
+    isnan=math.isnan,
+    maximum=max,
+    where=lambda condition, if_true, if_false: if_true if condition else if_false,
+    month=_month_of_day,
+)
 
 
 def trip_features(
-    seconds: Any, duration: Any, from_id: Any, to_id: Any, origin: Any, destination: Any
+    seconds: Any, duration: Any, from_id: Any, to_id: Any, origin: Any, destination: Any, xp: Any = ARRAY_MATH
 ) -> tuple[Any, ...]:
     """The features, in FEATURE_COLUMNS order, of trips given as numpy arrays or of one trip given as numbers.
 
-    The one definition: operators and numpy ufuncs only, so an array and a single number give identical
-    values. `seconds` is the start in seconds since 1970 (Toronto wall clock), `duration` is clipped,
-    `origin` and `destination` are (latitude, longitude) in radians, NaN when unknown.
+    The one definition: arithmetic operators and the functions of `xp`, ARRAY_MATH for arrays and SCALAR_MATH
+    for one trip, so both give the same values. `seconds` is the start in seconds since 1970 (Toronto wall
+    clock), `duration` is clipped, `origin` and `destination` are (latitude, longitude) in radians, NaN when
+    unknown.
     """
     days, second_of_day = divmod(seconds, 86_400)
     hour, minute = divmod(second_of_day // 60, 60)
     (origin_lat, origin_lon), (destination_lat, destination_lon) = origin, destination
-    half_lat, half_lon = np.sin((destination_lat - origin_lat) / 2), np.sin((destination_lon - origin_lon) / 2)
-    half_chord = half_lat * half_lat + np.cos(origin_lat) * np.cos(destination_lat) * (half_lon * half_lon)
-    distance_km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(half_chord))
+    half_lat, half_lon = xp.sin((destination_lat - origin_lat) / 2), xp.sin((destination_lon - origin_lon) / 2)
+    half_chord = half_lat * half_lat + xp.cos(origin_lat) * xp.cos(destination_lat) * (half_lon * half_lon)
+    distance_km = 2 * EARTH_RADIUS_KM * xp.arcsin(xp.sqrt(half_chord))
     return (
-        np.log1p(duration),  # duration_log
+        xp.log1p(duration),  # duration_log
         hour + minute / 60,  # start_hour
         (days + 3) % 7,  # weekday: 1970-01-01 was a Thursday; Monday is 0
-        np.asarray(days).astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1,  # month
-        np.where(np.isnan(from_id) | np.isnan(to_id), np.nan, from_id == to_id),  # round_trip
+        xp.month(days),  # month
+        xp.where(xp.isnan(from_id) | xp.isnan(to_id), math.nan, from_id == to_id),  # round_trip
         distance_km,
-        distance_km / (np.maximum(duration, 60.0) / 3600),  # speed_kmh
+        distance_km / (xp.maximum(duration, 60.0) / 3600),  # speed_kmh
         from_id,  # from_station
         to_id,  # to_station
         from_id * 10000 + to_id,  # route
@@ -579,13 +618,6 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         origin, destination = ends[: len(from_id)], ends[len(from_id) :]
         values = trip_features(seconds, duration, from_id, to_id, origin.T, destination.T)
         return np.column_stack(values).astype("float64", copy=False)
-
-    def feature_row(self, start: np.datetime64, duration: float, from_id: float, to_id: float) -> list[float]:
-        """The features of one trip, equal to its row of `feature_matrix`, without array overhead."""
-        seconds = int(np.datetime64(start, "s").astype("int64"))
-        ends = self._coordinates(np.array([from_id, to_id]))
-        duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
-        return [float(value) for value in trip_features(seconds, duration, from_id, to_id, *ends.tolist())]
 
     def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
         index = trips.index if isinstance(trips, pd.DataFrame) else None

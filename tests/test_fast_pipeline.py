@@ -101,7 +101,7 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
-    """The service answers one trip through `feature_row`, not arrays: check that path trip by trip."""
+    """The service answers one trip through `FastPipeline.feature_row`, not arrays: check that path trip by trip."""
     sample = real_trips.sample(2000, random_state=4)
     expected = model.pipeline.predict_proba(sample)[:, 1]
     columns = {name: sample[name].to_numpy() for name in preprocess.MODEL_INPUT_COLUMNS}
@@ -111,3 +111,10 @@ def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_
     ]
     np.testing.assert_allclose(one_by_one, expected, rtol=0, atol=1e-5)
     assert np.max(np.abs(np.array(one_by_one) - expected)) == 0
+
+
+def test_a_one_row_frame_cut_from_a_file_is_scored(model: LoadedModel, real_trips: pd.DataFrame) -> None:
+    """Batch and monitoring pass frames whose index does not start at 0 (a filtered chunk's one labelled trip)."""
+    one_row = real_trips.iloc[5:6]
+    expected = model.pipeline.predict_proba(one_row)[:, 1]
+    np.testing.assert_array_equal(model.member_probability(one_row), expected)
