@@ -272,7 +272,7 @@ def _reject_table(source: str, rejects: pd.DataFrame) -> pa.Table:
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 FINISHED = ("succeeded", "failed")
 JOB_NICENESS = 10  # a job yields the CPU to the web workers, so /predict keeps answering
-BATCH_BODY = '{"input": "<path under the batch root, or s3:// URI>", "output": "<optional, the same>"}'
+BATCH_BODY = '{"input": "<path under BATCH_ROOT, or s3:// URI under BATCH_S3_PREFIX>", "output": "<optional, alike>"}'
 
 
 class JobRefused(Exception):
@@ -288,17 +288,24 @@ def jobs_dir(settings: Settings) -> Path:
 
 
 def checked_location(settings: Settings, value: Any, field: str) -> str:
-    """`value` if the service may use it: an s3:// URI, or a path that resolves under BATCH_ROOT.
+    """`value` if the service may use it: an s3:// URI under BATCH_S3_PREFIX, or a path under BATCH_ROOT.
 
     A relative path is taken from BATCH_ROOT; symlinks and `..` are resolved before the check, so neither
-    can lead outside it.
+    can lead outside it. An S3 key with a `.` or `..` segment is refused, as some S3-compatible stores
+    resolve them.
     """
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise JobRefused(400, "INVALID_PARAMETER_VALUE", f"{field} must be a path or an s3:// URI", field)
     if storage.is_s3(value):
         bucket, key = storage.split_s3(value)
-        if not bucket or not key:
+        if not bucket or not key or {".", ".."} & set(key.split("/")):
             raise JobRefused(400, "INVALID_PARAMETER_VALUE", f"{field} must be s3://bucket/key", field)
+        if not settings.batch_s3_prefix:
+            message = f"{field}: this service reads and writes no s3:// location (no BATCH_S3_PREFIX)"
+            raise JobRefused(403, "PERMISSION_DENIED", message, field)
+        prefix = settings.batch_s3_prefix.rstrip("/") + "/"
+        if not value.startswith(prefix):
+            raise JobRefused(403, "PERMISSION_DENIED", f"{field} is outside {prefix} (BATCH_S3_PREFIX)", field)
         return value
     if "://" in value:
         raise JobRefused(

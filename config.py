@@ -26,6 +26,9 @@ class Settings:
     model_path: str | None = None  # a local MLflow model directory, served with no registry
     # The folder whose files `POST /predict/batch` may read and write; None refuses every local path.
     batch_root: str | None = None
+    # The s3:// prefix (`s3://bucket/prefix/`) under which `POST /predict/batch` may read and write; empty
+    # refuses every s3:// location, so a request cannot reach just any bucket the credentials can.
+    batch_s3_prefix: str = ""
     # Where batch jobs and `batch.py watch` keep their state: shared by every Gunicorn worker.
     batch_state_dir: str = "batch-state"
     # The experiment `batch.py evaluate` logs to; empty means "<experiment_name>-monitoring".
@@ -50,6 +53,7 @@ class Settings:
             fetch_retries=int(environ.get("MODEL_FETCH_RETRIES", cls.fetch_retries)),
             model_path=environ.get("MODEL_PATH") or None,
             batch_root=environ.get("BATCH_ROOT") or None,
+            batch_s3_prefix=environ.get("BATCH_S3_PREFIX", cls.batch_s3_prefix),
             batch_state_dir=environ.get("BATCH_STATE_DIR", cls.batch_state_dir),
             monitoring_experiment=environ.get("MLFLOW_MONITORING_EXP_NAME", cls.monitoring_experiment),
             eval_min_roc_auc=float(environ.get("EVAL_MIN_ROC_AUC", cls.eval_min_roc_auc)),
@@ -68,6 +72,7 @@ class Settings:
             "MODEL_FETCH_RETRIES": str(self.fetch_retries),
             "MODEL_PATH": self.model_path or "",
             "BATCH_ROOT": self.batch_root or "",
+            "BATCH_S3_PREFIX": self.batch_s3_prefix,
             "BATCH_STATE_DIR": self.batch_state_dir,
             "MLFLOW_MONITORING_EXP_NAME": self.monitoring_experiment,
             "EVAL_MIN_ROC_AUC": str(self.eval_min_roc_auc),

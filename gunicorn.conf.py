@@ -10,6 +10,10 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
+# One OpenMP thread per process, set before the preloaded app loads scikit-learn: libgomp's thread pool does
+# not survive fork, so a worker's first call through scikit-learn (a list of over 1,000 trips) would hang
+# until Gunicorn killed it. One worker per core is the parallelism anyway.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from config import Settings
 

@@ -11,6 +11,7 @@ Endpoints:
                                and a job scoring that file in the background (batch.py).
     GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
                                summary) or failed (with the error).
+    GET  /openapi.json  the OpenAPI 3.1 document of these endpoints (openapi.py); GET /docs shows it as a page.
 
 Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
 
@@ -29,6 +30,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 import batch
+import openapi
 import preprocess
 from config import Settings
 from model_store import LoadedModel, ModelHolder, ModelUnavailable, membership
@@ -156,6 +158,19 @@ def batch_job(job_id: str) -> Response:
     return json_response(job)
 
 
+# --- The API's description, built once per app in create_app ---------------------------------------
+
+
+@api.get("/openapi.json")
+def openapi_document() -> Response:
+    return Response(current_app.extensions["openapi_json"], mimetype=JSON_CONTENT_TYPE)
+
+
+@api.get("/docs")
+def docs() -> Response:
+    return Response(current_app.extensions["docs_html"], mimetype="text/html")
+
+
 def render_api_error(error: ApiError) -> Response:
     return json_response(
         {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
@@ -183,6 +198,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["settings"] = settings
     app.extensions["model_holder"] = holder or ModelHolder.from_settings(settings)
+    document = openapi.document(MAX_TRIPS_PER_REQUEST, MAX_BODY_BYTES)
+    app.extensions["openapi_json"] = orjson.dumps(document)
+    app.extensions["docs_html"] = openapi.docs_page(document)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, render_api_error)
     app.register_error_handler(HTTPException, render_http_error)

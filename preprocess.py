@@ -1,7 +1,7 @@
 """The data contract: the trip schema, every City file layout, station look-up and the model's features.
 
 Training, the web service and batch scoring all go through this module, so a trip means the same thing
-everywhere. The request schema is the 2017 export's nine fields (`TRIP_FIELDS`); the model sees the typed
+everywhere. The request schema is the 2017 export's nine fields (`REQUEST_SCHEMA`); the model sees the typed
 columns in `MODEL_INPUT_COLUMNS` and turns them into features with `TripFeatures`, which is the first step
 of the logged pipeline.
 
@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import date, datetime
 from functools import cache
 from pathlib import Path
@@ -37,18 +38,112 @@ DATA_DIR = Path(__file__).parent / "data"
 STATIONS_FILE = DATA_DIR / "stations.csv"
 TORONTO = ZoneInfo("America/Toronto")
 
-TRIP_FIELDS = (
-    "trip_id",
-    "trip_start_time",
-    "trip_stop_time",
-    "trip_duration_seconds",
-    "from_station_id",
-    "from_station_name",
-    "to_station_id",
-    "to_station_name",
-    "user_type",
+JsonType = Literal["integer", "number", "string", "null"]
+_PYTHON_TYPES: Mapping[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "string": (str,),
+    "null": (type(None),),
+}
+_TYPE_PHRASES: Mapping[str, str] = {
+    "integer": "a whole number",
+    "number": "a number",
+    "string": "a string",
+    "null": "null",
+}
+
+
+@dataclass(frozen=True)
+class TripField:
+    """One field of a request trip, declared once as data.
+
+    `parse_request_trip` checks presence, JSON type and sign from these objects and openapi.py describes the
+    request from them, so the validator and the API document cannot disagree. A required field is never
+    nullable and an optional one always is: a missing field and a null are the same thing to the service.
+    """
+
+    name: str
+    types: tuple[JsonType, ...]  # the JSON types accepted (booleans never are)
+    description: str
+    example: Any
+    required: bool = False
+    non_negative: bool = False
+    python_types: tuple[type, ...] = dc_field(init=False, repr=False, compare=False)
+    type_error: str = dc_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.required == ("null" in self.types):
+            raise ValueError(f"{self.name}: a required field must not be nullable, an optional one must be")
+        phrases = [_TYPE_PHRASES[kind] for kind in self.types]
+        listed = phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} or {phrases[-1]}"
+        object.__setattr__(self, "python_types", tuple(t for kind in self.types for t in _PYTHON_TYPES[kind]))
+        object.__setattr__(self, "type_error", f"must be {listed}, such as {self.example!r}")
+
+    def json_schema(self) -> dict[str, Any]:
+        """The field as a JSON Schema (OpenAPI 3.1) property."""
+        schema: dict[str, Any] = {
+            "type": list(self.types) if len(self.types) > 1 else self.types[0],
+            "description": self.description,
+            "examples": [self.example],
+        }
+        if self.non_negative:
+            schema["minimum"] = 0
+        return schema
+
+
+_MISSING_NOTE = "Blank, `NULL`, `NaN` or `None` text counts as missing."
+# The request schema: the 2017 export's nine fields, in its column order. Unknown fields are ignored.
+REQUEST_SCHEMA = (
+    TripField("trip_id", ("integer", "string", "null"), "The trip's id, echoed back in the answer.", 712382),
+    TripField(
+        "trip_start_time",
+        ("string",),
+        "When the trip started, Toronto time: ISO 8601 (`2017-01-01T00:00:00`; with an offset, converted to "
+        "Toronto time) or the City's slash forms `M/D/YYYY H:MM`, `D/M/YYYY H:MM`, `M/DD/YY HH:MM:SS`. An "
+        "ambiguous slash date follows what either timestamp of the trip shows, else `date_order`.",
+        "1/1/2017 0:00",
+        required=True,
+    ),
+    TripField(
+        "trip_stop_time",
+        ("string",),
+        "When the trip ended, in the same forms as `trip_start_time`; not before it.",
+        "1/1/2017 0:03",
+        required=True,
+    ),
+    TripField("trip_duration_seconds", ("number",), "The trip's length in seconds.", 223, True, True),
+    TripField(
+        "from_station_id",
+        ("integer", "string", "null"),
+        f"The start station's id (a whole number or a string of digits); when missing, looked up by "
+        f"`from_station_name`. An unknown station is predicted as one, never refused. {_MISSING_NOTE}",
+        7051,
+    ),
+    TripField(
+        "from_station_name",
+        ("string", "null"),
+        f"The start station's name, forgiving doubled spaces and the City's spelling drifts. {_MISSING_NOTE}",
+        "Wellesley St E / Yonge St Green P",
+    ),
+    TripField(
+        "to_station_id",
+        ("integer", "string", "null"),
+        f"The end station's id, as `from_station_id`. {_MISSING_NOTE}",
+        7089,
+    ),
+    TripField(
+        "to_station_name", ("string", "null"), f"The end station's name. {_MISSING_NOTE}", "Church St  / Wood St"
+    ),
+    TripField(
+        "user_type",
+        ("string", "null"),
+        f"The rider's label if known: `Member`, `Casual`, `Annual Member` or `Casual Member` (any case); not "
+        f"used for the prediction. {_MISSING_NOTE}",
+        "Member",
+    ),
 )
-REQUIRED_FIELDS = ("trip_start_time", "trip_stop_time", "trip_duration_seconds")
+TRIP_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA)
+REQUIRED_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA if trip_field.required)
 MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
 
 MEMBER = "Member"
@@ -123,7 +218,10 @@ def _from_iso(text: str) -> datetime | None:
     except ValueError:
         return None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(TORONTO).replace(tzinfo=None)
+        try:
+            moment = moment.astimezone(TORONTO).replace(tzinfo=None)
+        except OverflowError:  # year 1 or 9999 shifted out of range
+            return None
     return moment
 
 
@@ -418,86 +516,78 @@ def read_trips(path: str | Path) -> ParsedTrips:
 # --- Requests ---------------------------------------------------------------------------------------
 
 
-def _optional_text(record: Mapping[str, Any], field: str, item: int | None) -> str | None:
-    value = record.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidTrip(field, "must be a string or null", item)
-    return None if value.strip().lower() in MISSING_TEXT else value
+_STATION_ID_TEXT = re.compile(r"[0-9]{1,18}")
 
 
-def _optional_station_id(record: Mapping[str, Any], field: str, item: int | None) -> float:
-    value = record.get(field)
-    if value is None or (isinstance(value, str) and value.strip().lower() in MISSING_TEXT):
+def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:
+    """The values of REQUEST_SCHEMA's fields in its order, each present if required, of its JSON type."""
+    values = []
+    for trip_field in REQUEST_SCHEMA:
+        value = record.get(trip_field.name)
+        if value is None:
+            if trip_field.required:
+                raise InvalidTrip(trip_field.name, "is required", item)
+        elif (
+            type(value) is bool
+            or not isinstance(value, trip_field.python_types)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            raise InvalidTrip(trip_field.name, trip_field.type_error, item)
+        elif trip_field.non_negative and value < 0:
+            raise InvalidTrip(trip_field.name, "must not be negative", item)
+        values.append(value)
+    return values
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in MISSING_TEXT else value
+
+
+def _station_id(value: int | str | None, field: str, item: int | None) -> float:
+    if isinstance(value, int):
+        return float(value)
+    text = _text(value)
+    if text is None:
         return math.nan
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | str)
-        or (isinstance(value, str) and not value.strip().isdigit())
-    ):
-        raise InvalidTrip(field, "must be a whole number, a string of digits, or null", item)
-    return float(int(value))
-
-
-def _required_timestamp(record: Mapping[str, Any], field: str, item: int | None) -> str:
-    value = record.get(field)
-    if value is None:
-        raise InvalidTrip(field, "is required", item)
-    if not isinstance(value, str):
-        raise InvalidTrip(field, "must be a string such as '2017-01-10T00:03:00' or '1/10/2017 0:03'", item)
-    return value
-
-
-def _duration(record: Mapping[str, Any], item: int | None) -> float:
-    field = "trip_duration_seconds"
-    value = record.get(field)
-    if value is None:
-        raise InvalidTrip(field, "is required", item)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidTrip(field, "must be a number of seconds", item)
-    if value < 0:
-        raise InvalidTrip(field, "must not be negative", item)
-    return float(value)
+    if not _STATION_ID_TEXT.fullmatch(text.strip()):
+        raise InvalidTrip(field, "must be a whole number, a string of at most 18 digits, or null", item)
+    return float(text)
 
 
 def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: int | None = None) -> dict[str, Any]:
-    """Validate one trip as sent to the service and return it in the schema's types.
+    """Validate one trip as sent to the service (REQUEST_SCHEMA) and return it in the schema's types.
 
-    Raises InvalidTrip naming the field (and `item`, its position in a list).
+    Raises InvalidTrip naming the field (and `item`, its position in a list): first the schema's presence and
+    type checks in field order, then the values: dates, their order, labels and station ids.
     """
     if not isinstance(record, Mapping):
         raise InvalidTrip(None, "a trip must be a JSON object", item)
-    start_text = _required_timestamp(record, "trip_start_time", item)
-    stop_text = _required_timestamp(record, "trip_stop_time", item)
+    trip_id, start_text, stop_text, duration, from_id, from_name, to_id, to_name, user_type = _checked_values(
+        record, item
+    )
     (start, stop), _ = parse_timestamps([start_text, stop_text], date_order or DEFAULT_REQUEST_DATE_ORDER)
     for field, moment in (("trip_start_time", start), ("trip_stop_time", stop)):
         if moment is None:
             raise InvalidTrip(field, "is not a valid date-time: use ISO 8601 or M/D/YYYY H:MM[:SS]", item)
     if stop < start:
         raise InvalidTrip("trip_stop_time", "is before trip_start_time", item)
-    duration = _duration(record, item)
-    trip_id = record.get("trip_id")
-    if trip_id is not None and (isinstance(trip_id, bool) or not isinstance(trip_id, int | str)):
-        raise InvalidTrip("trip_id", "must be a number, a string or null", item)
-    user_type = _optional_text(record, "user_type", item)
+    user_type = _text(user_type)
     if user_type is not None and user_type.strip().lower() not in LABELS:
         raise InvalidTrip("user_type", "must be Member, Casual, Annual Member, Casual Member or null", item)
 
     index = station_index()
     ends = {}
-    for end in ("from", "to"):
-        name = _optional_text(record, f"{end}_station_name", item)
-        station_id = _optional_station_id(record, f"{end}_station_id", item)
-        if math.isnan(station_id) and name is not None:
+    for end, station_id, name in (("from", from_id, _text(from_name)), ("to", to_id, _text(to_name))):
+        resolved = _station_id(station_id, f"{end}_station_id", item)
+        if math.isnan(resolved) and name is not None:
             found = index.id_for(name)
-            station_id = math.nan if found is None else float(found)
-        ends[f"{end}_station_id"], ends[f"{end}_station_name"] = station_id, name
+            resolved = math.nan if found is None else float(found)
+        ends[f"{end}_station_id"], ends[f"{end}_station_name"] = resolved, name
     return {
         "trip_id": trip_id,
         "trip_start_time": start,
         "trip_stop_time": stop,
-        "trip_duration_seconds": duration,
+        "trip_duration_seconds": float(duration),
         **ends,
         "user_type": LABELS[user_type.strip().lower()] if user_type else None,
     }

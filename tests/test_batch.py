@@ -326,6 +326,48 @@ def test_a_failing_job_reports_its_error(client, batch_settings: Settings) -> No
     assert status["status"] == "failed" and "unknown file layout" in status["error"]
 
 
+def test_s3_jobs_only_under_the_configured_prefix(
+    s3: S3Endpoint, batch_settings: Settings, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3.client().upload_file(str(BUNDLED[0]), s3.bucket, "allowed/2023-01.csv.gz")
+    for name, value in s3.env.items():  # the job process reaches moto with the profile, as a deployment would
+        monkeypatch.setenv(name, value)
+    allowed = f"s3://{s3.bucket}/allowed/"
+
+    def submit(settings: Settings, body: dict):
+        return predict.create_app(settings, ModelHolder(None, model)).test_client().post("/predict/batch", json=body)
+
+    refused = {
+        "no prefix": submit(batch_settings, {"input": f"{allowed}2023-01.csv.gz"}),
+        "other bucket": submit(replace(batch_settings, batch_s3_prefix=allowed), {"input": "s3://other/allowed/a.csv"}),
+        "other key": submit(replace(batch_settings, batch_s3_prefix=allowed), {"input": f"s3://{s3.bucket}/a.csv"}),
+        "prefix of a name": submit(
+            replace(batch_settings, batch_s3_prefix=f"s3://{s3.bucket}/allow"), {"input": f"{allowed}2023-01.csv.gz"}
+        ),
+        "output outside": submit(
+            replace(batch_settings, batch_s3_prefix=allowed),
+            {"input": f"{allowed}2023-01.csv.gz", "output": f"s3://{s3.bucket}/elsewhere/"},
+        ),
+    }
+    for case, response in refused.items():
+        assert response.status_code == 403, case
+        assert response.get_json()["error"]["code"] == "PERMISSION_DENIED" and "BATCH_S3_PREFIX" in response.text
+    dotted = submit(replace(batch_settings, batch_s3_prefix=allowed), {"input": f"{allowed}../secret/a.csv"})
+    assert dotted.status_code == 400 and dotted.get_json()["error"]["field"] == "input"
+    assert not (Path(batch_settings.batch_state_dir) / "jobs").exists()  # no job was started
+
+    client = predict.create_app(
+        replace(batch_settings, batch_s3_prefix=allowed), ModelHolder(None, model)
+    ).test_client()
+    started = client.post("/predict/batch", json={"input": f"{allowed}2023-01.csv.gz"})
+    assert started.status_code == 202, started.text
+    status = poll(lambda: client.get(f"/predict/batch/{started.get_json()['job_id']}").get_json())
+    assert status["status"] == "succeeded", status
+    assert status["output"] == f"{allowed}2023-01.predictions.csv" and status["summary"]["scored"] > 0
+    written = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="allowed/")["Contents"]
+    assert "allowed/2023-01.predictions.csv" in {item["Key"] for item in written}
+
+
 @pytest.fixture
 def batch_service(batch_settings: Settings, trained, tmp_path: Path):
     """Gunicorn as deployed (two preloaded sync workers) with a batch root and a state folder."""
@@ -493,7 +535,11 @@ def test_intervals(text: str, seconds: float) -> None:
 
 def test_settings_survive_the_trip_to_a_job_process() -> None:
     settings = Settings(
-        batch_root="/data", monitoring_experiment="mon", eval_min_roc_auc=0.7, model_path="/models/membership"
+        batch_root="/data",
+        batch_s3_prefix="s3://bucket/in/",
+        monitoring_experiment="mon",
+        eval_min_roc_auc=0.7,
+        model_path="/models/membership",
     )
     assert Settings.from_env(settings.to_env()) == settings
     assert Settings.from_env({}).monitoring_experiment_name == "bikeshare-membership-monitoring"

@@ -246,7 +246,12 @@ def test_each_2017_quarter_format_and_iso_in_requests() -> None:
         ({"from_station_id": "seventy"}, "from_station_id", "whole number"),
         ({"to_station_name": 7154}, "to_station_name", "must be a string"),
         ({"user_type": "Tourist"}, "user_type", "Member, Casual"),
-        ({"trip_id": [1]}, "trip_id", "must be a number"),
+        ({"trip_id": [1]}, "trip_id", "must be a whole number, a string or null"),
+        ({"trip_id": 712382.5}, "trip_id", "must be a whole number"),
+        ({"from_station_id": "\u00b2"}, "from_station_id", "whole number"),  # str.isdigit() says yes; int() no
+        ({"to_station_id": "9" * 400}, "to_station_id", "at most 18 digits"),
+        ({"trip_start_time": "0001-01-01T00:00:00+05:00"}, "trip_start_time", "not a valid date-time"),
+        ({"trip_stop_time": "9999-12-31T23:59:59-05:00"}, "trip_stop_time", "not a valid date-time"),
     ],
 )
 def test_invalid_request_trips_name_the_field(change: dict, field: str, message: str) -> None:

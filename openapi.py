@@ -1,0 +1,454 @@
+"""The service's OpenAPI 3.1 document, and the page that shows it to people (`GET /docs`).
+
+The document is built from the declarations the service checks requests with: the trip from
+`preprocess.REQUEST_SCHEMA`, the date orders from `preprocess.DATE_ORDERS`, job ids and states from
+batch.py. So what the document says is what the validators do. The web layer passes its limits in and
+serves the result; this module imports nothing from it. The page is rendered on the server from the same
+document, with no script and nothing fetched from elsewhere, so it works offline.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+
+import batch
+import preprocess
+
+OPENAPI_VERSION = "3.1.0"
+EXAMPLE_TRIP = {trip_field.name: trip_field.example for trip_field in preprocess.REQUEST_SCHEMA}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str) -> list[str]:
+    return [kind, "null"]
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A closed object: every property the service writes is listed, and nothing else appears."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+def _case_insensitive(word: str) -> str:
+    return "".join(f"[{letter.upper()}{letter.lower()}]" for letter in word)
+
+
+TIMESTAMP = {"type": "string", "format": "date-time"}
+
+
+def _schemas(max_trips: int) -> dict[str, Any]:
+    trip_id = next(trip_field for trip_field in preprocess.REQUEST_SCHEMA if trip_field.name == "trip_id")
+    model_ref = _object(
+        {
+            "name": {"type": "string", "description": "The registered model."},
+            "version": {"type": "string", "description": "Its version (`local` for a MODEL_PATH folder)."},
+            "run_id": {"type": "string", "description": "The MLflow run that trained it."},
+        },
+        description="The model version that answered.",
+    )
+    prediction = {
+        "trip_id": {**trip_id.json_schema(), "description": "The request's trip_id, as sent."},
+        "membership": {
+            "type": "string",
+            "enum": [preprocess.MEMBER, preprocess.CASUAL],
+            "description": "`Member` when `proba` is 50 or more.",
+        },
+        "proba": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "The probability, in percent (2 decimals), that the rider is a Member.",
+        },
+    }
+    job_states = ["starting", "running", *batch.FINISHED]
+    return {
+        "Trip": {
+            "type": "object",
+            "description": "One trip in the 2017 export's fields. Fields not listed are ignored.",
+            "properties": {trip_field.name: trip_field.json_schema() for trip_field in preprocess.REQUEST_SCHEMA},
+            "required": list(preprocess.REQUIRED_FIELDS),
+            "examples": [EXAMPLE_TRIP],
+        },
+        "Trips": {
+            "type": "array",
+            "items": _ref("Trip"),
+            "minItems": 1,
+            "maxItems": max_trips,
+            "description": f"Up to {max_trips:,} trips, answered in order.",
+        },
+        "ModelRef": model_ref,
+        "Prediction": _object({**prediction, "model": _ref("ModelRef")}, description="The answer for one trip."),
+        "Predictions": _object(
+            {"predictions": {"type": "array", "items": _object(prediction)}, "model": _ref("ModelRef")},
+            description="The answer for a list: one prediction per trip, in order.",
+        ),
+        "Error": _object(
+            {
+                "error": _object(
+                    {
+                        "code": {"type": "string", "examples": ["INVALID_PARAMETER_VALUE"]},
+                        "message": {"type": "string", "description": "What is wrong, for a person."},
+                        "field": {"type": _nullable("string"), "description": "The field at fault, if one is."},
+                        "item": {"type": _nullable("integer"), "description": "The trip's position in a list."},
+                    }
+                )
+            },
+            description="Every error, in the shape of MLflow's scoring server plus the field and the item.",
+        ),
+        "Health": _object(
+            {
+                "status": {"type": "string", "enum": ["ok"]},
+                "model": _object(
+                    {
+                        **model_ref["properties"],
+                        "loaded_at": TIMESTAMP,
+                        "source": {"type": "string", "description": "Where the artifacts came from."},
+                        "origin": {"type": "string", "enum": ["downloaded", "cache", "path"]},
+                    }
+                ),
+                "registry": _object(
+                    {
+                        "reachable": {"type": "boolean", "description": "Whether the last registry check answered."},
+                        "error": {"type": _nullable("string")},
+                        "checked_at": {**TIMESTAMP, "type": _nullable("string")},
+                    }
+                ),
+            }
+        ),
+        "ModelInfo": _object(
+            {
+                **model_ref["properties"],
+                "source": {"type": "string"},
+                "origin": {"type": "string", "enum": ["downloaded", "cache", "path"]},
+                "loaded_at": TIMESTAMP,
+                "registry": _object(
+                    {
+                        "current_stage": {"type": _nullable("string")},
+                        "aliases": {"type": "array", "items": {"type": "string"}},
+                        "creation_timestamp": {"type": _nullable("integer")},
+                        "description": {"type": _nullable("string")},
+                    },
+                    required=[],
+                    description="The registry's facts about the version (empty for a MODEL_PATH folder).",
+                ),
+                "metrics": {
+                    "type": "object",
+                    "additionalProperties": {"type": _nullable("number")},
+                    "description": "The training run's metrics.",
+                },
+                "signature": {"type": _nullable("object"), "description": "The MLflow model signature."},
+                "bytes": {"type": _nullable("integer"), "description": "The size of the model's files."},
+                "fetch_error": {"type": "string", "description": "Why a cached version is served, if it is."},
+            },
+            required=[
+                *model_ref["properties"],
+                *("source", "origin", "loaded_at", "registry", "metrics", "signature", "bytes"),
+            ],
+        ),
+        "BatchRequest": _object(
+            {
+                "input": {
+                    "type": "string",
+                    "description": "A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative "
+                    "paths start there) or an s3:// URI under BATCH_S3_PREFIX.",
+                },
+                "output": {
+                    "type": _nullable("string"),
+                    "description": "Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); "
+                    "by default beside the input as `<name>.predictions.csv`.",
+                },
+            },
+            required=["input"],
+            examples=[{"input": "trips.csv"}],
+        ),
+        "BatchSummary": _object(
+            {
+                "input": {"type": "string"},
+                "output": {"type": "string"},
+                "rejects": {"type": "string"},
+                "rows": {"type": "integer"},
+                "scored": {"type": "integer"},
+                "rejected": {"type": "integer"},
+                "rejected_by_reason": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "member_share": {"type": "number", "description": "The share of scored trips predicted Member."},
+                "seconds": {"type": "number"},
+                "model": _ref("ModelRef"),
+                "rows_per_s": {"type": "number"},
+            }
+        ),
+        "BatchJob": _object(
+            {
+                "job_id": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
+                "status": {"type": "string", "enum": job_states},
+                "input": {"type": "string"},
+                "output": {"type": "string"},
+                "rejects": {"type": "string", "description": "Where the rows that could not be read go."},
+                "model": _ref("ModelRef"),
+                "submitted_at": TIMESTAMP,
+                "started_at": TIMESTAMP,
+                "finished_at": TIMESTAMP,
+                "pid": {"type": "integer"},
+                "host": {"type": "string"},
+                "rows_done": {"type": "integer"},
+                "progress": {"type": _nullable("number"), "minimum": 0, "maximum": 1},
+                "error": {"type": "string", "description": "Why a failed job failed."},
+                "summary": _ref("BatchSummary"),
+                "peak_rss_mb": {"type": _nullable("number")},
+            },
+            required=["job_id", "status", "input", "output", "rejects", "model", "submitted_at"],
+            description="A batch job: `starting`, `running` (with progress), `succeeded` (with the summary) "
+            "or `failed` (with the error).",
+        ),
+    }
+
+
+def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema, **extra}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {
+        400: "Not JSON, not the expected shape, or a field that is missing, of the wrong type or impossible.",
+        403: "A location outside BATCH_ROOT or BATCH_S3_PREFIX.",
+        404: "No such file or job.",
+        413: "A body over the size limit.",
+        415: "No `Content-Type: application/json`.",
+        503: "Batch jobs cannot be recorded now (BATCH_STATE_DIR not writable).",
+    }
+    return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+
+
+def document(max_trips: int, max_body_bytes: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the service, given the web layer's request limits."""
+    date_order = {
+        "name": "date_order",
+        "in": "query",
+        "required": False,
+        "description": "How to read a trip's slash dates when neither timestamp shows the order (`1/10/2017`): "
+        f"{' or '.join(preprocess.DATE_ORDERS)}, in any case; `MDY` when absent.",
+        "schema": {
+            "type": "string",
+            "pattern": f"^({'|'.join(_case_insensitive(order) for order in preprocess.DATE_ORDERS)})$",
+            "examples": list(preprocess.DATE_ORDERS),
+        },
+    }
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "description": "The id `POST /predict/batch` answered with.",
+        "schema": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
+    }
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "bikeshare-membership",
+            "version": "1",
+            "description": "Was a Toronto Bike Share trip taken by an annual Member or a Casual rider? Every "
+            "answer names the model version that gave it; every error is JSON with a 4xx status.",
+        },
+        "paths": {
+            "/predict": {
+                "post": {
+                    "operationId": "predict",
+                    "summary": "Predict the membership of one trip or a list of trips",
+                    "parameters": [date_order],
+                    "requestBody": {
+                        "required": True,
+                        "description": f"A trip object, or a list of up to {max_trips:,} of them; at most "
+                        f"{max_body_bytes // (1024 * 1024)} MiB.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"anyOf": [_ref("Trip"), _ref("Trips")]},
+                                "examples": {
+                                    "trip": {"summary": "The first trip of 2017", "value": EXAMPLE_TRIP},
+                                    "list": {"summary": "A list of trips", "value": [EXAMPLE_TRIP]},
+                                },
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {"oneOf": [_ref("Prediction"), _ref("Predictions")]},
+                            "The prediction for a trip object; `predictions` for a list.",
+                        ),
+                        **_errors(400, 413, 415),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "The loaded model and the registry's last answer",
+                    "responses": {"200": _json(_ref("Health"), "The service is up and has a model.")},
+                }
+            },
+            "/model": {
+                "get": {
+                    "operationId": "modelInfo",
+                    "summary": "The loaded model's registry metadata, signature and training metrics",
+                    "responses": {"200": _json(_ref("ModelInfo"), "The model being served.")},
+                }
+            },
+            "/predict/batch": {
+                "post": {
+                    "operationId": "submitBatch",
+                    "summary": "Score a file of trips in the background",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("BatchRequest")}},
+                    },
+                    "responses": {
+                        "202": {
+                            **_json(_ref("BatchJob"), "The job started; poll it."),
+                            "links": {
+                                "GetBatchJob": {
+                                    "operationId": "getBatchJob",
+                                    "parameters": {"job_id": "$response.body#/job_id"},
+                                }
+                            },
+                        },
+                        **_errors(400, 403, 404, 413, 415, 503),
+                    },
+                }
+            },
+            "/predict/batch/{job_id}": {
+                "get": {
+                    "operationId": "getBatchJob",
+                    "summary": "A batch job's state",
+                    "parameters": [job_id],
+                    "responses": {"200": _json(_ref("BatchJob"), "The job's state."), **_errors(404)},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
+                }
+            },
+            "/docs": {
+                "get": {
+                    "operationId": "docs",
+                    "summary": "This document as a page for people",
+                    "responses": {
+                        "200": {
+                            "description": "An HTML page that needs nothing from elsewhere.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": _schemas(max_trips)},
+    }
+
+
+def type_text(schema: dict[str, Any]) -> str:
+    """A schema's type in a few words: `string | null`, `Trip`, `array of Trip`, `Prediction or Predictions`."""
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    for combinator in ("anyOf", "oneOf"):
+        if combinator in schema:
+            return " or ".join(type_text(option) for option in schema[combinator])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {type_text(schema.get('items', {}))}"
+    text = " | ".join(kind) if isinstance(kind, list) else kind
+    if "enum" in schema:
+        text += f" ({', '.join(map(str, schema['enum']))})"
+    elif "pattern" in schema:
+        text += f" matching {schema['pattern']}"
+    if "minimum" in schema:
+        text += f", at least {schema['minimum']}"
+    return text
+
+
+_PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(
+    """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{{ doc.info.title }} API</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+code, pre { background: #f4f4f4; } pre { padding: .5rem; overflow-x: auto; }
+table { border-collapse: collapse; margin: .5rem 0; } td, th { border: 1px solid #ccc; padding: .2rem .5rem;
+text-align: left; vertical-align: top; } h2 { border-top: 2px solid #333; padding-top: 1rem; }
+</style>
+</head>
+<body>
+<h1>{{ doc.info.title }} API</h1>
+<p>{{ doc.info.description }}</p>
+<p>OpenAPI {{ doc.openapi }} document: <a href="openapi.json">openapi.json</a>.</p>
+<ul>
+{% for path, item in doc.paths.items() %}{% for method, op in item.items() %}
+<li><a href="#{{ op.operationId }}"><code>{{ method | upper }} {{ path }}</code></a>: {{ op.summary }}</li>
+{% endfor %}{% endfor %}
+</ul>
+{% macro properties(schema) %}
+<table><tr><th>field</th><th>type</th><th>required</th><th>description</th><th>example</th></tr>
+{% for name, prop in schema.properties.items() %}
+<tr><td><code>{{ name }}</code></td><td>{{ type_text(prop) }}</td>
+<td>{{ "yes" if name in schema.get("required", []) else "no" }}</td><td>{{ prop.get("description", "") }}</td>
+<td>{% if "examples" in prop %}<code>{{ prop.examples[0] | tojson }}</code>{% endif %}</td></tr>
+{% endfor %}
+</table>
+{% endmacro %}
+{% for path, item in doc.paths.items() %}{% for method, op in item.items() %}
+<h2 id="{{ op.operationId }}"><code>{{ method | upper }} {{ path }}</code></h2>
+<p>{{ op.summary }}.</p>
+{% if op.parameters %}
+<h3>Parameters</h3>
+<table><tr><th>name</th><th>in</th><th>type</th><th>required</th><th>description</th></tr>
+{% for parameter in op.parameters %}
+<tr><td><code>{{ parameter.name }}</code></td><td>{{ parameter.in }}</td><td>{{ type_text(parameter.schema) }}</td>
+<td>{{ "yes" if parameter.required else "no" }}</td><td>{{ parameter.description }}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
+{% if op.requestBody %}
+{% for media, body in op.requestBody.content.items() %}
+<h3>Request body ({{ media }})</h3>
+<p>{{ op.requestBody.get("description", "") }} Schema: {{ type_text(body.schema) }}.</p>
+{% for name, example in body.get("examples", {}).items() %}
+<p>Example: {{ example.summary }}</p>
+<pre>{{ pretty(example.value) }}</pre>
+{% endfor %}
+{% endfor %}
+{% endif %}
+<h3>Responses</h3>
+<table><tr><th>status</th><th>content</th><th>schema</th><th>when</th></tr>
+{% for status, response in op.responses.items() %}{% for media, content in response.get("content", {}).items() %}
+<tr><td>{{ status }}</td><td>{{ media }}</td><td>{{ type_text(content.schema) }}</td>
+<td>{{ response.description }}</td></tr>
+{% endfor %}{% endfor %}
+</table>
+{% endfor %}{% endfor %}
+<h2 id="schemas">Schemas</h2>
+{% for name, schema in doc.components.schemas.items() %}
+<h3 id="schema-{{ name }}">{{ name }}</h3>
+<p>{{ schema.get("description", "") }}{% if schema.type != "object" %} {{ type_text(schema) }}.{% endif %}</p>
+{% if schema.properties %}{{ properties(schema) }}{% endif %}
+{% for example in schema.get("examples", []) %}<pre>{{ pretty(example) }}</pre>{% endfor %}
+{% endfor %}
+</body>
+</html>
+"""
+)
+
+
+def docs_page(doc: dict[str, Any]) -> str:
+    """The document as one self-contained HTML page: operations, parameters, schemas and examples."""
+    return _PAGE.render(doc=doc, type_text=type_text, pretty=lambda value: json.dumps(value, indent=2))

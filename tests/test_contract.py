@@ -1,0 +1,182 @@
+"""The API contract: the OpenAPI document against the live service under Gunicorn, fuzzed by schemathesis."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+import requests
+from conftest import service_env
+from harness import start_gunicorn, stop
+from test_preprocess import Y2023
+
+import batch
+import openapi
+import predict
+import preprocess
+import test_pred
+from config import Settings
+from model_store import ModelHolder
+
+SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+CHECKS += ",negative_data_rejection"  # what the document says is invalid, the service refuses with a 4xx
+MAX_EXAMPLES_PER_OPERATION = 100
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def service(settings: Settings, trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """Gunicorn as deployed, with an empty batch root and no S3 prefix: fuzzing can start no job anywhere."""
+    work = tmp_path_factory.mktemp("contract")
+    (work / "root").mkdir()
+    env = service_env(settings, BATCH_ROOT=str(work / "root"), BATCH_STATE_DIR=str(work / "state"))
+    process, url = start_gunicorn(env, work / "gunicorn.log")
+    try:
+        yield url, work
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def document(service: tuple[str, Path]) -> dict[str, Any]:
+    response = requests.get(f"{service[0]}/openapi.json", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
+    return response.json()
+
+
+def validator(document: dict[str, Any], name: str) -> Any:
+    """A JSON Schema validator of one of the document's component schemas, its references resolved."""
+    return jsonschema_rs.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **document})
+
+
+def test_schemathesis_finds_no_contract_violation(
+    service: tuple[str, Path], document: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, work = service
+    report = work / "schemathesis.json"
+    command = [str(SCHEMATHESIS), "--no-color", "run", f"{url}/openapi.json", "--checks", CHECKS]
+    command += ["--max-examples", str(MAX_EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1"]
+    command += ["--phases", "examples,coverage,fuzzing", "--request-timeout", "10", "--generation-database", "none"]
+    command += ["--report", "json", "--report-json-path", str(report)]
+    started = time.monotonic()
+    run = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    summary = json.loads(report.read_text())
+
+    cases = summary["test_cases"]
+    line = (
+        f"schemathesis: {cases['generated']} cases over {summary['operations']['tested']} operations in "
+        f"{seconds:.1f}s (seed {SEED}): {cases['with_failures']} failing, {cases['errored']} errored"
+    )
+    with capsys.disabled():  # the count shows in every run's output, not only with -s
+        print(f"\n{line}")
+    assert run.returncode == 0 and not summary["failures"] and not summary["errors"], f"{line}\n{run.stdout[-6000:]}"
+    # Every operation but GET /openapi.json, which schemathesis leaves out as the document it was given.
+    operations = sum(len(item) for path, item in document["paths"].items() if path != "/openapi.json")
+    assert summary["operations"]["tested"] == operations, line
+    assert cases["generated"] >= 4 * operations, line
+
+
+def test_the_document_describes_what_the_validator_checks(document: dict[str, Any]) -> None:
+    trip = document["components"]["schemas"]["Trip"]
+    assert (
+        trip["required"]
+        == list(preprocess.REQUIRED_FIELDS)
+        == [
+            "trip_start_time",
+            "trip_stop_time",
+            "trip_duration_seconds",
+        ]
+    )
+    assert list(trip["properties"]) == list(preprocess.TRIP_FIELDS)
+    for trip_field in preprocess.REQUEST_SCHEMA:
+        types = trip["properties"][trip_field.name]["type"]
+        assert set(types if isinstance(types, list) else [types]) == set(trip_field.types)
+    assert trip["examples"] == [test_pred.TRIP] and preprocess.parse_request_trip(test_pred.TRIP)
+    body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["examples"]["trip"]["value"] == test_pred.TRIP
+    assert validator(document, "Trip").is_valid(test_pred.TRIP)
+    assert not validator(document, "Trip").is_valid({**test_pred.TRIP, "trip_duration_seconds": -1})
+    assert document["components"]["schemas"]["Trips"]["maxItems"] == predict.MAX_TRIPS_PER_REQUEST
+
+
+def test_a_field_cannot_be_required_and_nullable() -> None:
+    with pytest.raises(ValueError, match="required"):
+        preprocess.TripField("trip_id", ("integer", "null"), "an id", 1, required=True)
+    with pytest.raises(ValueError, match="optional"):
+        preprocess.TripField("user_type", ("string",), "a label", "Member")
+
+
+def test_every_route_is_documented(settings: Settings, model) -> None:
+    app = predict.create_app(settings, ModelHolder(None, model))
+    routes = {
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    documented = {(path, method) for path, item in openapi.document(1, 1)["paths"].items() for method in item}
+    assert routes == documented
+
+
+def test_docs_page_shows_every_operation_and_needs_nothing_from_elsewhere(
+    service: tuple[str, Path], document: dict[str, Any]
+) -> None:
+    response = requests.get(f"{service[0]}/docs", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/html")
+    page = response.text
+    assert not re.search(r"https?://|//[\w.-]+\.\w|<script|<link|<img|<iframe|@import|url\(", page)
+    for path, item in document["paths"].items():
+        for method in item:
+            assert f"{method.upper()} {path}" in page
+    for name in preprocess.TRIP_FIELDS:
+        assert f"<code>{name}</code>" in page
+    assert "Wellesley St E / Yonge St Green P" in page and "&#34;trip_duration_seconds&#34;: 223" in page
+
+
+@pytest.mark.parametrize("trips", [1, 1001, predict.MAX_TRIPS_PER_REQUEST])
+def test_answers_match_the_document_under_gunicorn(
+    service: tuple[str, Path], document: dict[str, Any], trips: int
+) -> None:
+    """Lists over the fast path's 1,000 rows go through scikit-learn: under Gunicorn they once hung a worker."""
+    body = test_pred.TRIP if trips == 1 else [test_pred.TRIP] * trips
+    response = requests.post(f"{service[0]}/predict", json=body, timeout=60)
+    assert response.status_code == 200, response.text[:500]
+    answer = response.json()
+    schema = "Prediction" if trips == 1 else "Predictions"
+    assert validator(document, schema).is_valid(answer), answer if trips == 1 else answer["model"]
+    assert trips == 1 or len(answer["predictions"]) == trips
+
+
+def test_batch_job_states_match_the_document(service: tuple[str, Path], document: dict[str, Any]) -> None:
+    url, work = service
+    (work / "root" / "contract-job.csv").write_text(Y2023)
+    (work / "root" / "contract-unreadable.csv").write_text("id,start,stop\n1,2,3\n")
+    job_schema = validator(document, "BatchJob")
+    finished = {}
+    for name in ("contract-job.csv", "contract-unreadable.csv"):
+        submitted = requests.post(f"{url}/predict/batch", json={"input": name}, timeout=10)
+        assert submitted.status_code == 202, submitted.text
+        states = [submitted.json()]
+        deadline = time.monotonic() + 120
+        while states[-1]["status"] not in batch.FINISHED:
+            assert time.monotonic() < deadline, states[-1]
+            time.sleep(0.2)
+            states.append(requests.get(f"{url}/predict/batch/{states[-1]['job_id']}", timeout=10).json())
+        for state in states:
+            assert job_schema.is_valid(state), (state, list(job_schema.iter_errors(state))[:3])
+        finished[name] = states[-1]
+    assert finished["contract-job.csv"]["status"] == "succeeded"
+    assert finished["contract-unreadable.csv"]["status"] == "failed"
+    for route, schema in (("/health", "Health"), ("/model", "ModelInfo")):
+        answer = requests.get(f"{url}{route}", timeout=10).json()
+        assert validator(document, schema).is_valid(answer), list(validator(document, schema).iter_errors(answer))
