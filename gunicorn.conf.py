@@ -10,6 +10,10 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
+# One OpenMP thread, set before the app loads scikit-learn: the master runs the model once (fast_pipeline's check)
+# and a forked worker then hangs in its first OpenMP region (libgomp's pool does not survive fork), which is any
+# list over FAST_PATH_MAX_ROWS trips. One thread per sync worker is also what the cores allow.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from config import Settings
 
