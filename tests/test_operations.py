@@ -200,6 +200,8 @@ def test_sigterm_finishes_accepted_requests_then_refuses(
         stop_sending.set()
         stop(process)
 
+    # "dropped": connections still queued in the kernel's listen backlog when the workers exited are reset
+    # before any byte of answer; no worker read them, so a client may retry them safely.
     counts = Counter(outcome for *_, outcome in outcomes)
     in_flight = [outcome for sent, finished, outcome in outcomes if sent < sigterm_at < finished]
     print(f"\nsent {len(outcomes)}, {dict(counts)}; in flight at SIGTERM: {Counter(in_flight)}; then: {after_exit}")
@@ -232,7 +234,10 @@ def promote_copy_of_production(settings: Settings) -> str:
     """Register the Production version's model again as a new version and promote it (alias and stage)."""
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     current = production_version(client, settings.registered_model)
-    new = client.create_model_version(settings.registered_model, current.source, current.run_id)
+    # The artifacts' location, not the `models:/m-...` source: MLflow resolves that through its global tracking
+    # URI, not this client's.
+    location = client.get_model_version_download_uri(settings.registered_model, current.version)
+    new = client.create_model_version(settings.registered_model, location, current.run_id)
     client.set_registered_model_alias(settings.registered_model, PRODUCTION_ALIAS, new.version)
     client.transition_model_version_stage(
         settings.registered_model, new.version, PRODUCTION_STAGE, archive_existing_versions=True
