@@ -59,12 +59,13 @@ def _read_json() -> Any:
     if request.mimetype != JSON_CONTENT_TYPE:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", f"send the trip as JSON with Content-Type: {JSON_CONTENT_TYPE}")
     data = request.get_data(cache=False)
-    if len(data) >= _settings().max_body_bytes:
+    declared = request.content_length
+    if declared is None and len(data) >= request.max_content_length:
         # A body without Content-Length (chunked) is cut at the limit without a word from Werkzeug; reading on
         # past the limit is what raises its 413 (so a chunked body of exactly the limit is refused too).
         request.stream.read(1)
-    if request.content_length is not None and len(data) != request.content_length:  # the client closed early
-        message = f"the body ended after {len(data)} of the {request.content_length} bytes its Content-Length says"
+    if declared is not None and len(data) != declared:  # the client closed before sending it all
+        message = f"the body ended after {len(data)} of the {declared} bytes its Content-Length says"
         raise ApiError(400, "MALFORMED_REQUEST", message)
     try:
         return orjson.loads(data)
