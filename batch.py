@@ -342,8 +342,9 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     output = None if body.get("output") is None else checked_location(settings, body["output"], "output")
     try:
         output_location = resolve_output(input_location, output)
-    except ValueError as error:
-        raise JobRefused(400, "INVALID_PARAMETER_VALUE", str(error), "output") from None
+    except ValueError:  # its text names the resolved path, which an answer must not show
+        message = f"output must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
+        raise JobRefused(400, "INVALID_PARAMETER_VALUE", message, "output") from None
     if output_location == input_location:
         raise JobRefused(400, "INVALID_PARAMETER_VALUE", "output must not be the input", "output")
 

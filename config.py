@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_PORT = 9696
 
@@ -35,6 +35,14 @@ class Settings:
     monitoring_experiment: str = ""
     # `batch.py evaluate` fails (exits non-zero) below this ROC AUC.
     eval_min_roc_auc: float = 0.6
+    # Request limits: a larger body gets 413 before it is parsed, a longer list of trips 413 after.
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_trips_per_request: int = 10_000
+    # Gunicorn: a worker silent for longer is killed and replaced; on SIGTERM, in-flight requests get this long.
+    worker_timeout_seconds: int = 30
+    graceful_timeout_seconds: int = 30
+    # Enables `POST /admin/reload` for callers presenting it as a Bearer token; None: the route does not exist.
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def monitoring_experiment_name(self) -> str:
@@ -57,10 +65,16 @@ class Settings:
             batch_state_dir=environ.get("BATCH_STATE_DIR", cls.batch_state_dir),
             monitoring_experiment=environ.get("MLFLOW_MONITORING_EXP_NAME", cls.monitoring_experiment),
             eval_min_roc_auc=float(environ.get("EVAL_MIN_ROC_AUC", cls.eval_min_roc_auc)),
+            max_body_bytes=int(environ.get("MAX_BODY_BYTES", cls.max_body_bytes)),
+            max_trips_per_request=int(environ.get("MAX_TRIPS_PER_REQUEST", cls.max_trips_per_request)),
+            worker_timeout_seconds=int(environ.get("WORKER_TIMEOUT", cls.worker_timeout_seconds)),
+            graceful_timeout_seconds=int(environ.get("GRACEFUL_TIMEOUT", cls.graceful_timeout_seconds)),
+            admin_token=environ.get("ADMIN_TOKEN") or None,
         )
 
     def to_env(self) -> dict[str, str]:
-        """The environment that gives a child process (a batch job) these same settings."""
+        """The environment that gives a child process (a batch job) these same settings; not the admin token,
+        which a child has no use for."""
         return {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_EXP_NAME": self.experiment_name,
@@ -76,4 +90,8 @@ class Settings:
             "BATCH_STATE_DIR": self.batch_state_dir,
             "MLFLOW_MONITORING_EXP_NAME": self.monitoring_experiment,
             "EVAL_MIN_ROC_AUC": str(self.eval_min_roc_auc),
+            "MAX_BODY_BYTES": str(self.max_body_bytes),
+            "MAX_TRIPS_PER_REQUEST": str(self.max_trips_per_request),
+            "WORKER_TIMEOUT": str(self.worker_timeout_seconds),
+            "GRACEFUL_TIMEOUT": str(self.graceful_timeout_seconds),
         }

@@ -17,11 +17,14 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 from config import Settings
 
-bind = f"0.0.0.0:{Settings.from_env().port}"
+service = Settings.from_env()  # not a Gunicorn setting name, so Gunicorn ignores it
+bind = f"0.0.0.0:{service.port}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 preload_app = True
-timeout = 30
-graceful_timeout = 30
+timeout = service.worker_timeout_seconds
+# On SIGTERM the master closes its listening socket and each worker finishes the request it holds, then exits;
+# a worker still busy after this many seconds is killed.
+graceful_timeout = service.graceful_timeout_seconds
 keepalive = 5
 max_requests = 20_000
 max_requests_jitter = 2_000
@@ -39,4 +42,4 @@ def post_worker_init(worker: Any) -> None:
     """Each worker checks the registry for newly promoted versions (threads do not survive the fork)."""
     holder = worker.wsgi.extensions.get("model_holder")  # the benchmark's no-op HTTP floor has no model
     if holder is not None:
-        holder.start_refreshing(Settings.from_env().refresh_seconds)
+        holder.start_refreshing(service.refresh_seconds)

@@ -15,7 +15,8 @@
   start-up, the newest cached version is served; with nothing cached, `ModelUnavailable` is raised.
 - Hot reload: `ModelHolder` checks the registry every `MODEL_REFRESH_SECONDS` in a background thread, loads
   a newly promoted version beside the current one and swaps the reference; a request that already holds
-  the old model finishes on it.
+  the old model finishes on it. `POST /admin/reload` asks every process on the host to check now (see
+  `ModelHolder.request_reload`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ PRODUCTION_ALIAS = "production"
 FAST_PATH_MAX_ROWS = 1000
 PRODUCTION_STAGE = "Production"
 MANIFEST = "manifest.json"
+# Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime this often.
+RELOAD_MARKER = "reload-requested"
+RELOAD_POLL_SECONDS = 1.0
 # What "cannot reach the registry or the bucket" looks like from the clients we use.
 FETCH_ERRORS = (MlflowException, requests.RequestException, BotoCoreError, ClientError, OSError)
 
@@ -200,6 +204,7 @@ class ModelStore:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
         self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
         self.cache_dir = Path(settings.model_cache_dir) / settings.registered_model.replace(os.sep, "_")
+        self.reload_marker = self.cache_dir / RELOAD_MARKER
 
     @cached_property
     def s3(self) -> Any:
@@ -404,6 +409,9 @@ class ModelHolder:
         self.failed_reloads = 0
         self._refresh_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # The reload request this model already answers: a worker forked later from a master that loaded it
+        # sees a newer marker and checks at once (or it would serve the master's version until its next check).
+        self._reload_seen = self._reload_requested_at()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelHolder:
@@ -446,15 +454,49 @@ class ModelHolder:
             log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
             return True
 
+    def request_reload(self) -> bool:
+        """Check the registry now, and ask the other processes on this host to do the same; True if it swapped.
+
+        The request travels as the mtime of a marker file in the model cache directory, which every worker's
+        refresh thread reads each second: the workers of one host already share that directory (its download
+        lock too), it needs no signal to the Gunicorn master nor any channel between workers, and a worker
+        that was busy or being replaced when the marker was touched still sees it afterwards.
+        """
+        if self.store is None:
+            return False
+        swapped = self.refresh()
+        self.store.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.store.reload_marker.touch()
+        self._reload_seen = self._reload_requested_at()  # this process has just checked
+        return swapped
+
+    def _reload_requested_at(self) -> int | None:
+        """The mtime (ns) of the reload marker, or None if no reload was ever requested."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.reload_marker.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def start_refreshing(self, every_seconds: float) -> None:
-        """Check every `every_seconds` (with jitter, so workers do not call the registry in step); 0 = never."""
-        if self.store is None or every_seconds <= 0 or (self._thread is not None and self._thread.is_alive()):
+        """Check every `every_seconds` (with jitter, so workers do not call the registry in step; 0: only
+        when a reload is requested), and within a second of `request_reload` in any process of this host."""
+        if self.store is None or (self._thread is not None and self._thread.is_alive()):
             return
 
+        def next_check() -> float:
+            return time.monotonic() + every_seconds * random.uniform(0.9, 1.1) if every_seconds > 0 else float("inf")
+
         def run() -> None:
+            due = next_check()
             while True:
-                time.sleep(every_seconds * random.uniform(0.9, 1.1))
-                self.refresh()
+                requested = self._reload_requested_at()
+                if requested != self._reload_seen or time.monotonic() >= due:
+                    self._reload_seen = requested
+                    self.refresh()
+                    due = next_check()
+                time.sleep(RELOAD_POLL_SECONDS)
 
         self._thread = threading.Thread(target=run, name="model-refresh", daemon=True)
         self._thread.start()

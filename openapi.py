@@ -220,17 +220,43 @@ def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, A
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Not JSON, not the expected shape, or a field that is missing, of the wrong type or impossible.",
+        401: "No `Authorization: Bearer <ADMIN_TOKEN>`, or the wrong token.",
         403: "A location outside BATCH_ROOT or BATCH_S3_PREFIX.",
         404: "No such file or job.",
-        413: "A body over the size limit.",
+        413: "A body over the size limit (MAX_BODY_BYTES), or more trips than MAX_TRIPS_PER_REQUEST.",
         415: "No `Content-Type: application/json`.",
         503: "Batch jobs cannot be recorded now (BATCH_STATE_DIR not writable).",
     }
     return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
 
 
-def document(max_trips: int, max_body_bytes: int) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the service, given the web layer's request limits."""
+def _admin_paths() -> dict[str, Any]:
+    """The operations that exist only when ADMIN_TOKEN is set."""
+    reloaded = _object(
+        {
+            "reloaded": {"type": "boolean", "description": "Whether this worker swapped to another version."},
+            "model": _ref("ModelRef"),
+        }
+    )
+    return {
+        "/admin/reload": {
+            "post": {
+                "operationId": "reloadModel",
+                "summary": "Check the registry now; every worker loads a newly promoted version",
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": _json(reloaded, "The version this worker now serves."),
+                    **_errors(401),
+                    "503": _json(_ref("Error"), "The registry did not answer; the loaded version keeps serving."),
+                },
+            }
+        }
+    }
+
+
+def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the service, given the web layer's request limits and whether the admin
+    operations are on (ADMIN_TOKEN set)."""
     date_order = {
         "name": "date_order",
         "in": "query",
@@ -250,7 +276,7 @@ def document(max_trips: int, max_body_bytes: int) -> dict[str, Any]:
         "description": "The id `POST /predict/batch` answered with.",
         "schema": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
     }
-    return {
+    result: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "bikeshare-membership",
@@ -351,8 +377,14 @@ def document(max_trips: int, max_body_bytes: int) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": _schemas(max_trips)},
+        "components": {
+            "schemas": _schemas(max_trips),
+            **({"securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}}} if admin else {}),
+        },
     }
+    if admin:
+        result["paths"].update(_admin_paths())
+    return result
 
 
 def type_text(schema: dict[str, Any]) -> str:

@@ -12,6 +12,8 @@ Endpoints:
     GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
                                summary) or failed (with the error).
     GET  /openapi.json  the OpenAPI 3.1 document of these endpoints (openapi.py); GET /docs shows it as a page.
+    POST /admin/reload  only when ADMIN_TOKEN is set, with `Authorization: Bearer <ADMIN_TOKEN>`: check the
+                        registry now, in this worker and (within a second) in every other one on the host.
 
 Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
 
@@ -22,6 +24,7 @@ the same port. The model is loaded once when the app is created and swapped when
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -36,11 +39,10 @@ from config import Settings
 from model_store import LoadedModel, ModelHolder, ModelUnavailable, membership
 
 JSON_CONTENT_TYPE = "application/json"
-MAX_TRIPS_PER_REQUEST = 10_000
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
+admin = Blueprint("admin", __name__)
 
 
 class ApiError(Exception):
@@ -58,8 +60,17 @@ def json_response(body: Any, status: int = 200) -> Response:
 def _read_json() -> Any:
     if request.mimetype != JSON_CONTENT_TYPE:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", f"send the trip as JSON with Content-Type: {JSON_CONTENT_TYPE}")
+    data = request.get_data(cache=False)
+    declared = request.content_length
+    if declared is None and len(data) >= request.max_content_length:
+        # A body without Content-Length (chunked) is cut at the limit without a word from Werkzeug; reading on
+        # past the limit is what raises its 413 (so a chunked body of exactly the limit is refused too).
+        request.stream.read(1)
+    if declared is not None and len(data) != declared:  # the client closed before sending it all
+        message = f"the body ended after {len(data)} of the {declared} bytes its Content-Length says"
+        raise ApiError(400, "MALFORMED_REQUEST", message)
     try:
-        return orjson.loads(request.get_data(cache=False))
+        return orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise ApiError(400, "MALFORMED_REQUEST", f"the body is not valid JSON: {error}") from None
 
@@ -73,14 +84,15 @@ def _date_order() -> preprocess.DateOrder | None:
     return value.upper()  # type: ignore[return-value]
 
 
-def _validated_trips(body: Any, date_order: preprocess.DateOrder | None) -> list[dict[str, Any]]:
+def _validated_trips(body: Any, date_order: preprocess.DateOrder | None, max_trips: int) -> list[dict[str, Any]]:
     if not isinstance(body, list | dict):
         raise ApiError(400, "BAD_REQUEST", "the body must be a trip object or a list of trip objects")
     records = body if isinstance(body, list) else [body]
     if not records:
         raise ApiError(400, "BAD_REQUEST", "the list of trips is empty")
-    if len(records) > MAX_TRIPS_PER_REQUEST:
-        raise ApiError(400, "BAD_REQUEST", f"at most {MAX_TRIPS_PER_REQUEST} trips per request")
+    if len(records) > max_trips:
+        message = f"{len(records)} trips; at most {max_trips} per request (MAX_TRIPS_PER_REQUEST)"
+        raise ApiError(413, "TOO_MANY_TRIPS", message)
     item_of = (lambda index: index) if isinstance(body, list) else (lambda index: None)
     try:
         return [
@@ -98,15 +110,24 @@ def _holder() -> ModelHolder:
     return current_app.extensions["model_holder"]
 
 
+def _settings() -> Settings:
+    return current_app.extensions["settings"]
+
+
 @api.post("/predict")
 def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
-    return json_response(predictions(_read_json(), model, _date_order()))
+    return json_response(predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request))
 
 
-def predictions(body: Any, model: LoadedModel, date_order: preprocess.DateOrder | None = None) -> dict[str, Any]:
+def predictions(
+    body: Any,
+    model: LoadedModel,
+    date_order: preprocess.DateOrder | None = None,
+    max_trips: int = Settings.max_trips_per_request,
+) -> dict[str, Any]:
     """The answer to a parsed /predict body: validation, features and model, without HTTP."""
-    trips = _validated_trips(body, date_order)
+    trips = _validated_trips(body, date_order, max_trips)
     probabilities = model.member_probability(preprocess.model_input(trips))
     answers = [
         {"trip_id": trip["trip_id"], "membership": label, "proba": round(float(proba) * 100, 2)}
@@ -144,7 +165,7 @@ def submit_batch() -> Response:
     """Start scoring a file in the background; 202 with the job to poll."""
     model = _holder().model  # the job scores with the version this worker serves now
     try:
-        job = batch.submit_job(current_app.extensions["settings"], _read_json(), model)
+        job = batch.submit_job(_settings(), _read_json(), model)
     except batch.JobRefused as error:
         raise ApiError(error.status, error.code, error.message, error.field) from None
     return json_response(job, 202)
@@ -152,7 +173,7 @@ def submit_batch() -> Response:
 
 @api.get("/predict/batch/<job_id>")
 def batch_job(job_id: str) -> Response:
-    job = batch.job_status(current_app.extensions["settings"], job_id)
+    job = batch.job_status(_settings(), job_id)
     if job is None:
         raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"no batch job {job_id!r}", field="job_id")
     return json_response(job)
@@ -171,14 +192,39 @@ def docs() -> Response:
     return Response(current_app.extensions["docs_html"], mimetype="text/html")
 
 
+# --- Operations ---------------------------------------------------------------------------------------
+
+
+@admin.post("/admin/reload")
+def reload_model() -> Response:
+    """Check the registry now and answer the version this worker serves; the other workers follow within a
+    second (ModelHolder.request_reload). Registered only when ADMIN_TOKEN is set."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = _settings().admin_token or ""
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(401, "UNAUTHENTICATED", "send Authorization: Bearer <ADMIN_TOKEN>")
+    holder = _holder()
+    swapped = holder.request_reload()
+    if holder.registry_error is not None:
+        message = f"the registry did not answer; still serving version {holder.model.version} (see GET /health)"
+        raise ApiError(503, "TEMPORARILY_UNAVAILABLE", message)
+    return json_response({"reloaded": swapped, "model": holder.model.describe()})
+
+
 def render_api_error(error: ApiError) -> Response:
-    return json_response(
+    response = json_response(
         {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
         error.status,
     )
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def render_http_error(error: HTTPException) -> Response:
+    if error.code == 413:  # Werkzeug's text names no number: the caller needs the limit to split the request
+        message = f"the body is over {_settings().max_body_bytes} bytes (MAX_BODY_BYTES); send fewer trips"
+        return render_api_error(ApiError(413, "REQUEST_ENTITY_TOO_LARGE", message))
     code = (error.name or "error").upper().replace(" ", "_")
     return render_api_error(ApiError(error.code or 500, code, error.description or error.name))
 
@@ -195,13 +241,15 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     """
     settings = settings or Settings.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["settings"] = settings
     app.extensions["model_holder"] = holder or ModelHolder.from_settings(settings)
-    document = openapi.document(MAX_TRIPS_PER_REQUEST, MAX_BODY_BYTES)
+    document = openapi.document(settings.max_trips_per_request, settings.max_body_bytes, bool(settings.admin_token))
     app.extensions["openapi_json"] = orjson.dumps(document)
     app.extensions["docs_html"] = openapi.docs_page(document)
     app.register_blueprint(api)
+    if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
+        app.register_blueprint(admin)
     app.register_error_handler(ApiError, render_api_error)
     app.register_error_handler(HTTPException, render_http_error)
     app.register_error_handler(Exception, render_unexpected_error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -19,7 +20,6 @@ from harness import start_gunicorn, stop
 from test_preprocess import Y2023
 
 import batch
-import openapi
 import predict
 import preprocess
 import test_pred
@@ -106,7 +106,7 @@ def test_the_document_describes_what_the_validator_checks(document: dict[str, An
     assert body["examples"]["trip"]["value"] == test_pred.TRIP
     assert validator(document, "Trip").is_valid(test_pred.TRIP)
     assert not validator(document, "Trip").is_valid({**test_pred.TRIP, "trip_duration_seconds": -1})
-    assert document["components"]["schemas"]["Trips"]["maxItems"] == predict.MAX_TRIPS_PER_REQUEST
+    assert document["components"]["schemas"]["Trips"]["maxItems"] == Settings().max_trips_per_request
 
 
 def test_a_field_cannot_be_required_and_nullable() -> None:
@@ -116,16 +116,19 @@ def test_a_field_cannot_be_required_and_nullable() -> None:
         preprocess.TripField("user_type", ("string",), "a label", "Member")
 
 
-def test_every_route_is_documented(settings: Settings, model) -> None:
-    app = predict.create_app(settings, ModelHolder(None, model))
+@pytest.mark.parametrize("admin_token", ["", "a-token"])
+def test_every_route_is_documented(settings: Settings, model, admin_token: str) -> None:
+    """With and without the admin operations: the app's routes are exactly the paths its document lists."""
+    app = predict.create_app(dataclasses.replace(settings, admin_token=admin_token), ModelHolder(None, model))
     routes = {
         (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
-    documented = {(path, method) for path, item in openapi.document(1, 1)["paths"].items() for method in item}
-    assert routes == documented
+    served = app.test_client().get("/openapi.json").get_json()
+    assert routes == {(path, method) for path, item in served["paths"].items() for method in item}
+    assert ("/admin/reload", "post") in routes if admin_token else ("/admin/reload", "post") not in routes
 
 
 def test_docs_page_shows_every_operation_and_needs_nothing_from_elsewhere(
@@ -143,7 +146,7 @@ def test_docs_page_shows_every_operation_and_needs_nothing_from_elsewhere(
     assert "Wellesley St E / Yonge St Green P" in page and "&#34;trip_duration_seconds&#34;: 223" in page
 
 
-@pytest.mark.parametrize("trips", [1, 1001, predict.MAX_TRIPS_PER_REQUEST])
+@pytest.mark.parametrize("trips", [1, 1001, Settings().max_trips_per_request])
 def test_answers_match_the_document_under_gunicorn(
     service: tuple[str, Path], document: dict[str, Any], trips: int
 ) -> None:

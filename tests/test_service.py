@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
+from harness import ROOT
 
 import predict
 from config import Settings
 from model_store import LoadedModel, ModelHolder
 from test_pred import TRIP
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +145,7 @@ def test_bad_input_gets_a_4xx_naming_the_field(client: FlaskClient, body, status
         (b"[" * 100_000, "application/json", 400, "MALFORMED_REQUEST"),
         (b"trip_id=1", "application/x-www-form-urlencoded", 415, "UNSUPPORTED_MEDIA_TYPE"),
         (b"{}", None, 415, "UNSUPPORTED_MEDIA_TYPE"),
-        (b" " * (predict.MAX_BODY_BYTES + 1), "application/json", 413, "REQUEST_ENTITY_TOO_LARGE"),
+        (b" " * (Settings.max_body_bytes + 1), "application/json", 413, "REQUEST_ENTITY_TOO_LARGE"),
     ],
 )
 def test_unreadable_bodies_get_a_4xx(client: FlaskClient, data: bytes, content_type, status: int, code: str) -> None:
@@ -151,8 +155,24 @@ def test_unreadable_bodies_get_a_4xx(client: FlaskClient, data: bytes, content_t
 
 
 def test_too_many_trips_is_refused(client: FlaskClient) -> None:
-    response = client.post("/predict", json=[TRIP] * (predict.MAX_TRIPS_PER_REQUEST + 1))
-    assert response.status_code == 400 and "at most" in response.get_json()["error"]["message"]
+    response = client.post("/predict", json=[TRIP] * (Settings.max_trips_per_request + 1))
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "TOO_MANY_TRIPS"
+    assert f"at most {Settings.max_trips_per_request} " in response.get_json()["error"]["message"]
+
+
+def test_limits_come_from_the_environment(model: LoadedModel) -> None:
+    settings = Settings.from_env({"MAX_BODY_BYTES": "2000", "MAX_TRIPS_PER_REQUEST": "3"})
+    limited = predict.create_app(settings, ModelHolder(None, model)).test_client()
+    assert limited.post("/predict", json=[TRIP] * 3).status_code == 200
+
+    too_many = limited.post("/predict", json=[TRIP] * 4)
+    assert too_many.status_code == 413
+    assert too_many.get_json()["error"]["message"] == "4 trips; at most 3 per request (MAX_TRIPS_PER_REQUEST)"
+
+    too_large = limited.post("/predict", data=b" " * 2001, content_type="application/json")
+    assert too_large.status_code == 413
+    error = too_large.get_json()["error"]
+    assert error["code"] == "REQUEST_ENTITY_TOO_LARGE" and "over 2000 bytes (MAX_BODY_BYTES)" in error["message"]
 
 
 def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
@@ -165,3 +185,71 @@ def test_health_names_the_loaded_model(client: FlaskClient, model: LoadedModel) 
     body = client.get("/health").get_json()
     assert body["status"] == "ok"
     assert body["model"]["version"] == model.version and body["model"]["name"] == model.name
+
+
+def test_admin_reload_is_absent_without_a_token(client: FlaskClient) -> None:
+    response = client.post("/admin/reload", headers={"Authorization": "Bearer anything"})
+    assert response.status_code == 404 and response.get_json()["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.fixture(scope="module")
+def admin_client(model: LoadedModel) -> FlaskClient:
+    return predict.create_app(Settings(admin_token=ADMIN_TOKEN), ModelHolder(None, model)).test_client()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", "Bearer wrong", f"Basic {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN}x", ADMIN_TOKEN],
+)
+def test_admin_reload_refuses_a_missing_or_wrong_token(admin_client: FlaskClient, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = admin_client.post("/admin/reload", headers=headers)
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.get_json()["error"]["code"] == "UNAUTHENTICATED"
+    assert ADMIN_TOKEN not in response.get_data(as_text=True)
+
+
+def test_admin_reload_with_the_token_answers_the_served_version(admin_client: FlaskClient, model: LoadedModel) -> None:
+    response = admin_client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200
+    assert response.get_json() == {"reloaded": False, "model": model.describe()}  # a MODEL_PATH-style holder
+
+
+def test_error_bodies_show_no_trace_and_no_internal_path(model: LoadedModel, tmp_path: Path) -> None:
+    """Every kind of refusal, from a service whose batch root and state live under known absolute paths."""
+    batch_root = tmp_path / "batch-root"
+    batch_root.mkdir()
+    (batch_root / "trips.csv").write_text("trip_id\n1\n")
+    settings = Settings(batch_root=str(batch_root), batch_state_dir=str(tmp_path / "state"), admin_token=ADMIN_TOKEN)
+    client = predict.create_app(settings, ModelHolder(None, model)).test_client()
+    no_root = predict.create_app(Settings(), ModelHolder(None, model)).test_client()
+    answers = {
+        "unknown route": client.get("/nowhere"),
+        "wrong method": client.get("/predict"),
+        "body too large": client.post(
+            "/predict", data=b" " * (settings.max_body_bytes + 1), content_type="application/json"
+        ),
+        "too many trips": client.post("/predict", json=[TRIP] * (settings.max_trips_per_request + 1)),
+        "not JSON": client.post("/predict", data=b"trip", content_type="text/plain"),
+        "malformed JSON": client.post("/predict", data=b'{"trip_id": ', content_type="application/json"),
+        "invalid field": client.post("/predict", json={**TRIP, "trip_start_time": "/work/etc/passwd"}),
+        "bad parameter": client.post("/predict?date_order=/etc", json=TRIP),
+        "no token": client.post("/admin/reload"),
+        "batch outside the root": client.post("/predict/batch", json={"input": "../../../etc/passwd.csv"}),
+        "batch absolute path outside": client.post("/predict/batch", json={"input": str(ROOT / "data" / "x.csv")}),
+        "batch no such input": client.post("/predict/batch", json={"input": "missing.csv"}),
+        "batch bad output": client.post("/predict/batch", json={"input": "trips.csv", "output": "sub/out.txt"}),
+        "batch unknown job": client.get("/predict/batch/0123456789abcdef0123456789abcdef"),
+        "batch with no root": no_root.post("/predict/batch", json={"input": "trips.csv"}),
+    }
+    statuses = {kind: response.status_code for kind, response in answers.items()}
+    assert all(400 <= status < 500 for status in statuses.values()), statuses
+    assert {statuses["batch outside the root"], statuses["batch with no root"], statuses["batch no such input"]} == {
+        403,
+        404,
+    }
+    for kind, response in answers.items():
+        body = response.get_data(as_text=True)
+        assert response.get_json()["error"]["message"], kind
+        for secret in ("Traceback", 'File "', str(ROOT), str(tmp_path), str(batch_root), ADMIN_TOKEN):
+            assert secret not in body, f"{kind}: {body}"
