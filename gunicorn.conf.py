@@ -11,7 +11,6 @@ access log is off.
 
 import gc
 import glob
-import logging
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from gunicorn.glogging import Logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
 
+import jsonlog
 from config import Settings
 
 # Before anything imports prometheus_client, which picks its multiprocess mode from this variable on import.
@@ -44,13 +44,7 @@ max_requests = 20_000
 max_requests_jitter = 2_000
 accesslog = None
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
-logconfig_dict = {
-    "formatters": {"json": {"()": "jsonlog.JsonFormatter"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-    "root": {"level": "INFO", "handlers": ["stderr"]},
-    "loggers": {"gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False}},
-}
-logging.captureWarnings(True)  # Python's warnings too, as log records
+logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (predict.serve_app)
 
 
 class ErrorOnlyLogger(Logger):

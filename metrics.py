@@ -13,6 +13,7 @@ Labels are bounded: the endpoint is the route rule (`/predict/batch/<job_id>`), 
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections import Counter as Tally
 from typing import TYPE_CHECKING
@@ -50,9 +51,18 @@ RELOAD_FAILURES = Counter(
 )
 
 
+MEMBER_TRIPS, CASUAL_TRIPS = PREDICTIONS.labels(MEMBER), PREDICTIONS.labels(CASUAL)
+
+
+@functools.cache  # the labels are bounded; a lookup here costs a fifth of prometheus_client's `labels()`
+def request_series(endpoint: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    return REQUESTS.labels(endpoint, method, str(status)), LATENCY.labels(endpoint)
+
+
 def request_answered(endpoint: str, method: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(endpoint, method if method in METHODS else "other", str(status)).inc()
-    LATENCY.labels(endpoint).observe(seconds)
+    count, latency = request_series(endpoint, method if method in METHODS else "other", status)
+    count.inc()
+    latency.observe(seconds)
 
 
 def trips_predicted(memberships: list[str], percents: list[float]) -> None:
@@ -63,9 +73,9 @@ def trips_predicted(memberships: list[str], percents: list[float]) -> None:
     """
     members = memberships.count(MEMBER)
     if members:
-        PREDICTIONS.labels(MEMBER).inc(members)
+        MEMBER_TRIPS.inc(members)
     if members < len(memberships):
-        PREDICTIONS.labels(CASUAL).inc(len(memberships) - members)
+        CASUAL_TRIPS.inc(len(memberships) - members)
     PROBA._sum.inc(sum(percents))
     for bucket, count in Tally(bisect.bisect_left(PROBA_BUCKETS, percent) for percent in percents).items():
         PROBA._buckets[bucket].inc(count)

@@ -51,7 +51,6 @@ SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
 
 log = logging.getLogger(__name__)
-request_log = logging.getLogger("predict.requests")
 api = Blueprint("api", __name__)
 
 
@@ -190,19 +189,20 @@ def start_request() -> None:
 def finish_request(response: Response) -> Response:
     """Count and time the request and log it once, after its response is built (errors included)."""
     seconds = time.perf_counter() - g.started
-    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.request_answered(endpoint, request.method, response.status_code, seconds)
-    response.headers[REQUEST_ID_HEADER] = g.request_id
+    answered = request._get_current_object()  # one context lookup, not one per attribute (~0.8 us each)
+    endpoint = answered.url_rule.rule if answered.url_rule is not None else "unmatched"
+    metrics.request_answered(endpoint, answered.method, response.status_code, seconds)
+    request_id = response.headers[REQUEST_ID_HEADER] = g.request_id
     fields = {
-        "request_id": g.request_id,
-        "method": request.method,
-        "path": request.path[:MAX_LOGGED_PATH],
+        "request_id": request_id,
+        "method": answered.method,
+        "path": answered.path[:MAX_LOGGED_PATH],
         "endpoint": endpoint,
         "status": response.status_code,
         "duration_ms": round(seconds * 1000, 3),
         "model_version": _holder().model.version,
     }
-    request_log.info("request", extra={"fields": fields})
+    jsonlog.write_info("predict.requests", "request", fields)
     return response
 
 
