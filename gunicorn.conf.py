@@ -2,12 +2,22 @@
 
 The app is preloaded, so the master loads the model once and the workers share it by fork. Two sync
 workers fit this 2-core machine; set WEB_CONCURRENCY to the number of cores on a bigger host.
+
+Metrics: the workers write their values to files in PROMETHEUS_MULTIPROC_DIR (the environment's, emptied
+at start, else a private temporary folder) and any worker's /metrics sums them (metrics.py). Logs: JSON
+lines on stderr (jsonlog.py), Gunicorn's own included; the app logs each request once, so Gunicorn's
+access log is off.
 """
 
 import gc
+import glob
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
+
+from gunicorn.glogging import Logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
 # One OpenMP thread per process, set before the preloaded app loads scikit-learn: libgomp's thread pool does
@@ -15,7 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads
 # until Gunicorn killed it. One worker per core is the parallelism anyway.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import jsonlog
 from config import Settings
+
+# Before anything imports prometheus_client, which picks its multiprocess mode from this variable on import.
+OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bikeshare-metrics-")
+else:
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)  # a previous run's values
+
+from prometheus_client import multiprocess  # noqa: E402
 
 service = Settings.from_env()  # not a Gunicorn setting name, so Gunicorn ignores it
 bind = f"0.0.0.0:{service.port}"
@@ -28,8 +49,20 @@ graceful_timeout = service.graceful_timeout_seconds
 keepalive = 5
 max_requests = 20_000
 max_requests_jitter = 2_000
-accesslog = "-"
+accesslog = None
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
+logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (predict.serve_app)
+
+
+class ErrorOnlyLogger(Logger):
+    """Gunicorn's logger without its access log, which a logconfig_dict would otherwise turn on: the app
+    logs every request itself (predict.finish_request)."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        pass
+
+
+logger_class = ErrorOnlyLogger
 
 
 def when_ready(server: Any) -> None:
@@ -39,7 +72,17 @@ def when_ready(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Each worker checks the registry for newly promoted versions (threads do not survive the fork)."""
-    holder = worker.wsgi.extensions.get("model_holder")  # the benchmark's no-op HTTP floor has no model
-    if holder is not None:
-        holder.start_refreshing(service.refresh_seconds)
+    if "model_holder" in worker.wsgi.extensions:  # the benchmark's no-op HTTP floor has no model
+        import predict  # loaded already by the preload
+
+        predict.start_serving(worker.wsgi)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's gauges leave the sums (its counters and histograms stay)."""
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

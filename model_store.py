@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -202,6 +202,7 @@ class ModelStore:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.fetch_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a terminal's, not a JSON log's
         self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
         self.cache_dir = Path(settings.model_cache_dir) / settings.registered_model.replace(os.sep, "_")
         self.reload_marker = self.cache_dir / RELOAD_MARKER
@@ -397,12 +398,18 @@ def load_production_model(settings: Settings) -> LoadedModel:
     return ModelHolder.from_settings(settings).model
 
 
+# Told the outcome of a registry check that changed or failed something ("swapped", "registry_failed",
+# "load_failed"), the model served after it and, on a swap, the one it replaced (metrics.model_refreshed).
+RefreshListener = Callable[[str, LoadedModel, LoadedModel | None], None]
+
+
 class ModelHolder:
     """The model a process serves now; a background check swaps in newly promoted versions."""
 
     def __init__(self, store: ModelStore | None, model: LoadedModel) -> None:
         self.store = store  # None when the model came from a path: nothing to refresh
         self.model = model
+        self.on_refresh: RefreshListener = lambda outcome, serving, replaced: None
         self.registry_error: str | None = model.metadata.get("fetch_error")
         self.checked_at: str | None = model.loaded_at if store else None
         self.reloads = 0
@@ -434,6 +441,7 @@ class ModelHolder:
                 log.warning(
                     "registry check failed, still serving version %s: %s", self.model.version, self.registry_error
                 )
+                self.on_refresh("registry_failed", self.model, None)
                 return False
             self.registry_error = None
             if str(version.version) == self.model.version:
@@ -448,10 +456,12 @@ class ModelHolder:
                     self.model.version,
                     first_line(error),
                 )
+                self.on_refresh("load_failed", self.model, None)
                 return False
             previous, self.model = self.model, candidate
             self.reloads += 1
             log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
+            self.on_refresh("swapped", candidate, previous)
             return True
 
     def request_reload(self) -> bool:

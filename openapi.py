@@ -357,6 +357,19 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
                     "responses": {"200": _json(_ref("BatchJob"), "The job's state."), **_errors(404)},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics, summed over the service's workers",
+                    "responses": {
+                        "200": {
+                            "description": "The Prometheus text format: requests, latency, predictions by class, "
+                            "the proba distribution, the model version served, reloads and their failures.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",

@@ -16,6 +16,7 @@ import requests
 from conftest import RemoteRegistry
 from harness import ROOT, free_port, run_train, start, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 
 import train
 from config import Settings
@@ -225,6 +226,11 @@ def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
         for thread in hammers:
             thread.join(timeout=30)
         health = requests.get(f"{url}/health", timeout=5).json()
+        scraped = {
+            (sample.name, tuple(sorted(sample.labels.values()))): sample.value
+            for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=5).text)
+            for sample in family.samples
+        }
     finally:
         stop_hammering.set()
         stop(process)
@@ -236,6 +242,11 @@ def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
     assert health["model"]["version"] == "3" and health["registry"]["reachable"] is True
     assert log.count("now serving bikeshare-reload-test version 3") == 2  # both workers
     assert log.count("fetched model bikeshare-reload-test version 3") == 1  # once per host
+    # Metrics summed over both workers: each swapped once, tried the broken version, now serves version 3.
+    assert scraped["bikeshare_model_reloads_total", ()] == 2
+    assert scraped["bikeshare_model_reload_failures_total", ("load",)] >= 2
+    assert scraped["bikeshare_model_loaded", ("3", "bikeshare-reload-test")] == 2
+    assert scraped["bikeshare_model_loaded", ("1", "bikeshare-reload-test")] == 0
 
 
 def test_a_model_path_is_served_without_any_registry(remote_registry: RemoteRegistry, tmp_path: Path) -> None:

@@ -1,0 +1,62 @@
+"""Log records as JSON lines on stderr, one object per line, for the service's own logs and Gunicorn's.
+
+A record's `fields` (passed as `extra={"fields": {...}}`) become top-level keys. The line logged for every
+request (predict.py) is written by `write_info`, in the same shape, without logging's machinery.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+STDERR = 2  # the file descriptor, also when sys.stderr is replaced (tests capture it)
+# For logging.config.dictConfig, and Gunicorn's `logconfig_dict` (gunicorn.conf.py).
+LOGGING: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "jsonlog.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {"gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False}},
+}
+
+
+def entry(created: float, level: str, logger: str, message: str, pid: int | None) -> dict[str, Any]:
+    """The keys every line starts with."""
+    return {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+        "pid": pid,
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """time (UTC, ISO 8601), level, logger, message, pid, then the record's fields and any exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = entry(record.created, record.levelname, record.name, record.getMessage(), record.process)
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def write_info(logger: str, message: str, fields: dict[str, Any]) -> None:
+    """An INFO line straight to stderr, in the same shape as the records: for the line logged on every
+    request, where logging's record, handler and lock would cost twice the line itself (~20 us)."""
+    line = entry(time.time(), "INFO", logger, message, os.getpid()) | fields
+    os.write(STDERR, orjson.dumps(line, default=str) + b"\n")  # one write: whole lines from every worker
+
+
+def configure() -> None:
+    """JSON lines for every logger, Python's warnings included (as records of `py.warnings`)."""
+    logging.config.dictConfig(LOGGING)
+    logging.captureWarnings(True)

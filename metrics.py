@@ -1,0 +1,106 @@
+"""Prometheus metrics of the service, correct across Gunicorn's worker processes.
+
+Under Gunicorn, gunicorn.conf.py sets `PROMETHEUS_MULTIPROC_DIR` before this module is imported:
+prometheus_client then keeps every value in a file per process, and `exposition()` sums the files of
+all workers, dead ones included for counters and histograms (so they never go backwards). Values are
+per process, so a forked worker starts from zero and records the model it serves itself
+(gunicorn.conf.py `post_worker_init`). Without the variable (`python predict.py`, in-process tests),
+the usual single-process registry is exposed.
+
+Labels are bounded: the endpoint is the route rule (`/predict/batch/<job_id>`), or `unmatched`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+from collections import Counter as Tally
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from preprocess import CASUAL, MEMBER
+
+if TYPE_CHECKING:
+    from model_store import LoadedModel
+
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_client decided when it was imported
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PROBA_BUCKETS = tuple(float(percent) for percent in range(10, 101, 10))
+
+REQUESTS = Counter("bikeshare_http_requests", "HTTP requests answered", ["endpoint", "method", "status"])
+LATENCY = Histogram(
+    "bikeshare_http_request_duration_seconds",
+    "Time from routing the request to its built response",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+PREDICTIONS = Counter("bikeshare_predictions", "Trips predicted by POST /predict, by class", ["membership"])
+PROBA = Histogram("bikeshare_prediction_proba_percent", "Predicted P(Member) in percent", buckets=PROBA_BUCKETS)
+MODEL = Gauge(
+    "bikeshare_model_loaded",
+    "Live worker processes serving this model version (0 once replaced)",
+    ["name", "version"],
+    multiprocess_mode="livesum",
+)
+RELOADS = Counter("bikeshare_model_reloads", "New model versions loaded and swapped in")
+RELOAD_FAILURES = Counter(
+    "bikeshare_model_reload_failures", "Reload checks that failed, by stage (registry, load)", ["stage"]
+)
+
+
+MEMBER_TRIPS, CASUAL_TRIPS = PREDICTIONS.labels(MEMBER), PREDICTIONS.labels(CASUAL)
+
+
+@functools.cache  # the labels are bounded; a lookup here costs a fifth of prometheus_client's `labels()`
+def request_series(endpoint: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    return REQUESTS.labels(endpoint, method, str(status)), LATENCY.labels(endpoint)
+
+
+def request_answered(endpoint: str, method: str, status: int, seconds: float) -> None:
+    count, latency = request_series(endpoint, method if method in METHODS else "other", status)
+    count.inc()
+    latency.observe(seconds)
+
+
+def trips_predicted(memberships: list[str], percents: list[float]) -> None:
+    """Count the trips by class and add their probabilities (as answered, in percent) to the histogram.
+
+    prometheus_client observes one value at a time; a list of trips is added with one write per bucket
+    touched (its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]).
+    """
+    members = memberships.count(MEMBER)
+    if members:
+        MEMBER_TRIPS.inc(members)
+    if members < len(memberships):
+        CASUAL_TRIPS.inc(len(memberships) - members)
+    PROBA._sum.inc(sum(percents))
+    for bucket, count in Tally(bisect.bisect_left(PROBA_BUCKETS, percent) for percent in percents).items():
+        PROBA._buckets[bucket].inc(count)
+
+
+def model_served(model: LoadedModel, replaced: LoadedModel | None = None) -> None:
+    """This process serves `model` now (instead of `replaced`)."""
+    if replaced is not None:
+        MODEL.labels(replaced.name, replaced.version).set(0)
+    MODEL.labels(model.name, model.version).set(1)
+
+
+def model_refreshed(outcome: str, serving: LoadedModel, replaced: LoadedModel | None) -> None:
+    """ModelHolder's report of a registry check (its `on_refresh`): a swap, or where the check failed."""
+    if outcome == "swapped":
+        RELOADS.inc()
+        model_served(serving, replaced)
+    else:
+        RELOAD_FAILURES.labels(outcome.removesuffix("_failed")).inc()
+
+
+def exposition() -> bytes:
+    """Every metric in Prometheus' text format: summed over all worker processes when there are several."""
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()  # a fresh one per scrape, as prometheus_client's multiprocess docs advise
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

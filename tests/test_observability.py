@@ -1,0 +1,249 @@
+"""Metrics, request ids and JSON logs of the real service: Gunicorn with its production configuration
+(2 workers, preloaded app, metrics in PROMETHEUS_MULTIPROC_DIR), driven over fresh connections."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import service_env
+from harness import start_gunicorn, stop
+from prometheus_client.parser import text_string_to_metric_families
+
+from config import Settings
+from metrics import PROBA_BUCKETS
+from test_pred import TRIP
+
+# A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
+COMMUTE = {
+    "trip_start_time": "2023-05-05T17:32:00",
+    "trip_stop_time": "2023-05-05T17:46:00",
+    "trip_duration_seconds": 836,
+    "from_station_id": 7015,
+    "to_station_id": 7342,
+}
+REQUEST_LINE_FIELDS = {"time", "level", "request_id", "method", "path", "endpoint", "status", "duration_ms"}
+REQUEST_LINE_FIELDS |= {"model_version", "pid"}
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def service(settings: Settings, trained: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    log = tmp_path_factory.mktemp("observability") / "gunicorn.log"
+    env = service_env(settings, MODEL_REFRESH_SECONDS="0")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # gunicorn.conf.py makes its own
+    process, url = start_gunicorn(env, log)
+    try:
+        yield Service(url, log, process)
+    finally:
+        stop(process)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    response = requests.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def values(samples: Samples, name: str, key: str) -> dict[str, float]:
+    """The samples called `name`, by the value of their label `key`."""
+    return {dict(labels)[key]: value for (sample, labels), value in samples.items() if sample == name}
+
+
+def delta(after: Samples, before: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """What the samples called `name` grew by, by their labels; those that did not grow are left out."""
+    grown = {key: value - before.get((sample, key), 0.0) for (sample, key), value in after.items() if sample == name}
+    return {key: value for key, value in grown.items() if value}
+
+
+def labels(**pairs: str) -> frozenset[tuple[str, str]]:
+    return frozenset(pairs.items())
+
+
+def log_lines(service: Service) -> list[dict[str, Any]]:
+    """Every line of the service's log; each must be a JSON object."""
+    return [json.loads(line) for line in service.log.read_text().splitlines() if line.strip()]
+
+
+def request_lines(service: Service, request_id: str) -> list[dict[str, Any]]:
+    return [line for line in log_lines(service) if line.get("request_id") == request_id]
+
+
+def test_metrics_add_up_over_both_workers(service: Service) -> None:
+    """A known mix of requests, each on a fresh connection; the scrape's sums agree with what was sent and
+    with what the answers said."""
+    before = scrape(service.url)
+    sent: Counter[tuple[str, str, str]] = Counter()
+    classes: Counter[str] = Counter()
+    probas: list[float] = []
+    request_ids = []
+
+    def call(method: str, path: str, endpoint: str, **kwargs: Any) -> requests.Response:
+        request_ids.append(uuid.uuid4().hex)
+        headers = {"X-Request-ID": request_ids[-1], "Connection": "close", **kwargs.pop("headers", {})}
+        response = requests.request(method, f"{service.url}{path}", headers=headers, timeout=10, **kwargs)
+        sent[endpoint, method, str(response.status_code)] += 1
+        return response
+
+    for index in range(30):
+        answer = call("POST", "/predict", "/predict", json=TRIP if index % 2 else COMMUTE).json()
+        classes[answer["membership"]] += 1
+        probas.append(answer["proba"])
+    for size in range(1, 11):
+        response = call("POST", "/predict", "/predict", json=[TRIP, COMMUTE] * (size // 2) + [TRIP] * (size % 2))
+        classes.update(answer["membership"] for answer in response.json()["predictions"])
+        probas.extend(answer["proba"] for answer in response.json()["predictions"])
+    for _ in range(4):
+        assert call("POST", "/predict", "/predict", data=b"{not json", headers=JSON).status_code == 400
+        assert (
+            call("POST", "/predict", "/predict", data=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
+        )
+        assert call("POST", "/predict", "/predict", json={**TRIP, "trip_duration_seconds": "long"}).status_code == 400
+        assert call("GET", "/health", "/health").status_code == 200
+        job = f"/predict/batch/{uuid.uuid4().hex}"
+        assert call("GET", job, "/predict/batch/<job_id>").status_code == 404
+        assert call("GET", f"/no-such-page-{uuid.uuid4().hex}", "unmatched").status_code == 404
+    after = scrape(service.url)
+
+    sent["/metrics", "GET", "200"] += 1  # the first scrape, counted once it was answered
+    counted = delta(after, before, "bikeshare_http_requests_total")
+    assert counted == {labels(endpoint=e, method=m, status=s): float(n) for (e, m, s), n in sent.items()}
+    by_endpoint = Counter[str]()
+    for (endpoint, _, _), count in sent.items():
+        by_endpoint[endpoint] += count
+    timed = delta(after, before, "bikeshare_http_request_duration_seconds_count")
+    assert timed == {labels(endpoint=endpoint): float(count) for endpoint, count in by_endpoint.items()}
+
+    predicted = delta(after, before, "bikeshare_predictions_total")
+    assert predicted == {labels(membership=name): float(count) for name, count in classes.items()}
+    assert sum(predicted.values()) == len(probas) == 30 + sum(range(1, 11))
+    proba_count = delta(after, before, "bikeshare_prediction_proba_percent_count")
+    assert proba_count == {labels(): float(len(probas))}
+    buckets = delta(after, before, "bikeshare_prediction_proba_percent_bucket")
+    expected_buckets = {
+        labels(le=str(bound)): float(sum(proba <= bound for proba in probas)) for bound in PROBA_BUCKETS
+    }
+    expected_buckets[labels(le="+Inf")] = float(len(probas))
+    assert buckets == {key: count for key, count in expected_buckets.items() if count}
+    proba_sum = delta(after, before, "bikeshare_prediction_proba_percent_sum")[labels()]
+    assert proba_sum == pytest.approx(sum(probas))
+
+    version = requests.post(f"{service.url}/predict", json=TRIP, timeout=10).json()["model"]["version"]
+    serving = {key: value for key, value in values(after, "bikeshare_model_loaded", "version").items() if value}
+    assert serving == {version: 2.0}  # both live workers serve it
+
+    pids = {line["pid"] for request_id in request_ids for line in request_lines(service, request_id)}
+    assert len(pids) == 2, f"both workers should have answered, got {pids}"
+    print(
+        f"\nsent {sum(sent.values())} requests ({dict(sent)}); predicted {len(probas)} trips {dict(classes)}; "
+        f"answered by workers {sorted(pids)}; metrics grew by {sum(counted.values()):.0f} requests, "
+        f"{sum(predicted.values()):.0f} predictions, {proba_count[labels()]:.0f} probas, "
+        f"{sum(timed.values()):.0f} timings; model {version} served by {serving[version]:.0f} workers"
+    )
+
+
+def test_request_id_is_echoed_generated_or_replaced_and_logged_once(service: Service) -> None:
+    given = "client-42.retry:1"
+    assert (
+        requests.post(f"{service.url}/predict", json=TRIP, headers={"X-Request-ID": given}).headers["X-Request-ID"]
+        == given
+    )
+    generated = requests.get(f"{service.url}/health").headers["X-Request-ID"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    replaced = {}
+    for hostile in ("x" * 129, "a b", "<script>", "id\u00e9", "ok;rm -rf /"):
+        answer = requests.post(f"{service.url}/predict", json=TRIP, headers={"X-Request-ID": hostile.encode()})
+        replaced[hostile] = answer.headers["X-Request-ID"]
+        assert replaced[hostile] != hostile and len(replaced[hostile]) == 32
+    ids = [given, generated, *replaced.values()]
+    assert len(set(ids)) == len(ids)
+
+    lines = log_lines(service)  # every line JSON, Gunicorn's own included
+    assert any(line["logger"] == "gunicorn.error" for line in lines)
+    for request_id in ids:
+        mine = [line for line in lines if line.get("request_id") == request_id]
+        assert len(mine) == 1, f"{request_id}: {mine}"
+        assert mine[0].keys() >= REQUEST_LINE_FIELDS
+    assert not [line for line in lines if line.get("request_id") in replaced]
+    first = next(line for line in lines if line.get("request_id") == given)
+    assert (first["method"], first["path"], first["endpoint"], first["status"]) == ("POST", "/predict", "/predict", 200)
+    print(f"\nrequest line: {json.dumps(first)}")
+
+
+def test_credentials_bodies_and_query_strings_never_reach_the_log(service: Service) -> None:
+    secrets = {name: f"{name}-{uuid.uuid4().hex}" for name in ("header", "query", "cookie", "body")}
+    response = requests.post(
+        f"{service.url}/predict?date_order=DMY&api_key={secrets['query']}",
+        json={**TRIP, "trip_id": secrets["body"]},
+        headers={"Authorization": f"Bearer {secrets['header']}", "Cookie": f"session={secrets['cookie']}"},
+        timeout=10,
+    )
+    assert response.status_code in (200, 400)
+    failed = requests.post(
+        f"{service.url}/predict?token={secrets['query']}",
+        data=f'{{"password": "{secrets["body"]}"',
+        headers={**JSON, "Authorization": f"Basic {secrets['header']}"},
+        timeout=10,
+    )
+    assert failed.status_code == 400
+    text = service.log.read_text()
+    assert not [name for name, secret in secrets.items() if secret in text]
+    for answer in (response, failed):
+        (line,) = request_lines(service, answer.headers["X-Request-ID"])
+        assert line["path"] == "/predict"
+
+
+def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
+    """SIGKILL one worker: Gunicorn replaces it; counters never go back, and the model gauge counts the live
+    workers only (the dead one's is dropped, the new one records its own)."""
+
+    def health_answered_by() -> int:
+        answer = requests.get(f"{service.url}/health", headers={"Connection": "close"}, timeout=10)
+        (line,) = request_lines(service, answer.headers["X-Request-ID"])
+        return line["pid"]
+
+    killed, version = health_answered_by(), requests.get(f"{service.url}/model", timeout=10).json()["version"]
+    workers_before = {line["pid"] for line in log_lines(service) if line["message"].startswith("Booting worker")}
+    before = scrape(service.url)
+    os.kill(killed, signal.SIGKILL)
+    answered_by: list[int] = []
+    deadline = time.monotonic() + 60
+    while not set(answered_by) - workers_before and time.monotonic() < deadline:  # until the new worker answers
+        answered_by.append(health_answered_by())
+    replacement = set(answered_by) - workers_before
+    assert replacement, "Gunicorn did not replace the killed worker"
+    after = scrape(service.url)
+
+    serving = {key: value for key, value in values(after, "bikeshare_model_loaded", "version").items() if value}
+    assert serving == {version: 2.0}
+    total = "bikeshare_http_requests_total"
+    assert all(after[name, key] >= value for (name, key), value in before.items() if name == total)
+    health = labels(endpoint="/health", method="GET", status="200")
+    assert after[total, health] - before[total, health] == len(answered_by)
+    print(f"\nkilled worker {killed}, replaced by {replacement}; {len(answered_by)} requests counted after the kill")
+    assert service.process.poll() is None
