@@ -57,10 +57,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def start_mlflow_server(
-    backend_db: Path, artifact_root: str, env: dict[str, str], log_path: Path
+    backend_db: Path, artifact_root: str, env: dict[str, str], log_path: Path, port: int | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` on a free loopback port, clients reaching the artifact store directly."""
-    port = free_port()
+    """A real `mlflow server` on a free loopback port (or `port`, to restart one), clients reaching the
+    artifact store directly."""
+    port = port or free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{backend_db}", "--default-artifact-root", artifact_root]
     command += ["--no-serve-artifacts"]
@@ -100,9 +101,9 @@ def run_train(env: dict[str, str], cwd: Path, cv_folds: int = 2) -> subprocess.C
     return result
 
 
-def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """moto's S3-compatible server on a free loopback port."""
-    port = free_port()
+def start_moto(log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server on a free loopback port (or `port`, to restart one; it keeps no data)."""
+    port = port or free_port()
     process = start(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         dict(os.environ),
