@@ -57,11 +57,10 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def start_mlflow_server(
-    backend_db: Path, artifact_root: str, env: dict[str, str], log_path: Path, port: int | None = None
+    backend_db: Path, artifact_root: str, env: dict[str, str], log_path: Path
 ) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` on a free loopback port (or `port`, to restart one), clients reaching the
-    artifact store directly."""
-    port = port or free_port()
+    """A real `mlflow server` on a free loopback port, clients reaching the artifact store directly."""
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{backend_db}", "--default-artifact-root", artifact_root]
     command += ["--no-serve-artifacts"]
