@@ -435,15 +435,16 @@ class ModelHolder:
                     "registry check failed, still serving version %s: %s", self.model.version, self.registry_error
                 )
                 return False
-            self.registry_error = None
             if str(version.version) == self.model.version:
+                self.registry_error = None
                 return False
             try:
                 candidate = self.store.load(version)
             except Exception as error:  # a bad version must never take down the one being served
                 self.failed_reloads += 1
-                if isinstance(error, FETCH_ERRORS):  # the bucket, not the registry, failed: /health says so too
-                    self.registry_error = first_line(error)
+                # The registry answered but the artifacts could not be fetched: /health says so, as it does when
+                # this happens at start-up. Each error stands until a check ends, so /health does not flap.
+                self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
                 log.error(
                     "failed to load version %s, still serving %s: %s",
                     version.version,
@@ -451,6 +452,7 @@ class ModelHolder:
                     first_line(error),
                 )
                 return False
+            self.registry_error = None
             previous, self.model = self.model, candidate
             self.reloads += 1
             log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)

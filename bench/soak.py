@@ -10,9 +10,10 @@ empty model cache, so it downloads from S3, and a 1 s refresh, so outages are no
 separate processes, each client a thread posting the smoke-test trip on a fresh connection (as sync workers
 serve them), counting answers, failures and latency. Then, each phase printing its numbers:
 
-1. steady: --duration seconds at --clients; every worker's RSS (VmRSS) before and after. Passes with no
-   failed request and no worker more than MEMORY_BOUND_MB above its start (Gunicorn's max_requests
-   replaces workers: a new one is compared with the largest RSS at the start).
+1. steady: --duration seconds at --clients; every worker's RSS (VmRSS) before and after, and sampled each
+   second. Passes with no failed request and no worker more than MEMORY_BOUND_MB above its start. Gunicorn's
+   max_requests replaces workers (about every 20,000 requests): one replaced is judged on its last sample,
+   one started during the run against the largest RSS at the start.
 2. kill: SIGKILL one worker mid-load. A sync worker holds one request at a time (the ones queued on the
    listening socket are the master's, and the other worker takes them), so at most 1 may fail. The master
    must start a replacement, and with the other workers paused (SIGSTOP) the replacement must answer.
@@ -184,7 +185,11 @@ class Load:
         self.queue = context.Queue()
         shares = [clients // processes + (index < clients % processes) for index in range(processes)]
         self.processes = [
-            context.Process(target=load_process, args=(parsed.hostname, parsed.port, share, self.deadline, self.queue))
+            context.Process(
+                target=load_process,
+                args=(parsed.hostname, parsed.port, share, self.deadline, self.queue),
+                daemon=True,  # ended with the soak, even if a phase fails before reading their results
+            )
             for share in shares
             if share
         ]
@@ -376,13 +381,12 @@ def steady(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     master = stack.service.pid
     warmup = Load(stack.url, args.clients, 2, args.load_processes).result()
     before = memory(master)
-    samples: dict[int, list[float]] = {}  # pid -> [first, last] RSS seen during the run
+    last_seen: dict[int, float] = {}  # pid -> its RSS when last sampled: a worker max_requests replaces is gone after
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(1.0):
-            for pid, rss in memory(master).items():
-                samples.setdefault(pid, [rss, rss])[1] = rss
+            last_seen.update(memory(master))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -390,7 +394,10 @@ def steady(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     done.set()
     sampler.join()
     after = memory(master)
-    growth = {pid: round(rss - before.get(pid, max(before.values())), 1) for pid, rss in after.items()}
+    recycled = sorted(pid for pid in set(before) | set(last_seen) if pid not in after)
+    # Each worker against its own start, or one that started during the run against the largest start.
+    final = last_seen | after
+    growth = {pid: round(rss - before.get(pid, max(before.values())), 1) for pid, rss in final.items()}
     numbers = {
         **result.summary(args.duration),
         "seconds": args.duration,
@@ -400,7 +407,8 @@ def steady(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb_before": {str(pid): rss for pid, rss in before.items()},
         "rss_mb_after": {str(pid): rss for pid, rss in after.items()},
         "growth_mb": {str(pid): value for pid, value in growth.items()},
-        "workers_recycled": sorted(str(pid) for pid in set(before) | set(samples) if pid not in after),
+        "rss_mb_last_seen_of_recycled": {str(pid): last_seen[pid] for pid in recycled if pid in last_seen},
+        "workers_recycled": [str(pid) for pid in recycled],
         "memory_bound_mb": MEMORY_BOUND_MB,
     }
     numbers["checks"] = {
@@ -411,9 +419,10 @@ def steady(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"steady: {args.duration:g} s at {args.clients} clients: {numbers['sent']:,} sent, {numbers['failed']} failed "
         f"{numbers['failure_reasons'] or ''}, {numbers['requests_per_s']:,} req/s, p50 {numbers['p50_ms']} ms, "
-        f"p99 {numbers['p99_ms']} ms; worker RSS before {fmt_rss(before)}, after {fmt_rss(after)}, growth "
-        f"{numbers['growth_mb']} MB (bound {MEMORY_BOUND_MB:g}); recycled by max_requests: "
-        f"{numbers['workers_recycled'] or 'none'}",
+        f"p99 {numbers['p99_ms']} ms; worker RSS before {fmt_rss(before)}, after {fmt_rss(after)}; replaced by "
+        f"max_requests: {numbers['workers_recycled'] or 'none'}, last seen at "
+        f"{numbers['rss_mb_last_seen_of_recycled'] or '-'}; growth {numbers['growth_mb']} MB (bound "
+        f"{MEMORY_BOUND_MB:g})",
         flush=True,
     )
     return numbers
@@ -537,30 +546,29 @@ def bucket_keys(client: Any) -> list[str]:
 def s3_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """moto keeps its objects in memory: they are copied out before it stops and put back after it restarts."""
     snapshot = stack.work / "s3-snapshot"
-    client = s3_client(Settings())
-    keys = bucket_keys(client)
+    bucket = s3_client(Settings())
+    keys = bucket_keys(bucket)
     for key in keys:
         (snapshot / key).parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(BUCKET, key, str(snapshot / key))
+        bucket.download_file(BUCKET, key, str(snapshot / key))
     old = served_version(stack.url)
     load = Load(stack.url, args.clients, args.phase_seconds, args.load_processes)
     watch = HealthWatch(stack.url)
     time.sleep(args.phase_seconds / 4)
     stopped_at = time.monotonic()
     stop(stack.moto)
-    current = stack.client.get_model_version(MODEL, old)
-    new = str(
-        stack.client.create_model_version(MODEL, current.source, run_id=current.run_id, await_creation_for=0).version
-    )
-    train.promote(stack.client, MODEL, new)
+    registry = stack.client
+    source, run_id = registry.get_model_version_download_uri(MODEL, old), registry.get_model_version(MODEL, old).run_id
+    new = str(registry.create_model_version(MODEL, source, run_id=run_id, await_creation_for=0).version)
+    train.promote(registry, MODEL, new)
     promoted_at = time.monotonic()
     tried = wait_until(lambda: f"failed to load version {new}" in stack.log_text(), NOTICE_LIMIT_SECONDS)
     result = load.result()
     stack.start_moto()
-    client = s3_client(Settings())
-    client.create_bucket(Bucket=BUCKET)
+    bucket = s3_client(Settings())  # a new client: the old one's connections went with the old server
+    bucket.create_bucket(Bucket=BUCKET)
     for key in keys:
-        client.upload_file(str(snapshot / key), BUCKET, key)
+        bucket.upload_file(str(snapshot / key), BUCKET, key)
     restored_at = time.monotonic()
     moved = wait_until(lambda: watch.settled(lambda health: health["model"]["version"] == new, restored_at), 60)
     watch.stop()
