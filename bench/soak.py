@@ -180,7 +180,6 @@ class Load:
     def __init__(self, url: str, clients: int, seconds: float, processes: int) -> None:
         context = multiprocessing.get_context("fork")  # the parent's imports are reused: no start-up cost
         parsed = urlparse(url)
-        self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.queue = context.Queue()
         shares = [clients // processes + (index < clients % processes) for index in range(processes)]
