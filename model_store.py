@@ -233,19 +233,27 @@ class ModelStore:
             return model
 
     def load(self, version: ModelVersion) -> LoadedModel:
-        """Load `version` from the cache, downloading it first if it is not there (or not intact)."""
+        """Load `version` from the cache, downloading it first if it is not there (or not intact).
+
+        A download that does not load is removed: the files it matches its manifest against are whatever the
+        bucket listed, so only a load proves it is the whole model (a listing taken while the artifacts were
+        still being written, or with some missing, would otherwise stay in the cache as intact).
+        """
         directory = self.cache_dir / str(version.version)
         with self._lock():
             try:
                 manifest = verify_cached(directory)
-                origin = "cache"
             except CorruptCache as error:
                 if directory.exists():
                     log.warning("cached model is incomplete or corrupt, fetching it again: %s", error)
                     shutil.rmtree(directory)
                 manifest = self._download(version, directory)
-                origin = "downloaded"
-        return load_directory(directory, manifest, origin)
+                try:
+                    return load_directory(directory, manifest, "downloaded")
+                except Exception:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise
+        return load_directory(directory, manifest, "cache")
 
     def newest_cached(self) -> Path | None:
         """The cached version with the highest number whose files are intact."""
@@ -443,13 +451,16 @@ class ModelHolder:
                 )
                 self.on_refresh("registry_failed", self.model, None)
                 return False
-            self.registry_error = None
             if str(version.version) == self.model.version:
+                self.registry_error = None
                 return False
             try:
                 candidate = self.store.load(version)
             except Exception as error:  # a bad version must never take down the one being served
                 self.failed_reloads += 1
+                # The registry answered but the artifacts could not be fetched: /health says so, as it does when
+                # this happens at start-up. Each error stands until a check ends, so /health does not flap.
+                self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
                 log.error(
                     "failed to load version %s, still serving %s: %s",
                     version.version,
@@ -458,6 +469,7 @@ class ModelHolder:
                 )
                 self.on_refresh("load_failed", self.model, None)
                 return False
+            self.registry_error = None
             previous, self.model = self.model, candidate
             self.reloads += 1
             log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)

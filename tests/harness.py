@@ -100,9 +100,9 @@ def run_train(env: dict[str, str], cwd: Path, cv_folds: int = 2) -> subprocess.C
     return result
 
 
-def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """moto's S3-compatible server on a free loopback port."""
-    port = free_port()
+def start_moto(log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server on a free loopback port (or `port`, to restart one; it keeps no data)."""
+    port = port or free_port()
     process = start(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         dict(os.environ),

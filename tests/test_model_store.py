@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import train
 from config import Settings
-from model_store import MANIFEST, ModelStore, verify_cached
+from model_store import MANIFEST, ModelHolder, ModelStore, verify_cached
 from test_pred import TRIP
 
 
@@ -266,3 +266,49 @@ def test_a_model_path_is_served_without_any_registry(remote_registry: RemoteRegi
 def test_train_through_the_tracking_server_stored_artifacts_in_s3(remote_registry: RemoteRegistry, s3) -> None:
     keys = [entry["Key"] for entry in s3.client().list_objects_v2(Bucket=s3.bucket)["Contents"]]
     assert any(key.endswith("/MLmodel") for key in keys) and any(key.endswith("roc_curve.png") for key in keys)
+
+
+def test_a_version_whose_artifacts_are_incomplete_is_never_cached(
+    remote_registry: RemoteRegistry, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that misses files (artifacts still being written, or lost) downloads "intact" against its own
+    manifest; only a load shows it is not the whole model. It must not stay in the cache, where a restart would
+    take it for intact, and /health must say that the artifacts could not be fetched."""
+    for key in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, remote_registry.env[key])
+    client = MlflowClient(remote_registry.settings.tracking_uri)
+    name = "bikeshare-partial-test"
+    client.create_registered_model(name)
+    good = client.get_model_version(remote_registry.settings.registered_model, "1")
+    source = client.get_model_version_download_uri(remote_registry.settings.registered_model, "1")
+    train.promote(client, name, client.create_model_version(name, source, good.run_id, await_creation_for=0).version)
+    settings = Settings(
+        tracking_uri=remote_registry.settings.tracking_uri, registered_model=name, model_cache_dir=str(tmp_path)
+    )
+    holder = ModelHolder.from_settings(settings)
+
+    bucket, prefix = source[len("s3://") :].split("/", 1)
+    objects = s3.client()
+    keys = [entry["Key"] for entry in objects.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]]
+    partial = f"partial/{name}"
+
+    def copy(key: str) -> None:
+        target = f"{partial}/{key[len(prefix) + 1 :]}"
+        objects.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": key})
+
+    copy(f"{prefix}/MLmodel")  # version 2's artifacts: only MLmodel is there yet
+    version_2 = client.create_model_version(name, f"s3://{bucket}/{partial}", good.run_id, await_creation_for=0)
+    train.promote(client, name, version_2.version)
+
+    assert holder.refresh() is False and holder.model.version == "1"
+    health = holder.health()["registry"]
+    assert health["reachable"] is False and "FileNotFoundError" in health["error"]
+    assert not (tmp_path / name / "2").exists()
+    restarted = ModelStore(settings).load_production()  # a restart now: version 1, intact, from the cache
+    assert (restarted.version, restarted.origin) == ("1", "cache")
+
+    for key in keys:  # the rest arrives: the next check loads version 2
+        copy(key)
+    assert holder.refresh() is True and holder.model.version == "2"
+    assert holder.health()["registry"]["reachable"] is True
+    verify_cached(tmp_path / name / "2")
