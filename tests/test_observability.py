@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,31 +104,37 @@ def test_metrics_add_up_over_both_workers(service: Service) -> None:
     probas: list[float] = []
     request_ids = []
 
-    def call(method: str, path: str, endpoint: str, **kwargs: Any) -> requests.Response:
-        request_ids.append(uuid.uuid4().hex)
-        headers = {"X-Request-ID": request_ids[-1], "Connection": "close", **kwargs.pop("headers", {})}
+    def call(method: str, path: str, endpoint: str, **kwargs: Any) -> tuple[str, str, requests.Response]:
+        headers = {"X-Request-ID": uuid.uuid4().hex, "Connection": "close", **kwargs.pop("headers", {})}
         response = requests.request(method, f"{service.url}{path}", headers=headers, timeout=10, **kwargs)
-        sent[endpoint, method, str(response.status_code)] += 1
-        return response
+        return endpoint, method, response
 
-    for index in range(30):
-        answer = call("POST", "/predict", "/predict", json=TRIP if index % 2 else COMMUTE).json()
-        classes[answer["membership"]] += 1
-        probas.append(answer["proba"])
-    for size in range(1, 11):
-        response = call("POST", "/predict", "/predict", json=[TRIP, COMMUTE] * (size // 2) + [TRIP] * (size % 2))
-        classes.update(answer["membership"] for answer in response.json()["predictions"])
-        probas.extend(answer["proba"] for answer in response.json()["predictions"])
-    for _ in range(4):
-        assert call("POST", "/predict", "/predict", data=b"{not json", headers=JSON).status_code == 400
-        assert (
-            call("POST", "/predict", "/predict", data=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
-        )
-        assert call("POST", "/predict", "/predict", json={**TRIP, "trip_duration_seconds": "long"}).status_code == 400
-        assert call("GET", "/health", "/health").status_code == 200
-        job = f"/predict/batch/{uuid.uuid4().hex}"
-        assert call("GET", job, "/predict/batch/<job_id>").status_code == 404
-        assert call("GET", f"/no-such-page-{uuid.uuid4().hex}", "unmatched").status_code == 404
+    singles = [("POST", "/predict", "/predict", {"json": TRIP if index % 2 else COMMUTE}) for index in range(30)]
+    lists = [
+        ("POST", "/predict", "/predict", {"json": [TRIP, COMMUTE] * (size // 2) + [TRIP] * (size % 2)})
+        for size in range(1, 11)
+    ]
+    refused = [
+        ("POST", "/predict", "/predict", {"data": b"{not json", "headers": JSON}),
+        ("POST", "/predict", "/predict", {"data": b"{}", "headers": {"Content-Type": "text/plain"}}),
+        ("POST", "/predict", "/predict", {"json": {**TRIP, "trip_duration_seconds": "long"}}),
+        ("GET", "/health", "/health", {}),
+        ("GET", f"/predict/batch/{uuid.uuid4().hex}", "/predict/batch/<job_id>", {}),
+        ("GET", f"/no-such-page-{uuid.uuid4().hex}", "unmatched", {}),
+    ] * 4
+    # Eight clients at once keep both sync workers busy, so both answer (one at a time, one worker may take all).
+    with ThreadPoolExecutor(max_workers=8) as clients:
+        answers = list(clients.map(lambda spec: call(*spec[:3], **spec[3]), singles + lists + refused))
+    for endpoint, method, response in answers:
+        sent[endpoint, method, str(response.status_code)] += 1
+        request_ids.append(response.request.headers["X-Request-ID"])
+        if endpoint == "/predict" and response.status_code == 200:
+            body = response.json()
+            for answer in body.get("predictions", [body]):
+                classes[answer["membership"]] += 1
+                probas.append(answer["proba"])
+    expected_refusals = {("/predict", "POST", "400"): 8, ("/predict", "POST", "415"): 4, ("unmatched", "GET", "404"): 4}
+    assert all(sent[key] == count for key, count in expected_refusals.items()), sent
     after = scrape(service.url)
 
     sent["/metrics", "GET", "200"] += 1  # the first scrape, counted once it was answered
