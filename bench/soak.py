@@ -436,7 +436,8 @@ def answered_by_replacement(url: str, master: int, replacement: int, attempts: i
     replacement alone can answer them."""
     others = [pid for pid in worker_pids(master) if pid != replacement]
     for pid in others:
-        os.kill(pid, signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError):  # a worker that max_requests just recycled
+            os.kill(pid, signal.SIGSTOP)
     answered = 0
     try:
         for _ in range(attempts):
@@ -444,8 +445,23 @@ def answered_by_replacement(url: str, master: int, replacement: int, attempts: i
                 answered += requests.post(f"{url}/predict", json=TRIP, timeout=5).status_code == 200
     finally:
         for pid in others:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     return answered
+
+
+def kill_a_worker(master: int) -> tuple[list[int], int]:
+    """SIGKILL one worker; the workers before, and the one killed. A worker that exits on its own (recycled
+    by max_requests) between the listing and the signal is not a kill: list again."""
+    for _ in range(5):
+        before = worker_pids(master)
+        try:
+            os.kill(before[0], signal.SIGKILL)
+        except ProcessLookupError:
+            time.sleep(0.1)
+            continue
+        return before, before[0]
+    raise RuntimeError("no worker could be killed: each exited before the signal")
 
 
 def kill_worker(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
@@ -453,10 +469,8 @@ def kill_worker(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     master = stack.service.pid
     load = Load(stack.url, args.clients, args.phase_seconds, args.load_processes)
     time.sleep(args.phase_seconds / 3)
-    before = worker_pids(master)
-    victim = before[0]
+    before, victim = kill_a_worker(master)
     killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
     replaced_after = wait_until(
         lambda: victim not in (now := worker_pids(master)) and len(now) == len(before), NOTICE_LIMIT_SECONDS, 0.02
     )
