@@ -19,6 +19,7 @@ process that writes its state to a JSON file under BATCH_STATE_DIR, which any Gu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -362,13 +363,27 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(status_path, status)
+        with _submissions_locked(folder):  # the count and the start are one step for every worker of the host
+            running = running_jobs(folder)
+            if running >= settings.max_batch_jobs:
+                message = f"{running} batch jobs are running, the most at once (MAX_BATCH_JOBS); retry later"
+                raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message)
+            _write_json(status_path, status)
+            process = _start_job(settings, model, input_location, output_location, status_path)
     except OSError as error:
         message = f"batch jobs cannot be recorded: BATCH_STATE_DIR is not writable ({error.strerror})"
         raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message) from None
+    threading.Thread(target=_supervise, args=(process, status_path), name=f"job-{job_id}", daemon=True).start()
+    return status
+
+
+def _start_job(
+    settings: Settings, model: LoadedModel, input_location: str, output_location: str, status_path: Path
+) -> subprocess.Popen:
+    """The job's detached `batch.py score` process; its pid goes beside the status file (`running_jobs`)."""
     command = [sys.executable, str(Path(__file__).resolve()), "score", input_location, "--output", output_location]
     command += ["--model-version", model.version, "--status-file", str(status_path), "--nice", str(JOB_NICENESS)]
-    with open(folder / f"{job_id}.log", "ab") as job_log:
+    with open(status_path.with_suffix(".log"), "ab") as job_log:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -377,8 +392,29 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
             start_new_session=True,  # not stopped with the worker that started it
             env={**os.environ, **settings.to_env()},
         )
-    threading.Thread(target=_supervise, args=(process, status_path), name=f"job-{job_id}", daemon=True).start()
-    return status
+    status_path.with_suffix(".pid").write_text(str(process.pid))
+    return process
+
+
+@contextmanager
+def _submissions_locked(folder: Path) -> Iterator[None]:
+    with open(folder / ".submit.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def running_jobs(folder: Path) -> int:
+    """Jobs whose process is alive and has not recorded an outcome. A process counts by its pid file, so a job
+    whose worker was replaced (nobody left to reap it) still counts while it runs, and not after."""
+    running = 0
+    for pid_file in folder.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            finished = json.loads(pid_file.with_suffix(".json").read_text())["status"] in FINISHED
+        except (OSError, ValueError, KeyError):  # gone, or a file being replaced
+            continue
+        running += not finished
+    return running
 
 
 def _supervise(process: subprocess.Popen, status_path: Path) -> None:

@@ -31,6 +31,8 @@ class Settings:
     batch_s3_prefix: str = ""
     # Where batch jobs and `batch.py watch` keep their state: shared by every Gunicorn worker.
     batch_state_dir: str = "batch-state"
+    # Batch jobs running at once on this host; more get 503 (each job is a process using the cores).
+    max_batch_jobs: int = 2
     # The experiment `batch.py evaluate` logs to; empty means "<experiment_name>-monitoring".
     monitoring_experiment: str = ""
     # `batch.py evaluate` fails (exits non-zero) below this ROC AUC.
@@ -63,6 +65,7 @@ class Settings:
             batch_root=environ.get("BATCH_ROOT") or None,
             batch_s3_prefix=environ.get("BATCH_S3_PREFIX", cls.batch_s3_prefix),
             batch_state_dir=environ.get("BATCH_STATE_DIR", cls.batch_state_dir),
+            max_batch_jobs=int(environ.get("MAX_BATCH_JOBS", cls.max_batch_jobs)),
             monitoring_experiment=environ.get("MLFLOW_MONITORING_EXP_NAME", cls.monitoring_experiment),
             eval_min_roc_auc=float(environ.get("EVAL_MIN_ROC_AUC", cls.eval_min_roc_auc)),
             max_body_bytes=int(environ.get("MAX_BODY_BYTES", cls.max_body_bytes)),
@@ -88,6 +91,7 @@ class Settings:
             "BATCH_ROOT": self.batch_root or "",
             "BATCH_S3_PREFIX": self.batch_s3_prefix,
             "BATCH_STATE_DIR": self.batch_state_dir,
+            "MAX_BATCH_JOBS": str(self.max_batch_jobs),
             "MLFLOW_MONITORING_EXP_NAME": self.monitoring_experiment,
             "EVAL_MIN_ROC_AUC": str(self.eval_min_roc_auc),
             "MAX_BODY_BYTES": str(self.max_body_bytes),

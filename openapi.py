@@ -225,7 +225,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "No such file or job.",
         413: "A body over the size limit (MAX_BODY_BYTES), or more trips than MAX_TRIPS_PER_REQUEST.",
         415: "No `Content-Type: application/json`.",
-        503: "Batch jobs cannot be recorded now (BATCH_STATE_DIR not writable).",
+        503: "MAX_BATCH_JOBS jobs are running already, or jobs cannot be recorded (BATCH_STATE_DIR not writable).",
     }
     return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
 

@@ -288,6 +288,25 @@ def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
     assert response.status_code == 503 and "BATCH_STATE_DIR" in response.get_json()["error"]["message"]
 
 
+def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Settings, model: LoadedModel) -> None:
+    """With MAX_BATCH_JOBS=1 a second job is refused with 503 while the first one's process runs (it takes
+    seconds to import its libraries alone), and accepted once the first has finished."""
+    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+    one_at_a_time = replace(batch_settings, max_batch_jobs=1)
+    client = predict.create_app(one_at_a_time, ModelHolder(None, model)).test_client()
+    first = client.post("/predict/batch", json={"input": "trips.csv", "output": "first.csv"})
+    assert first.status_code == 202
+    second = client.post("/predict/batch", json={"input": "trips.csv", "output": "second.csv"})
+    assert second.status_code == 503
+    assert second.get_json()["error"]["code"] == "TEMPORARILY_UNAVAILABLE"
+    assert "MAX_BATCH_JOBS" in second.get_json()["error"]["message"]
+    assert poll(lambda: client.get(f"/predict/batch/{first.get_json()['job_id']}").get_json())["status"] == "succeeded"
+    third = client.post("/predict/batch", json={"input": "trips.csv", "output": "third.csv"})
+    assert third.status_code == 202
+    assert poll(lambda: client.get(f"/predict/batch/{third.get_json()['job_id']}").get_json())["status"] == "succeeded"
+    assert not (Path(batch_settings.batch_root) / "second.csv").exists()
+
+
 def test_a_service_without_batch_root_reads_no_local_file(settings: Settings, model: LoadedModel) -> None:
     client = predict.create_app(replace(settings, batch_root=None), ModelHolder(None, model)).test_client()
     response = client.post("/predict/batch", json={"input": str(BUNDLED[0])})
