@@ -284,6 +284,10 @@ class ModelStore:
         source = self.client.get_model_version_download_uri(name, version.version)
         run = self.client.get_run(version.run_id) if version.run_id else None
         started = time.monotonic()
+        # Downloads happen only under the cache lock, which this process holds: a staging folder still here is
+        # what a download killed before its rename left behind.
+        for interrupted in self.cache_dir.glob(".[0-9]*-*"):
+            shutil.rmtree(interrupted, ignore_errors=True)
         staging_root = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=self.cache_dir))
         staging = staging_root / "model"
         try:

@@ -21,7 +21,8 @@ serve them), counting answers, failures and latency. Then, each phase printing i
    download fails: /predict keeps answering from the old version and /health reports the fetch error; once
    S3 is back (restarted on its port, its objects restored) every worker moves to the new version.
 4. corrupt cache: stop the service, truncate the cached model file and leave a staging folder as a download
-   cut short leaves it; the restarted service fetches the version again and never loads the corrupt copy.
+   cut short leaves it; the restarted service fetches the version again (removing that folder) and never
+   loads the corrupt copy.
 5. registry down: stop `mlflow server` mid-load. /predict keeps answering 200 from the loaded version,
    /health reports the registry unreachable, and the workers go on checking it (last, as a restart of
    `mlflow server` takes half a minute here; phase 3 shows the recovery from an outage).
@@ -653,7 +654,7 @@ def corrupt_cache(stack: Stack) -> dict[str, Any]:
         "loaded_from_cache": log.count(f"loaded model {MODEL} version {version} (cache"),
         "cache_intact_after": intact,
         "answers": dict(answers),
-        "staging_left_behind": staging.parent.exists(),
+        "staging_removed": not staging.parent.exists(),
     }
     numbers["checks"] = {
         "refetched": numbers["origin"] == "downloaded"
@@ -661,12 +662,13 @@ def corrupt_cache(stack: Stack) -> dict[str, Any]:
         and numbers["fetched_again"] >= 1,
         "corrupt_never_loaded": numbers["loaded_from_cache"] == 0 and intact,
         "predict_answers": set(answers) == {version},
+        "staging_removed": numbers["staging_removed"],
     }
     print(
         f"corrupt cache: truncated {numbers['corrupted']}, left a partial staging folder, restarted: origin "
         f"{numbers['origin']}, fetched again {numbers['fetched_again']}x, loaded from the corrupt cache "
-        f"{numbers['loaded_from_cache']}x, cache intact after: {intact}, answers {dict(answers)}, staging folder "
-        f"still there: {numbers['staging_left_behind']}",
+        f"{numbers['loaded_from_cache']}x, cache intact after: {intact}, answers {dict(answers)}, interrupted "
+        f"staging folder removed: {numbers['staging_removed']}",
         flush=True,
     )
     return numbers

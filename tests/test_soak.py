@@ -47,4 +47,5 @@ def test_the_service_survives_load_and_faults(settings: Settings, model: LoadedM
     corrupt = result["corrupt_cache"]
     assert corrupt["origin"] == "downloaded" and corrupt["fetched_again"] >= 1
     assert corrupt["loaded_from_cache"] == 0 and corrupt["cache_intact_after"]
+    assert corrupt["staging_removed"]  # what an interrupted download left is cleaned by the next download
     assert result["ok"] and process.returncode == 0, result["failed_checks"]
