@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_PORT = 9696
 
@@ -52,50 +53,47 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        return cls(
-            tracking_uri=environ.get("MLFLOW_TRACKING_URI", cls.tracking_uri),
-            experiment_name=environ.get("MLFLOW_EXP_NAME", cls.experiment_name),
-            registered_model=environ.get("MLFLOW_REGISTERED_MODEL", cls.registered_model),
-            port=int(environ.get("MODEL_PORT", cls.port)),
-            model_cache_dir=environ.get("MODEL_CACHE_DIR", cls.model_cache_dir),
-            refresh_seconds=float(environ.get("MODEL_REFRESH_SECONDS", cls.refresh_seconds)),
-            fetch_timeout_seconds=float(environ.get("MODEL_FETCH_TIMEOUT", cls.fetch_timeout_seconds)),
-            fetch_retries=int(environ.get("MODEL_FETCH_RETRIES", cls.fetch_retries)),
-            model_path=environ.get("MODEL_PATH") or None,
-            batch_root=environ.get("BATCH_ROOT") or None,
-            batch_s3_prefix=environ.get("BATCH_S3_PREFIX", cls.batch_s3_prefix),
-            batch_state_dir=environ.get("BATCH_STATE_DIR", cls.batch_state_dir),
-            max_batch_jobs=int(environ.get("MAX_BATCH_JOBS", cls.max_batch_jobs)),
-            monitoring_experiment=environ.get("MLFLOW_MONITORING_EXP_NAME", cls.monitoring_experiment),
-            eval_min_roc_auc=float(environ.get("EVAL_MIN_ROC_AUC", cls.eval_min_roc_auc)),
-            max_body_bytes=int(environ.get("MAX_BODY_BYTES", cls.max_body_bytes)),
-            max_trips_per_request=int(environ.get("MAX_TRIPS_PER_REQUEST", cls.max_trips_per_request)),
-            worker_timeout_seconds=int(environ.get("WORKER_TIMEOUT", cls.worker_timeout_seconds)),
-            graceful_timeout_seconds=int(environ.get("GRACEFUL_TIMEOUT", cls.graceful_timeout_seconds)),
-            admin_token=environ.get("ADMIN_TOKEN") or None,
-        )
+        """Each field from its variable (ENVIRONMENT), converted to the type of its default; an empty value
+        of a field whose default is None means None."""
+        values: dict[str, Any] = {}
+        for name, variable in ENVIRONMENT.items():
+            if variable not in environ:
+                continue
+            default = getattr(cls, name)
+            text = environ[variable]
+            values[name] = (text or None) if default is None else type(default)(text)
+        return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a child process (a batch job) these same settings; not the admin token,
         which a child has no use for."""
         return {
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "MLFLOW_EXP_NAME": self.experiment_name,
-            "MLFLOW_REGISTERED_MODEL": self.registered_model,
-            "MODEL_PORT": str(self.port),
-            "MODEL_CACHE_DIR": self.model_cache_dir,
-            "MODEL_REFRESH_SECONDS": str(self.refresh_seconds),
-            "MODEL_FETCH_TIMEOUT": str(self.fetch_timeout_seconds),
-            "MODEL_FETCH_RETRIES": str(self.fetch_retries),
-            "MODEL_PATH": self.model_path or "",
-            "BATCH_ROOT": self.batch_root or "",
-            "BATCH_S3_PREFIX": self.batch_s3_prefix,
-            "BATCH_STATE_DIR": self.batch_state_dir,
-            "MAX_BATCH_JOBS": str(self.max_batch_jobs),
-            "MLFLOW_MONITORING_EXP_NAME": self.monitoring_experiment,
-            "EVAL_MIN_ROC_AUC": str(self.eval_min_roc_auc),
-            "MAX_BODY_BYTES": str(self.max_body_bytes),
-            "MAX_TRIPS_PER_REQUEST": str(self.max_trips_per_request),
-            "WORKER_TIMEOUT": str(self.worker_timeout_seconds),
-            "GRACEFUL_TIMEOUT": str(self.graceful_timeout_seconds),
+            variable: "" if (value := getattr(self, name)) is None else str(value)
+            for name, variable in ENVIRONMENT.items()
+            if name != "admin_token"
         }
+
+
+# Each setting's environment variable: the one table `from_env` reads and `to_env` writes.
+ENVIRONMENT = {
+    "tracking_uri": "MLFLOW_TRACKING_URI",
+    "experiment_name": "MLFLOW_EXP_NAME",
+    "registered_model": "MLFLOW_REGISTERED_MODEL",
+    "port": "MODEL_PORT",
+    "model_cache_dir": "MODEL_CACHE_DIR",
+    "refresh_seconds": "MODEL_REFRESH_SECONDS",
+    "fetch_timeout_seconds": "MODEL_FETCH_TIMEOUT",
+    "fetch_retries": "MODEL_FETCH_RETRIES",
+    "model_path": "MODEL_PATH",
+    "batch_root": "BATCH_ROOT",
+    "batch_s3_prefix": "BATCH_S3_PREFIX",
+    "batch_state_dir": "BATCH_STATE_DIR",
+    "max_batch_jobs": "MAX_BATCH_JOBS",
+    "monitoring_experiment": "MLFLOW_MONITORING_EXP_NAME",
+    "eval_min_roc_auc": "EVAL_MIN_ROC_AUC",
+    "max_body_bytes": "MAX_BODY_BYTES",
+    "max_trips_per_request": "MAX_TRIPS_PER_REQUEST",
+    "worker_timeout_seconds": "WORKER_TIMEOUT",
+    "graceful_timeout_seconds": "GRACEFUL_TIMEOUT",
+    "admin_token": "ADMIN_TOKEN",
+}
