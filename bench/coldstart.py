@@ -27,7 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import free_port, run_train, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
+from harness import clean_env, free_port, run_train, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
 
 from config import Settings  # noqa: E402
 from model_store import ModelStore, s3_client  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="coldstart-"))
-    base_env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    base_env = clean_env()
     profile = write_aws_profile(work)
     processes = []
     try:

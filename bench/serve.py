@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import free_port, run_train, start, start_gunicorn, stop, wait_for_http  # noqa: E402
+from harness import clean_env, free_port, run_train, start, start_gunicorn, stop, wait_for_http  # noqa: E402
 
 import predict  # noqa: E402
 from config import Settings  # noqa: E402
@@ -115,7 +114,7 @@ def main() -> int:
     settings = Settings(
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registered_model=MODEL, model_cache_dir=str(work / "cache")
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    env = clean_env()
     env |= {
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "MLFLOW_REGISTERED_MODEL": MODEL,

@@ -61,7 +61,16 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import free_port, run_train, start_gunicorn, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
+from harness import (  # noqa: E402
+    clean_env,
+    free_port,
+    run_train,
+    start_gunicorn,
+    start_mlflow_server,
+    start_moto,
+    stop,
+    write_aws_profile,
+)
 
 import train  # noqa: E402
 from config import Settings  # noqa: E402
@@ -302,7 +311,7 @@ class Stack:
 
     def start(self, model_dir: Path | None) -> None:
         """S3 with a bucket, the registry with a Production model, then the service with an empty cache."""
-        base_env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+        base_env = clean_env()
         profile = write_aws_profile(self.work)
         s3_url = f"http://127.0.0.1:{self.s3_port}"
         self.env = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,17 @@ from typing import Any
 import boto3
 import botocore.session
 import pytest
-from harness import ROOT, free_port, run_train, start_gunicorn, start_mlflow_server, start_moto, stop, write_aws_profile
+from harness import (
+    ROOT,
+    clean_env,
+    free_port,
+    run_train,
+    start_gunicorn,
+    start_mlflow_server,
+    start_moto,
+    stop,
+    write_aws_profile,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -25,7 +34,7 @@ MODEL_NAME = "bikeshare-membership-test"
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a service or CLI process gets in tests: the test registry, nothing from the user."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    env = clean_env()
     env.update(
         MLFLOW_TRACKING_URI=settings.tracking_uri,
         MLFLOW_EXP_NAME=settings.experiment_name,

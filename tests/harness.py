@@ -15,6 +15,12 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the user's MLflow and AWS settings: a started process reaches only
+    the registry, bucket and profile it is given."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

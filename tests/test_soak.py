@@ -4,11 +4,10 @@ against real processes (moto, `mlflow server`, Gunicorn); its JSON line is check
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from harness import ROOT
+from harness import ROOT, clean_env
 
 from config import Settings
 from model_store import LoadedModel, ModelStore
@@ -18,7 +17,7 @@ def test_the_service_survives_load_and_faults(settings: Settings, model: LoadedM
     model_dir = ModelStore(settings).cache_dir / model.version  # the session's trained model, as the cache holds it
     command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--model-dir", str(model_dir)]
     command += ["--duration", "10", "--clients", "16", "--phase-seconds", "6"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    env = clean_env()
     process = subprocess.Popen(
         command, cwd=ROOT, env=env | {"MLFLOW_DISABLE_TELEMETRY": "true"}, stdout=subprocess.PIPE, text=True
     )
