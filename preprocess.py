@@ -637,15 +637,14 @@ ARRAY_MATH = SimpleNamespace(
     month=_months_of_days,
 )
 SCALAR_MATH = SimpleNamespace(
-    sin=np.sin,
-    cos=np.cos,
-    arcsin=np.arcsin,
-    log1p=np.log1p,
-    sqrt=math.sqrt,
-    isnan=math.isnan,
-    maximum=max,
-    where=lambda condition, if_true, if_false: if_true if condition else if_false,
-    month=_month_of_day,
+    **{
+        **vars(ARRAY_MATH),
+        "sqrt": math.sqrt,
+        "isnan": math.isnan,
+        "maximum": max,
+        "where": lambda condition, if_true, if_false: if_true if condition else if_false,
+        "month": _month_of_day,
+    }
 )
 
 
