@@ -49,7 +49,6 @@ graceful_timeout = service.graceful_timeout_seconds
 keepalive = 5
 max_requests = 20_000
 max_requests_jitter = 2_000
-accesslog = None
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
 logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (predict.serve_app)
 

@@ -71,10 +71,6 @@ def trips_predicted(memberships: list[str], percents: list[float]) -> None:
     prometheus_client observes one value at a time; a list of trips is added with one write per bucket
     touched (its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]).
     """
-    if len(percents) == 1:  # the common request: one trip, without the tally
-        (MEMBER_TRIPS if memberships[0] == MEMBER else CASUAL_TRIPS).inc()
-        PROBA.observe(percents[0])
-        return
     members = memberships.count(MEMBER)
     if members:
         MEMBER_TRIPS.inc(members)

@@ -424,8 +424,6 @@ class ModelHolder:
         self.on_refresh: RefreshListener = lambda outcome, serving, replaced: None
         self.registry_error: str | None = model.metadata.get("fetch_error")
         self.checked_at: str | None = model.loaded_at if store else None
-        self.reloads = 0
-        self.failed_reloads = 0
         self._refresh_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # The reload request this model already answers: a worker forked later from a master that loaded it
@@ -461,7 +459,6 @@ class ModelHolder:
             try:
                 candidate = self.store.load(version)
             except Exception as error:  # a bad version must never take down the one being served
-                self.failed_reloads += 1
                 # The registry answered but the artifacts could not be fetched: /health says so, as it does when
                 # this happens at start-up. Each error stands until a check ends, so /health does not flap.
                 self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
@@ -475,7 +472,6 @@ class ModelHolder:
                 return False
             self.registry_error = None
             previous, self.model = self.model, candidate
-            self.reloads += 1
             log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
             self.on_refresh("swapped", candidate, previous)
             return True

@@ -337,4 +337,4 @@ def start_serving(app: Flask) -> None:
 if __name__ == "__main__":
     debug_app = serve_app()
     start_serving(debug_app)
-    debug_app.run(host="0.0.0.0", port=Settings.from_env().port, debug=True)
+    debug_app.run(host="0.0.0.0", port=debug_app.extensions["settings"].port, debug=True)
