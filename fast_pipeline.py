@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ PARITY_TOLERANCE = 1e-9
 # Of the check trips, how many the self-check also sends one at a time (the path a single request takes).
 SINGLE_TRIP_CHECKS = 300
 UNKNOWN_PLACE = (math.nan, math.nan)
+UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock times
+ONE_SECOND = timedelta(seconds=1)
 
 
 class UnsupportedPipeline(ValueError):
@@ -148,10 +151,8 @@ class FastPipeline:
         fast = cls(features, columns, compile_trees(classifier, len(columns)))
         check_trips = parity_check_trips(features, columns)
         expected = pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1]
-        one_by_one = [
-            fast.member_probability({name: values[i : i + 1] for name, values in check_trips.items()})[0]
-            for i in range(SINGLE_TRIP_CHECKS)
-        ]
+        singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
+        one_by_one = [fast.trip_probability(*trip) for trip in zip(*singles, strict=True)]
         difference = max(
             float(np.max(np.abs(fast.member_probability(check_trips) - expected))),
             float(np.max(np.abs(np.array(one_by_one) - expected[:SINGLE_TRIP_CHECKS]))),
@@ -160,27 +161,30 @@ class FastPipeline:
             raise UnsupportedPipeline(f"differs from scikit-learn by {difference:.3g} on the check trips")
         return fast
 
-    def feature_row(self, start: np.datetime64, duration: float, from_id: float, to_id: float) -> list[float]:
-        """One trip's features, equal to its row of `TripFeatures.feature_matrix`, without array overhead."""
-        seconds = int(start.astype("datetime64[s]").astype("int64"))
+    def trip_probability(self, start: datetime, duration: float, from_id: float, to_id: float) -> float:
+        """P(Member) of one trip given as Python values, equal to its `member_probability` without the array
+        machinery: the path of a single-trip request, where each numpy call costs about a microsecond."""
+        seconds = (start - UNIX_EPOCH) // ONE_SECOND
         duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
         origin, destination = self.places.get(from_id, UNKNOWN_PLACE), self.places.get(to_id, UNKNOWN_PLACE)
-        values = trip_features(seconds, duration, from_id, to_id, origin, destination, SCALAR_MATH)
-        return [float(value) for value in values]
+        features = trip_features(seconds, duration, from_id, to_id, origin, destination, SCALAR_MATH)
+        row = [float(value) for value in features]
+        raw = self.raw_score(
+            *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
+        )
+        try:
+            return 1.0 / (1.0 + math.exp(-raw))  # scipy's `expit`, bit for bit
+        except OverflowError:  # exp(-raw) beyond the largest float, where expit answers 0
+            return 0.0
 
     def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
-        """P(Member) for trips given as columns; one trip skips the array machinery (same values)."""
-        if len(trips["trip_duration_seconds"]) == 1:
-            start, duration, from_id, to_id = (np.asarray(trips[column])[0] for column in MODEL_INPUT_COLUMNS)
-            rows = [self.feature_row(start, float(duration), float(from_id), float(to_id))]
-        else:
-            rows = self.features.feature_matrix(trips).tolist()
+        """P(Member) for trips given as columns (a DataFrame, or arrays)."""
         columns, raw_score = self.columns, self.raw_score
         raw = [
             raw_score(
                 *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in columns]
             )
-            for row in rows
+            for row in self.features.feature_matrix(trips).tolist()
         ]
         return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses
 

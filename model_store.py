@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,7 +55,7 @@ from mlflow.tracking import MlflowClient
 
 from config import Settings
 from fast_pipeline import FastPipeline, UnsupportedPipeline
-from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS
+from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS, model_input
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
 DECISION_THRESHOLD = 0.5
@@ -75,6 +75,11 @@ log = logging.getLogger(__name__)
 def membership(member_probability: np.ndarray) -> np.ndarray:
     """`Member` or `Casual` for each probability, at `DECISION_THRESHOLD`."""
     return np.where(member_probability >= DECISION_THRESHOLD, MEMBER, CASUAL)
+
+
+def trip_membership(member_probability: float) -> str:
+    """`membership` of one probability, without an array."""
+    return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
 
 
 class NoProductionModel(LookupError):
@@ -123,6 +128,13 @@ class LoadedModel:
         frame = trips if isinstance(trips, pd.DataFrame) else pd.DataFrame(trips)
         classes = list(self.pipeline.classes_)
         return self.pipeline.predict_proba(frame[MODEL_INPUT_COLUMNS])[:, classes.index(1)]
+
+    def request_probabilities(self, trips: Sequence[Mapping[str, Any]]) -> list[float]:
+        """P(Member) for validated request trips (`preprocess.parse_request_trip`); one trip through the fast
+        form skips the columns and arrays (the same values)."""
+        if self.fast is not None and len(trips) == 1:
+            return [self.fast.trip_probability(*(trips[0][column] for column in MODEL_INPUT_COLUMNS))]
+        return self.member_probability(model_input(trips)).tolist()
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
 
@@ -101,14 +103,13 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
-    """The service answers one trip through `FastPipeline.feature_row`, not arrays: check that path trip by trip."""
+    """The service answers one trip from Python values (`FastPipeline.trip_probability`), not arrays: check that
+    path trip by trip, with the types `parse_request_trip` gives, bit for bit."""
     sample = real_trips.sample(2000, random_state=4)
     expected = model.pipeline.predict_proba(sample)[:, 1]
-    columns = {name: sample[name].to_numpy() for name in preprocess.MODEL_INPUT_COLUMNS}
-    one_by_one = [
-        model.fast.member_probability({name: values[i : i + 1] for name, values in columns.items()})[0]
-        for i in range(len(sample))
-    ]
+    trips = [{**trip, "trip_start_time": trip["trip_start_time"].to_pydatetime()} for trip in sample.to_dict("records")]
+    assert all(type(trip["trip_start_time"]) is datetime for trip in trips)
+    one_by_one = [model.request_probabilities([trip])[0] for trip in trips]
     np.testing.assert_allclose(one_by_one, expected, rtol=0, atol=1e-5)
     assert np.max(np.abs(np.array(one_by_one) - expected)) == 0
 
@@ -118,3 +119,11 @@ def test_a_one_row_frame_cut_from_a_file_is_scored(model: LoadedModel, real_trip
     one_row = real_trips.iloc[5:6]
     expected = model.pipeline.predict_proba(one_row)[:, 1]
     np.testing.assert_array_equal(model.member_probability(one_row), expected)
+
+
+@pytest.mark.parametrize("raw", [-1000.0, -30.0, 0.0, 30.0, 1000.0])
+def test_one_trip_link_is_expit_also_where_exp_overflows(model: LoadedModel, raw: float) -> None:
+    fast = copy.copy(model.fast)
+    fast.raw_score = lambda *features: raw
+    probability = fast.trip_probability(datetime(2017, 7, 1, 8), 600.0, 7000.0, 7001.0)
+    assert probability == expit(raw)
