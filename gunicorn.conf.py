@@ -55,7 +55,7 @@ logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it
 
 class ErrorOnlyLogger(Logger):
     """Gunicorn's logger without its access log, which a logconfig_dict would otherwise turn on: the app
-    logs every request itself (predict.finish_request)."""
+    logs every request itself (predict.RequestRecorder)."""
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         pass

@@ -16,7 +16,7 @@ import bisect
 import functools
 import os
 from collections import Counter as Tally
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -33,7 +33,7 @@ PROBA_BUCKETS = tuple(float(percent) for percent in range(10, 101, 10))
 REQUESTS = Counter("bikeshare_http_requests", "HTTP requests answered", ["endpoint", "method", "status"])
 LATENCY = Histogram(
     "bikeshare_http_request_duration_seconds",
-    "Time from routing the request to its built response",
+    "Time from the request reaching the app to its built response",
     ["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
@@ -65,17 +65,18 @@ def request_answered(endpoint: str, method: str, status: int, seconds: float) ->
     latency.observe(seconds)
 
 
-def trips_predicted(memberships: list[str], percents: list[float]) -> None:
-    """Count the trips by class and add their probabilities (as answered, in percent) to the histogram.
+def trips_predicted(answers: list[dict[str, Any]]) -> None:
+    """Count answered trips by class and add their probabilities (in percent, as answered) to the histogram.
 
     prometheus_client observes one value at a time; a list of trips is added with one write per bucket
     touched (its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]).
     """
-    members = memberships.count(MEMBER)
+    members = sum(answer["membership"] == MEMBER for answer in answers)
     if members:
         MEMBER_TRIPS.inc(members)
-    if members < len(memberships):
-        CASUAL_TRIPS.inc(len(memberships) - members)
+    if members < len(answers):
+        CASUAL_TRIPS.inc(len(answers) - members)
+    percents = [answer["proba"] for answer in answers]
     PROBA._sum.inc(sum(percents))
     for bucket, count in Tally(bisect.bisect_left(PROBA_BUCKETS, percent) for percent in percents).items():
         PROBA._buckets[bucket].inc(count)

@@ -61,9 +61,11 @@ def service(settings: Settings, trained: Any, tmp_path_factory: pytest.TempPathF
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(url: str) -> Samples:
-    response = requests.get(f"{url}/metrics", timeout=10)
+def scrape(service: Service) -> Samples:
+    """The metrics, once this scrape is counted too (a request is counted after its answer is sent)."""
+    response = requests.get(f"{service.url}/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    request_lines(service, response.headers["X-Request-ID"])
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(response.text)
@@ -92,13 +94,18 @@ def log_lines(service: Service) -> list[dict[str, Any]]:
 
 
 def request_lines(service: Service, request_id: str) -> list[dict[str, Any]]:
-    return [line for line in log_lines(service) if line.get("request_id") == request_id]
+    """The log lines of an answered request: they are written once the answer is sent, so wait for them."""
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in log_lines(service) if line.get("request_id") == request_id]):
+        assert time.monotonic() < deadline, f"no log line for request {request_id}"
+        time.sleep(0.01)
+    return lines
 
 
 def test_metrics_add_up_over_both_workers(service: Service) -> None:
     """A known mix of requests, each on a fresh connection; the scrape's sums agree with what was sent and
     with what the answers said."""
-    before = scrape(service.url)
+    before = scrape(service)
     sent: Counter[tuple[str, str, str]] = Counter()
     classes: Counter[str] = Counter()
     probas: list[float] = []
@@ -135,9 +142,10 @@ def test_metrics_add_up_over_both_workers(service: Service) -> None:
                 probas.append(answer["proba"])
     expected_refusals = {("/predict", "POST", "400"): 8, ("/predict", "POST", "415"): 4, ("unmatched", "GET", "404"): 4}
     assert all(sent[key] == count for key, count in expected_refusals.items()), sent
-    after = scrape(service.url)
+    pids = {line["pid"] for request_id in request_ids for line in request_lines(service, request_id)}
+    after = scrape(service)  # every request above is logged, so counted
 
-    sent["/metrics", "GET", "200"] += 1  # the first scrape, counted once it was answered
+    sent["/metrics", "GET", "200"] += 1  # the first scrape
     counted = delta(after, before, "bikeshare_http_requests_total")
     assert counted == {labels(endpoint=e, method=m, status=s): float(n) for (e, m, s), n in sent.items()}
     by_endpoint = Counter[str]()
@@ -164,7 +172,6 @@ def test_metrics_add_up_over_both_workers(service: Service) -> None:
     serving = {key: value for key, value in values(after, "bikeshare_model_loaded", "version").items() if value}
     assert serving == {version: 2.0}  # both live workers serve it
 
-    pids = {line["pid"] for request_id in request_ids for line in request_lines(service, request_id)}
     assert len(pids) == 2, f"both workers should have answered, got {pids}"
     print(
         f"\nsent {sum(sent.values())} requests ({dict(sent)}); predicted {len(probas)} trips {dict(classes)}; "
@@ -190,12 +197,12 @@ def test_request_id_is_echoed_generated_or_replaced_and_logged_once(service: Ser
     ids = [given, generated, *replaced.values()]
     assert len(set(ids)) == len(ids)
 
-    lines = log_lines(service)  # every line JSON, Gunicorn's own included
-    assert any(line["logger"] == "gunicorn.error" for line in lines)
     for request_id in ids:
-        mine = [line for line in lines if line.get("request_id") == request_id]
+        mine = request_lines(service, request_id)
         assert len(mine) == 1, f"{request_id}: {mine}"
         assert mine[0].keys() >= REQUEST_LINE_FIELDS
+    lines = log_lines(service)  # every line JSON, Gunicorn's own included
+    assert any(line["logger"] == "gunicorn.error" for line in lines)
     assert not [line for line in lines if line.get("request_id") in replaced]
     first = next(line for line in lines if line.get("request_id") == given)
     assert (first["method"], first["path"], first["endpoint"], first["status"]) == ("POST", "/predict", "/predict", 200)
@@ -218,11 +225,11 @@ def test_credentials_bodies_and_query_strings_never_reach_the_log(service: Servi
         timeout=10,
     )
     assert failed.status_code == 400
-    text = service.log.read_text()
-    assert not [name for name, secret in secrets.items() if secret in text]
     for answer in (response, failed):
         (line,) = request_lines(service, answer.headers["X-Request-ID"])
         assert line["path"] == "/predict"
+    text = service.log.read_text()
+    assert not [name for name, secret in secrets.items() if secret in text]
 
 
 def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
@@ -236,7 +243,7 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
 
     killed, version = health_answered_by(), requests.get(f"{service.url}/model", timeout=10).json()["version"]
     workers_before = {line["pid"] for line in log_lines(service) if line["message"].startswith("Booting worker")}
-    before = scrape(service.url)
+    before = scrape(service)
     os.kill(killed, signal.SIGKILL)
     answered_by: list[int] = []
     deadline = time.monotonic() + 60
@@ -244,7 +251,7 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
         answered_by.append(health_answered_by())
     replacement = set(answered_by) - workers_before
     assert replacement, "Gunicorn did not replace the killed worker"
-    after = scrape(service.url)
+    after = scrape(service)
 
     serving = {key: value for key, value in values(after, "bikeshare_model_loaded", "version").items() if value}
     assert serving == {version: 2.0}
