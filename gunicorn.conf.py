@@ -55,7 +55,7 @@ logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it
 
 class ErrorOnlyLogger(Logger):
     """Gunicorn's logger without its access log, which a logconfig_dict would otherwise turn on: the app
-    logs every request itself (predict.RequestRecorder)."""
+    logs every request itself (recorder.py)."""
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         pass
@@ -75,6 +75,16 @@ def post_worker_init(worker: Any) -> None:
         import predict  # loaded already by the preload
 
         predict.start_serving(worker.wsgi)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """In the worker, as it exits (SIGTERM, max_requests): its request records not yet written. (The master
+    calls this too for a worker already gone, which has no app.)"""
+    app = getattr(worker, "wsgi", None)
+    if app is not None and "recorder" in app.extensions:
+        import predict
+
+        predict.stop_serving(app)
 
 
 def child_exit(server: Any, worker: Any) -> None:

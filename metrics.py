@@ -13,7 +13,6 @@ Labels are bounded: the endpoint is the route rule (`/predict/batch/<job_id>`), 
 from __future__ import annotations
 
 import bisect
-import functools
 import os
 from collections import Counter as Tally
 from typing import TYPE_CHECKING, Any
@@ -54,32 +53,37 @@ RELOAD_FAILURES = Counter(
 MEMBER_TRIPS, CASUAL_TRIPS = PREDICTIONS.labels(MEMBER), PREDICTIONS.labels(CASUAL)
 
 
-@functools.cache  # the labels are bounded; a lookup here costs a fifth of prometheus_client's `labels()`
-def request_series(endpoint: str, method: str, status: int) -> tuple[Counter, Histogram]:
-    return REQUESTS.labels(endpoint, method, str(status)), LATENCY.labels(endpoint)
-
-
-def request_answered(endpoint: str, method: str, status: int, seconds: float) -> None:
-    count, latency = request_series(endpoint, method if method in METHODS else "other", status)
-    count.inc()
-    latency.observe(seconds)
+def requests_answered(answered: list[tuple[str, str, int, float]]) -> None:
+    """Count and time answered requests, given as (endpoint, method, status, seconds)."""
+    counts: Tally[tuple[str, str, int]] = Tally()
+    latencies: dict[str, list[float]] = {}
+    for endpoint, method, status, seconds in answered:
+        counts[endpoint, method if method in METHODS else "other", status] += 1
+        latencies.setdefault(endpoint, []).append(seconds)
+    for (endpoint, method, status), count in counts.items():
+        REQUESTS.labels(endpoint, method, str(status)).inc(count)
+    for endpoint, values in latencies.items():
+        observe_all(LATENCY.labels(endpoint), values)
 
 
 def trips_predicted(answers: list[dict[str, Any]]) -> None:
-    """Count answered trips by class and add their probabilities (in percent, as answered) to the histogram.
-
-    prometheus_client observes one value at a time; a list of trips is added with one write per bucket
-    touched (its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]).
-    """
+    """Count answered trips by class and add their probabilities (in percent, as answered) to the histogram."""
     members = sum(answer["membership"] == MEMBER for answer in answers)
     if members:
         MEMBER_TRIPS.inc(members)
     if members < len(answers):
         CASUAL_TRIPS.inc(len(answers) - members)
-    percents = [answer["proba"] for answer in answers]
-    PROBA._sum.inc(sum(percents))
-    for bucket, count in Tally(bisect.bisect_left(PROBA_BUCKETS, percent) for percent in percents).items():
-        PROBA._buckets[bucket].inc(count)
+    observe_all(PROBA, [answer["proba"] for answer in answers])
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """`histogram.observe` of each value, with one write per bucket touched: prometheus_client observes one
+    value at a time. Its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]."""
+    if not values:
+        return
+    histogram._sum.inc(sum(values))
+    for bucket, count in Tally(bisect.bisect_left(histogram._upper_bounds, value) for value in values).items():
+        histogram._buckets[bucket].inc(count)
 
 
 def model_served(model: LoadedModel, replaced: LoadedModel | None = None) -> None:

@@ -17,7 +17,7 @@ Endpoints:
     GET  /metrics   Prometheus metrics, summed over the Gunicorn workers (metrics.py).
 
 Every request gets an id (a safe `X-Request-ID` it came with, else a new one), returned in `X-Request-ID`
-and written in the one JSON log line logged per request (jsonlog.py): no other header, no body, no query.
+and written in the one JSON log line logged per request (recorder.py): no other header, no body, no query.
 
 Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
 
@@ -28,38 +28,29 @@ the same port. The model is loaded once when the app is created and swapped when
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
-import os
-import re
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
-from werkzeug.wsgi import ClosingIterator, get_content_length
+from werkzeug.wsgi import get_content_length
 
 import batch
 import jsonlog
 import metrics
 import openapi
 import preprocess
+import recorder
 from config import Settings
 from model_store import LoadedModel, ModelHolder, ModelUnavailable, trip_membership
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import WSGIEnvironment
 
 JSON_CONTENT_TYPE = "application/json"
-REQUEST_ID_HEADER = "X-Request-ID"
-REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replaced by the id the request got
-SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MAX_LOGGED_PATH = 256
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
@@ -155,10 +146,8 @@ def _settings() -> Settings:
 def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
     answer = predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request)
-    response = json_response(answer)
-    # Counted once the answer is sent, like the request itself (RequestRecorder): off the client's wait.
-    response.call_on_close(functools.partial(metrics.trips_predicted, answer.get("predictions", [answer])))
-    return response
+    request.environ[recorder.PREDICTIONS_ENVIRON] = answer.get("predictions", [answer])  # counted after sending
+    return json_response(answer)
 
 
 def predictions(
@@ -259,49 +248,6 @@ def prometheus_metrics() -> Response:
     return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
-# --- Per request: an id, metrics and one JSON log line ------------------------------------------
-
-
-class RequestRecorder:
-    """WSGI middleware around the Flask app (`app.wsgi_app`): gives every request an id (a safe
-    `X-Request-ID` it came with, else a new one) and, once its response is sent, counts and times it and logs
-    it in one JSON line, errors included.
-
-    Here rather than in Flask's request hooks, because the environ is a dict where the hooks go through context
-    proxies (~10 us a request), and because the server closes a response after writing it: what runs on close
-    is off the client's wait.
-    """
-
-    def __init__(self, wsgi_app: WSGIApplication, holder: ModelHolder) -> None:
-        self.wsgi_app, self.holder = wsgi_app, holder
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        started = time.perf_counter()
-        given = environ.get(REQUEST_ID_ENVIRON)
-        request_id = given if given is not None and SAFE_REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
-        environ[REQUEST_ID_ENVIRON] = request_id  # for the app's own log lines (render_unexpected_error)
-        line = {"request_id": request_id, "method": environ["REQUEST_METHOD"]}
-        line["path"] = environ.get("PATH_INFO", "")[:MAX_LOGGED_PATH]
-
-        def start_with_id(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            # Flask starts the response while its request is current: the route it matched, if any.
-            routed = environ.get("werkzeug.request")
-            line["endpoint"] = routed.url_rule.rule if routed and routed.url_rule else "unmatched"
-            line["status"], line["seconds"] = int(status[:3]), time.perf_counter() - started
-            headers.append((REQUEST_ID_HEADER, request_id))
-            return start_response(status, headers, exc_info)
-
-        body = self.wsgi_app(environ, start_with_id)
-        return ClosingIterator(body, functools.partial(self.record, line))
-
-    def record(self, line: dict[str, Any]) -> None:
-        seconds = line.pop("seconds")
-        metrics.request_answered(line["endpoint"], line["method"], line["status"], seconds)
-        line["duration_ms"] = round(seconds * 1000, 3)
-        line["model_version"] = self.holder.model.version
-        jsonlog.write_info("predict.requests", "request", line)
-
-
 def render_api_error(error: ApiError) -> Response:
     response = json_response(
         {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
@@ -318,7 +264,8 @@ def render_http_error(error: HTTPException) -> Response:
 
 
 def render_unexpected_error(error: Exception) -> Response:
-    log.exception("unhandled error", extra={"fields": {"request_id": request.environ.get(REQUEST_ID_ENVIRON)}})
+    request_id = request.environ.get(recorder.REQUEST_ID_ENVIRON)
+    log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
     return render_api_error(ApiError(500, "INTERNAL_ERROR", "the service failed to answer; the error is logged"))
 
 
@@ -338,7 +285,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     app.register_blueprint(api)
     if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
         app.register_blueprint(admin)
-    app.wsgi_app = RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]
+    app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]
     app.register_error_handler(ApiError, render_api_error)
     app.register_error_handler(HTTPException, render_http_error)
     app.register_error_handler(Exception, render_unexpected_error)
@@ -368,6 +315,12 @@ def start_serving(app: Flask) -> None:
     holder = app.extensions["model_holder"]
     metrics.model_served(holder.model)
     holder.start_refreshing(app.extensions["settings"].refresh_seconds)
+    app.extensions["recorder"].start_flushing()
+
+
+def stop_serving(app: Flask) -> None:
+    """What a worker does as it exits: write the request records it still holds."""
+    app.extensions["recorder"].flush()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -22,8 +23,10 @@ from conftest import service_env
 from harness import start_gunicorn, stop
 from prometheus_client.parser import text_string_to_metric_families
 
+import jsonlog
 from config import Settings
 from metrics import PROBA_BUCKETS
+from recorder import FLUSH_SECONDS
 from test_pred import TRIP
 
 # A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
@@ -62,7 +65,9 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(service: Service) -> Samples:
-    """The metrics, once this scrape is counted too (a request is counted after its answer is sent)."""
+    """The metrics with every request answered before counted, and this scrape too: each worker writes the
+    requests it answered every FLUSH_SECONDS."""
+    time.sleep(2 * FLUSH_SECONDS)
     response = requests.get(f"{service.url}/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
     request_lines(service, response.headers["X-Request-ID"])
@@ -261,3 +266,14 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
     assert after[total, health] - before[total, health] == len(answered_by)
     print(f"\nkilled worker {killed}, replaced by {replacement}; {len(answered_by)} requests counted after the kill")
     assert service.process.poll() is None
+
+
+def test_request_lines_are_written_in_whole_lines_of_at_most_pipe_buf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of request lines goes out in pieces a pipe writes in one go, so workers' lines never interleave."""
+    pieces: list[bytes] = []
+    monkeypatch.setattr(jsonlog, "_write_all", lambda data: pieces.append(bytes(data)))
+    lines = [(time.time(), {"request_id": uuid.uuid4().hex, "path": "/predict" + "x" * index}) for index in range(300)]
+    jsonlog.write_info_lines("predict.requests", "request", lines)
+    assert len(pieces) > 1 and all(len(piece) <= select.PIPE_BUF and piece.endswith(b"\n") for piece in pieces)
+    written = [json.loads(line) for piece in pieces for line in piece.splitlines()]
+    assert [line["request_id"] for line in written] == [fields["request_id"] for _, fields in lines]

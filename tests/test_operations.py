@@ -210,6 +210,10 @@ def test_sigterm_finishes_accepted_requests_then_refuses(
     assert "answered" in in_flight  # a request the worker held when SIGTERM came was finished
     assert counts["refused"] == len(threads)  # each client ended on a refused connection
     assert after_exit == "refused"
+    # Workers write their request lines in batches: an exiting worker writes what it still holds first.
+    lines = [json.loads(line) for line in (tmp_path / "gunicorn.log").read_text().splitlines() if line.strip()]
+    logged = [line for line in lines if line["logger"] == "predict.requests" and line["endpoint"] == "/predict"]
+    assert len(logged) == counts["answered"] and {line["status"] for line in logged} == {200}
 
 
 # --- Admin reload -------------------------------------------------------------------------------------
