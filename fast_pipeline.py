@@ -65,22 +65,18 @@ class StationEncoding:
         return self.missing if value != value else self.by_category.get(value, self.unknown)  # NaN != NaN
 
 
-def _tree_source(nodes: np.ndarray, index: int, indent: str) -> str:
-    """Python source adding one tree's leaf value to `raw`, with scikit-learn's split rule:
-    `x <= threshold` goes left, NaN goes where `missing_go_to_left` says."""
+def _tree_expression(nodes: np.ndarray, index: int) -> str:
+    """One tree's leaf value as a Python expression, with scikit-learn's split rule: `x <= threshold` goes
+    left, NaN goes where `missing_go_to_left` says. (Nested conditional expressions: a quarter less bytecode
+    than if-statements adding each leaf, and the bytecode is what a request's first touch pays for.)"""
     node = nodes[index]
     if node["is_leaf"]:
-        return f"{indent}raw += {float(node['value'])!r}\n"
+        return repr(float(node["value"]))
     feature, threshold = int(node["feature_idx"]), float(node["num_threshold"])
     limit = "INF" if math.isinf(threshold) else repr(threshold)
     test = f"x{feature} <= {limit}" + (f" or x{feature} != x{feature}" if node["missing_go_to_left"] else "")
-    deeper = indent + " "
-    return (
-        f"{indent}if {test}:\n"
-        + _tree_source(nodes, int(node["left"]), deeper)
-        + f"{indent}else:\n"
-        + _tree_source(nodes, int(node["right"]), deeper)
-    )
+    left, right = _tree_expression(nodes, int(node["left"])), _tree_expression(nodes, int(node["right"]))
+    return f"({left} if {test} else {right})"
 
 
 def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
@@ -95,7 +91,7 @@ def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -
     arguments = ", ".join(f"x{i}" for i in range(n_features))
     baseline = float(np.ravel(classifier._baseline_prediction)[0])
     source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
-    source += "".join(_tree_source(tree, 0, " ") for tree in trees)
+    source += "".join(f" raw += {_tree_expression(tree, 0)}\n" for tree in trees)
     source += " return raw\n"
     namespace: dict[str, Any] = {"INF": math.inf}
     exec(compile(source, f"<{len(trees)} boosted trees>", "exec"), namespace)  # our own numbers, no input
