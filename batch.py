@@ -284,6 +284,10 @@ class JobRefused(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
 
 
+class JobNotStarted(RuntimeError):
+    """The operating system refused to start a job's process."""
+
+
 def jobs_dir(settings: Settings) -> Path:
     return Path(settings.batch_state_dir) / "jobs"
 
@@ -370,6 +374,9 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
                 raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message)
             _write_json(status_path, status)
             process = _start_job(settings, model, input_location, output_location, status_path)
+    except JobNotStarted as error:
+        _write_json(status_path, {**status, "status": "failed", "finished_at": _now(), "error": str(error)})
+        raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", f"{error}; retry later") from None
     except OSError as error:
         message = f"batch jobs cannot be recorded: BATCH_STATE_DIR is not writable ({error.strerror})"
         raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message) from None
@@ -384,14 +391,17 @@ def _start_job(
     command = [sys.executable, str(Path(__file__).resolve()), "score", input_location, "--output", output_location]
     command += ["--model-version", model.version, "--status-file", str(status_path), "--nice", str(JOB_NICENESS)]
     with open(status_path.with_suffix(".log"), "ab") as job_log:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=job_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # not stopped with the worker that started it
-            env={**os.environ, **settings.to_env()},
-        )
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=job_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # not stopped with the worker that started it
+                env={**os.environ, **settings.to_env()},
+            )
+        except OSError as error:  # out of processes or memory: not the state folder's fault
+            raise JobNotStarted(f"the job's process could not start ({error.strerror})") from error
     status_path.with_suffix(".pid").write_text(str(process.pid))
     return process
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -286,6 +288,26 @@ def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
     client = predict.create_app(broken, ModelHolder(None, model)).test_client()
     response = client.post("/predict/batch", json={"input": "trips.csv"})
     assert response.status_code == 503 and "BATCH_STATE_DIR" in response.get_json()["error"]["message"]
+
+
+def test_a_job_whose_process_cannot_start_is_a_503_and_recorded_as_failed(
+    client, batch_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+
+    def out_of_processes(*args: Any, **kwargs: Any) -> None:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(batch.subprocess, "Popen", out_of_processes)
+    response = client.post("/predict/batch", json={"input": "trips.csv"})
+    error = response.get_json()["error"]
+    assert response.status_code == 503 and error["code"] == "TEMPORARILY_UNAVAILABLE"
+    assert error["message"] == "the job's process could not start (Resource temporarily unavailable); retry later"
+    (recorded,) = [
+        json.loads(path.read_text()) for path in (Path(batch_settings.batch_state_dir) / "jobs").glob("*.json")
+    ]
+    assert recorded["status"] == "failed" and "could not start" in recorded["error"]
+    assert batch.running_jobs(Path(batch_settings.batch_state_dir) / "jobs") == 0
 
 
 def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Settings, model: LoadedModel) -> None:
