@@ -381,7 +381,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
         message = f"batch jobs cannot be recorded: BATCH_STATE_DIR is not writable ({error.strerror})"
         raise JobRefused(503, "TEMPORARILY_UNAVAILABLE", message) from None
     threading.Thread(target=_supervise, args=(process, status_path), name=f"job-{job_id}", daemon=True).start()
-    return status
+    return _as_shown(settings, status)
 
 
 def _start_job(
@@ -441,9 +441,29 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
     if not JOB_ID.fullmatch(job_id):
         return None
     try:
-        return json.loads((jobs_dir(settings) / f"{job_id}.json").read_text())
+        return _as_shown(settings, json.loads((jobs_dir(settings) / f"{job_id}.json").read_text()))
     except FileNotFoundError:
         return None
+
+
+def _as_shown(settings: Settings, document: dict[str, Any]) -> dict[str, Any]:
+    """A job's state as the API shows it: local paths relative to BATCH_ROOT, as requests give them, in every
+    field and message. The job works with resolved paths; where BATCH_ROOT is on the server is not the
+    client's business."""
+    if settings.batch_root is None:
+        return document
+    root = str(Path(settings.batch_root).resolve()) + os.sep
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(root, "")
+        if isinstance(value, dict):
+            return {key: relative(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [relative(item) for item in value]
+        return value
+
+    return relative(document)
 
 
 def _write_json(path: Path, document: Mapping[str, Any]) -> None:

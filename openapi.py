@@ -45,6 +45,7 @@ def _case_insensitive(word: str) -> str:
 
 
 TIMESTAMP = {"type": "string", "format": "date-time"}
+LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
 
 
 def _schemas(max_trips: int) -> dict[str, Any]:
@@ -191,9 +192,9 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             {
                 "job_id": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
                 "status": {"type": "string", "enum": job_states},
-                "input": {"type": "string"},
-                "output": {"type": "string"},
-                "rejects": {"type": "string", "description": "Where the rows that could not be read go."},
+                "input": {"type": "string", "description": LOCATION},
+                "output": {"type": "string", "description": LOCATION},
+                "rejects": {"type": "string", "description": f"Where the rows that could not be read go. {LOCATION}"},
                 "model": _ref("ModelRef"),
                 "submitted_at": TIMESTAMP,
                 "started_at": TIMESTAMP,

@@ -365,6 +365,8 @@ def test_a_failing_job_reports_its_error(client, batch_settings: Settings) -> No
     job = started.get_json()
     status = poll(lambda: client.get(f"/predict/batch/{job['job_id']}").get_json())
     assert status["status"] == "failed" and "unknown file layout" in status["error"]
+    print(f"\nfailed job as shown: {status}")
+    assert str(Path(batch_settings.batch_root).resolve()) not in json.dumps([job, status])
 
 
 def test_s3_jobs_only_under_the_configured_prefix(
@@ -448,7 +450,10 @@ def test_a_large_job_through_gunicorn_completes_while_predict_keeps_answering(
     assert answered_while_running >= 1 and max(latencies) < 5.0  # /predict kept answering while the job ran
     assert status["summary"]["rows"] == status["summary"]["scored"] == status["rows_done"] == rows
     assert status["model"]["version"] == requests.get(f"{batch_service}/health", timeout=10).json()["model"]["version"]
-    output = Path(status["output"])
+    root = Path(batch_settings.batch_root).resolve()
+    assert str(root) not in json.dumps([job, status])  # paths as requests give them: relative to BATCH_ROOT
+    assert (job["input"], status["output"]) == ("big.csv", "big.predictions.csv")
+    output = root / status["output"]
     assert output.is_file() and sum(1 for _ in output.open()) == rows + 1
 
 
