@@ -9,6 +9,7 @@ lines on stderr (jsonlog.py), Gunicorn's own included; the app logs each request
 access log is off.
 """
 
+import atexit
 import gc
 import glob
 import os
@@ -28,10 +29,20 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import jsonlog
 from config import Settings
 
+MASTER_PID = os.getpid()  # the process that reads this file
+
+
+def remove_in_master(folder: str) -> None:
+    """For atexit: the master's exit, also when the app fails to load (Gunicorn's on_exit does not run then);
+    not a worker's, which runs the same handlers after the fork."""
+    if os.getpid() == MASTER_PID:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # Before anything imports prometheus_client, which picks its multiprocess mode from this variable on import.
-OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if OWN_METRICS_DIR:
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bikeshare-metrics-")
+    atexit.register(remove_in_master, os.environ["PROMETHEUS_MULTIPROC_DIR"])
 else:
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # a previous run's values
@@ -90,8 +101,3 @@ def worker_exit(server: Any, worker: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     """A dead worker's gauges leave the sums (its counters and histograms stay)."""
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server: Any) -> None:
-    if OWN_METRICS_DIR:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

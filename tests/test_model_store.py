@@ -113,12 +113,21 @@ def exit_of_gunicorn(env: dict[str, str], log_path: Path, limit: float) -> tuple
 
 
 def test_registry_down_with_no_cache_exits_with_one_line(remote_registry: RemoteRegistry, tmp_path: Path) -> None:
-    env = service_env_for(remote_registry, tmp_path / "empty", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    temporary = tmp_path / "tmp"  # where gunicorn.conf.py makes its metrics folder
+    temporary.mkdir()
+    env = service_env_for(
+        remote_registry,
+        tmp_path / "empty",
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}",
+        TMPDIR=str(temporary),
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     returncode, seconds, log = exit_of_gunicorn(env, tmp_path / "gunicorn.log", limit=60)
     assert returncode != 0 and seconds < 30
     last_line = log.strip().splitlines()[-1]
     assert last_line.startswith("bikeshare-membership: no model to serve: cannot fetch bikeshare-remote-test")
     assert "none is cached" in last_line
+    assert not list(temporary.iterdir())  # the metrics folder went with the master
 
 
 def test_a_registry_that_never_answers_is_given_up_on(remote_registry: RemoteRegistry, tmp_path: Path) -> None:
