@@ -38,6 +38,9 @@ REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replac
 PREDICTIONS_ENVIRON = "bikeshare.predictions"  # the answers of POST /predict, for the prediction metrics
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
+# Beyond this many records waiting (the thread cannot write: stderr blocked, say), a request writes them itself
+# and waits as it would without batching, rather than the records growing without bound.
+MAX_PENDING = 10_000
 FLUSH_SECONDS = 0.02  # short: a batch holds the interpreter while it is written (~4 us a request)
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ class RequestRecorder:
         """The request's record, once its response is sent."""
         line["model_version"] = self.holder.model.version
         self.pending.append((time.time(), line, environ.get(PREDICTIONS_ENVIRON)))
-        if not self.flushing:
+        if not self.flushing or len(self.pending) > MAX_PENDING:
             self.flush()
 
     def start_flushing(self) -> None:

@@ -24,9 +24,11 @@ from harness import start_gunicorn, stop
 from prometheus_client.parser import text_string_to_metric_families
 
 import jsonlog
+import predict
+import recorder
 from config import Settings
 from metrics import PROBA_BUCKETS
-from recorder import FLUSH_SECONDS
+from model_store import ModelHolder
 from test_pred import TRIP
 
 # A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
@@ -67,7 +69,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def scrape(service: Service) -> Samples:
     """The metrics with every request answered before counted, and this scrape too: each worker writes the
     requests it answered every FLUSH_SECONDS."""
-    time.sleep(2 * FLUSH_SECONDS)
+    time.sleep(2 * recorder.FLUSH_SECONDS)
     response = requests.get(f"{service.url}/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
     request_lines(service, response.headers["X-Request-ID"])
@@ -277,3 +279,22 @@ def test_request_lines_are_written_in_whole_lines_of_at_most_pipe_buf(monkeypatc
     assert len(pieces) > 1 and all(len(piece) <= select.PIPE_BUF and piece.endswith(b"\n") for piece in pieces)
     written = [json.loads(line) for piece in pieces for line in piece.splitlines()]
     assert [line["request_id"] for line in written] == [fields["request_id"] for _, fields in lines]
+
+
+def test_records_beyond_max_pending_are_written_by_the_request(
+    model: Any, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the flushing thread cannot keep up (or is blocked), requests write the records themselves: the queue
+    stays bounded and no record is dropped."""
+    monkeypatch.setattr(recorder, "MAX_PENDING", 50)
+    app = predict.create_app(Settings(), ModelHolder(None, model))
+    recorder_ = app.extensions["recorder"]
+    recorder_.flushing = True  # as in a worker whose thread is stuck: nothing writes in the background
+    client = app.test_client()
+    for _ in range(recorder.MAX_PENDING):
+        client.get("/health").close()  # a request is recorded when its response is closed, as servers do
+    assert len(recorder_.pending) == recorder.MAX_PENDING and "predict.requests" not in capfd.readouterr().err
+    client.get("/health").close()
+    assert not recorder_.pending
+    written = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"predict.requests"' in line]
+    assert len(written) == recorder.MAX_PENDING + 1
