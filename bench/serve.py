@@ -39,6 +39,7 @@ MODEL = "bikeshare-serve-bench"
 # The same trip as `mlflow models serve` takes it: the model's signature columns, dataframe_split.
 MLFLOW_ROW = ["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]
 MLFLOW_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
+FLOOR_APP = "bench.noop_app:app"  # the HTTP floor: reads the body, answers a constant
 SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch100", 8, 100)]
 
 
@@ -130,13 +131,8 @@ def main() -> int:
 
         service, service_url = start_gunicorn(env, work / "service.log")
         processes.append(service)
-        floor_port = free_port()
-        floor_command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
-        floor_command += ["--bind", f"127.0.0.1:{floor_port}", "bench.noop_app:app"]
-        floor = start(floor_command, env, work / "floor.log")
+        floor, floor_url = start_gunicorn(env, work / "floor.log", app=FLOOR_APP)
         processes.append(floor)
-        floor_url = f"http://127.0.0.1:{floor_port}"
-        wait_for_http(f"{floor_url}/health", floor)
         mlflow_port = free_port()
         mlflow_command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/{version}"]
         mlflow_command += ["-h", "127.0.0.1", "-p", str(mlflow_port), "--env-manager", "local"]

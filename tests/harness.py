@@ -43,11 +43,11 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `command` from the repository root in its own session, its output going to `log_path`."""
+def start(command: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start `command` from the repository root (or `cwd`) in its own session, its output going to `log_path`."""
     with open(log_path, "w") as log_file:
         return subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
@@ -76,12 +76,15 @@ def start_mlflow_server(
     return process, url
 
 
-def start_gunicorn(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """The service under its production Gunicorn configuration on a free loopback port, once it answers."""
+def start_gunicorn(
+    env: dict[str, str], log_path: Path, root: Path = ROOT, app: str = "predict:app"
+) -> tuple[subprocess.Popen, str]:
+    """The service (or `app`) of the checkout at `root` under its production Gunicorn configuration on a free
+    loopback port, once it answers."""
     port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
-    command += ["--bind", f"127.0.0.1:{port}", "predict:app"]
-    process = start(command, {**env, "MODEL_PORT": str(port)}, log_path)
+    command = [sys.executable, "-m", "gunicorn", "--config", str(root / "gunicorn.conf.py")]
+    command += ["--bind", f"127.0.0.1:{port}", app]
+    process = start(command, {**env, "MODEL_PORT": str(port)}, log_path, cwd=root)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process)
     except RuntimeError:
