@@ -519,13 +519,27 @@ def served_version(url: str) -> str:
     return requests.get(f"{url}/health", timeout=10).json()["model"]["version"]
 
 
-def registry_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
-    version = served_version(stack.url)
+def predicted_versions(url: str, count: int = 20) -> Counter[str]:
+    """The model versions that answered `count` predictions (each a new connection, so either worker)."""
+    return Counter(
+        requests.post(f"{url}/predict", json=TRIP, timeout=5).json()["model"]["version"] for _ in range(count)
+    )
+
+
+def stopped_under_load(stack: Stack, args: argparse.Namespace, process: Popen) -> tuple[Load, HealthWatch, float]:
+    """An outage phase's start: load and a /health watch running, then `process` stopped a quarter into the
+    phase. Returns the load, the watch and when the stop began."""
     load = Load(stack.url, args.clients, args.phase_seconds, args.load_processes)
     watch = HealthWatch(stack.url)
     time.sleep(args.phase_seconds / 4)
     stopped_at = time.monotonic()
-    stop(stack.mlflow)
+    stop(process)
+    return load, watch, stopped_at
+
+
+def registry_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    version = served_version(stack.url)
+    load, watch, stopped_at = stopped_under_load(stack, args, stack.mlflow)
     stop_s = round(time.monotonic() - stopped_at, 2)
     unreachable = wait_until(lambda: watch.settled(registry_unreachable, stopped_at), NOTICE_LIMIT_SECONDS)
     result = load.result()
@@ -575,11 +589,7 @@ def s3_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         (snapshot / key).parent.mkdir(parents=True, exist_ok=True)
         bucket.download_file(BUCKET, key, str(snapshot / key))
     old = served_version(stack.url)
-    load = Load(stack.url, args.clients, args.phase_seconds, args.load_processes)
-    watch = HealthWatch(stack.url)
-    time.sleep(args.phase_seconds / 4)
-    stopped_at = time.monotonic()
-    stop(stack.moto)
+    load, watch, stopped_at = stopped_under_load(stack, args, stack.moto)
     registry = stack.client
     source, run_id = registry.get_model_version_download_uri(MODEL, old), registry.get_model_version(MODEL, old).run_id
     new = str(registry.create_model_version(MODEL, source, run_id=run_id, await_creation_for=0).version)
@@ -595,9 +605,7 @@ def s3_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     restored_at = time.monotonic()
     moved = wait_until(lambda: watch.settled(lambda health: health["model"]["version"] == new, restored_at), 60)
     watch.stop()
-    after = Counter(
-        requests.post(f"{stack.url}/predict", json=TRIP, timeout=5).json()["model"]["version"] for _ in range(20)
-    )
+    after = predicted_versions(stack.url)
     during = [answer for at, answer in watch.answers if promoted_at <= at < restored_at]
     reported = watch.first(registry_unreachable, stopped_at)
     log = stack.log_text()
@@ -645,9 +653,7 @@ def corrupt_cache(stack: Stack) -> dict[str, Any]:
     (staging / model_file.name).write_bytes(model_file.read_bytes()[:1000])
     stack.start_service()
     health = requests.get(f"{stack.url}/health", timeout=10).json()
-    answers = Counter(
-        requests.post(f"{stack.url}/predict", json=TRIP, timeout=5).json()["model"]["version"] for _ in range(20)
-    )
+    answers = predicted_versions(stack.url)
     log = stack.log_text()
     try:
         verify_cached(directory)
