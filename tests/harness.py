@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def clean_env() -> dict[str, str]:
     """This process's environment without the user's MLflow and AWS settings: a started process reaches only
-    the registry, bucket and profile it is given."""
-    return {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
+    the registry, bucket and profile it is given. Without PROMETHEUS_MULTIPROC_DIR too (a test that loads
+    gunicorn.conf.py in process sets it): each Gunicorn a test starts makes its own metrics folder."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "AWS_")) and key != "PROMETHEUS_MULTIPROC_DIR"
+    }
 
 
 def free_port() -> int:

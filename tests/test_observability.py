@@ -55,7 +55,6 @@ class Service:
 def service(settings: Settings, trained: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("observability") / "gunicorn.log"
     env = service_env(settings, MODEL_REFRESH_SECONDS="0")
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # gunicorn.conf.py makes its own
     process, url = start_gunicorn(env, log)
     try:
         yield Service(url, log, process)
