@@ -23,8 +23,9 @@ from conftest import service_env
 from harness import start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 
+import train
 from config import Settings
-from model_store import PRODUCTION_ALIAS, PRODUCTION_STAGE, production_version
+from model_store import production_version
 from test_pred import TRIP
 
 ADMIN_TOKEN = "ops-test-token-9f8e7d6c5b4a"
@@ -242,10 +243,7 @@ def promote_copy_of_production(settings: Settings) -> str:
     # URI, not this client's.
     location = client.get_model_version_download_uri(settings.registered_model, current.version)
     new = client.create_model_version(settings.registered_model, location, current.run_id)
-    client.set_registered_model_alias(settings.registered_model, PRODUCTION_ALIAS, new.version)
-    client.transition_model_version_stage(
-        settings.registered_model, new.version, PRODUCTION_STAGE, archive_existing_versions=True
-    )
+    train.promote(client, settings.registered_model, new.version)
     return str(new.version)
 
 
