@@ -164,10 +164,7 @@ class FastPipeline:
         duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
         origin, destination = self.places.get(from_id, UNKNOWN_PLACE), self.places.get(to_id, UNKNOWN_PLACE)
         features = trip_features(seconds, duration, from_id, to_id, origin, destination, SCALAR_MATH)
-        row = [float(value) for value in features]
-        raw = self.raw_score(
-            *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
-        )
+        raw = self.row_score([float(value) for value in features])
         try:
             return 1.0 / (1.0 + math.exp(-raw))  # scipy's `expit`, bit for bit
         except OverflowError:  # exp(-raw) beyond the largest float, where expit answers 0
@@ -175,14 +172,14 @@ class FastPipeline:
 
     def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
         """P(Member) for trips given as columns (a DataFrame, or arrays)."""
-        columns, raw_score = self.columns, self.raw_score
-        raw = [
-            raw_score(
-                *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in columns]
-            )
-            for row in self.features.feature_matrix(trips).tolist()
-        ]
+        raw = [self.row_score(row) for row in self.features.feature_matrix(trips).tolist()]
         return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses
+
+    def row_score(self, row: list[float]) -> float:
+        """The raw score of one trip's features (FEATURE_COLUMNS order): stations encoded, then the trees."""
+        return self.raw_score(
+            *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
+        )
 
 
 def parity_check_trips(features: TripFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:

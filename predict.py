@@ -158,12 +158,9 @@ def predictions(
 ) -> dict[str, Any]:
     """The answer to a parsed /predict body: validation, features and model, without HTTP."""
     trips = _validated_trips(body, date_order, max_trips)
-    probabilities = model.request_probabilities(trips)
-    labels = [trip_membership(proba) for proba in probabilities]
-    percents = [round(proba * 100, 2) for proba in probabilities]
     answers = [
-        {"trip_id": trip["trip_id"], "membership": label, "proba": percent}
-        for trip, label, percent in zip(trips, labels, percents, strict=True)
+        {"trip_id": trip["trip_id"], "membership": trip_membership(proba), "proba": round(proba * 100, 2)}
+        for trip, proba in zip(trips, model.request_probabilities(trips), strict=True)
     ]
     if isinstance(body, list):
         return {"predictions": answers, "model": model.describe()}
