@@ -19,7 +19,6 @@ process that writes its state to a JSON file under BATCH_STATE_DIR, which any Gu
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -51,10 +50,18 @@ from tqdm import tqdm
 import storage
 import trip_reader
 from config import Settings
-from model_store import LoadedModel, ModelUnavailable, load_model_version, load_production_model, membership
+from model_store import (
+    LoadedModel,
+    ModelUnavailable,
+    exclusive_lock,
+    load_model_version,
+    load_production_model,
+    membership,
+)
 from preprocess import MEMBER
 
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
+OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
 PREDICTIONS_TAG = ".predictions"
 REJECTS_SUFFIX = ".rejects.csv"
 PREDICTION_SCHEMA = pa.schema(
@@ -95,7 +102,7 @@ def resolve_output(input_location: str, output: str | None) -> str:
     if output.endswith("/") or (not storage.is_s3(output) and Path(output).is_dir()):
         return storage.inside(output, default_output_name(input_location))
     if output_suffix(output) is None:
-        raise ValueError(f"{output}: the output must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)")
+        raise ValueError(f"{output}: the output {OUTPUT_RULE}")
     return output
 
 
@@ -348,8 +355,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     try:
         output_location = resolve_output(input_location, output)
     except ValueError:  # its text names the resolved path, which an answer must not show
-        message = f"output must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
-        raise JobRefused(400, "INVALID_PARAMETER_VALUE", message, "output") from None
+        raise JobRefused(400, "INVALID_PARAMETER_VALUE", f"output {OUTPUT_RULE}", "output") from None
     if output_location == input_location:
         raise JobRefused(400, "INVALID_PARAMETER_VALUE", "output must not be the input", "output")
 
@@ -367,7 +373,8 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _submissions_locked(folder):  # the count and the start are one step for every worker of the host
+        # The count and the start are one step for every worker of the host.
+        with exclusive_lock(folder / ".submit.lock"):
             running = running_jobs(folder)
             if running >= settings.max_batch_jobs:
                 message = f"{running} batch jobs are running, the most at once (MAX_BATCH_JOBS); retry later"
@@ -406,13 +413,6 @@ def _start_job(
     return process
 
 
-@contextmanager
-def _submissions_locked(folder: Path) -> Iterator[None]:
-    with open(folder / ".submit.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def running_jobs(folder: Path) -> int:
     """Jobs whose process is alive and has not recorded an outcome. A process counts by its pid file, so a job
     whose worker was replaced (nobody left to reap it) still counts while it runs, and not after."""
@@ -430,6 +430,7 @@ def running_jobs(folder: Path) -> int:
 def _supervise(process: subprocess.Popen, status_path: Path) -> None:
     """Reap a job's process, and record a failure it could not record itself (killed, out of memory)."""
     exit_code = process.wait()
+    status_path.with_suffix(".pid").unlink(missing_ok=True)  # reaped: no longer counted (running_jobs)
     status = json.loads(status_path.read_text())
     if status["status"] not in FINISHED:
         error = f"the job's process ended with exit code {exit_code} before it finished"

@@ -82,6 +82,15 @@ def trip_membership(member_probability: float) -> str:
     return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
 
 
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the block: one holder at a time among
+    the processes of the host. Closing the file releases it."""
+    with open(path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
 class NoProductionModel(LookupError):
     """The registry has no Production version of the model."""
 
@@ -284,12 +293,8 @@ class ModelStore:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_dir / ".lock", "w") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        with exclusive_lock(self.cache_dir / ".lock"):
+            yield
 
     def _download(self, version: ModelVersion, directory: Path) -> dict[str, Any]:
         name = self.settings.registered_model
