@@ -20,13 +20,13 @@ import preprocess
 PROFILE_ARTIFACT = "feature_profile.json"
 NUMERIC_BINS = 10
 TOP_CATEGORIES = 30
-CATEGORICAL_FEATURES = {"weekday", "month", "round_trip", "from_station", "to_station", "route"}
+CATEGORICAL_FEATURES = {"weekday", "month", "round_trip", "holiday", "free_day", "from_station", "to_station", "route"}
 EMPTY_SHARE = 1e-4  # the share a bin without trips counts as, so that the logarithm stays finite
 
 
-def model_features(trips: pd.DataFrame) -> pd.DataFrame:
-    """The model's features of parsed trips, as `TripFeatures` computes them for the pipeline."""
-    return preprocess.TripFeatures().fit(trips).transform(trips[preprocess.MODEL_INPUT_COLUMNS])
+def model_features(pipeline: Any, trips: pd.DataFrame) -> pd.DataFrame:
+    """The features a fitted pipeline computes for parsed trips (its first step, `TripFeatures`)."""
+    return pipeline.named_steps["features"].transform(trips[preprocess.MODEL_INPUT_COLUMNS])
 
 
 def feature_profile(features: pd.DataFrame) -> dict[str, Any]:

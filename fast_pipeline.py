@@ -31,7 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, TargetEncoder
 
 from preprocess import (
-    FEATURE_COLUMNS,
+    FEATURE_CATALOGUE,
     MAX_DURATION_SECONDS,
     MODEL_INPUT_COLUMNS,
     SCALAR_MATH,
@@ -108,12 +108,13 @@ class FastPipeline:
         raw_score: Callable[..., float],
     ) -> None:
         self.features = features
-        self.columns = columns  # per model column: the feature it comes from, and its encoding if any
+        self.columns = columns  # per model column: its feature's place in FEATURE_CATALOGUE, and its encoding
         self.raw_score = raw_score
-        # (latitude, longitude) in radians by station id: the fitted coordinates, for one trip's features.
+        # For one trip's features: (latitude, longitude) in radians by station id, and the holidays as a set.
         self.places = dict(
             zip(features.station_ids_.tolist(), map(tuple, features.station_coordinates_.tolist()), strict=True)
         )
+        self.holidays = frozenset(features.holiday_days_.tolist())
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> FastPipeline:
@@ -127,7 +128,7 @@ class FastPipeline:
             raise UnsupportedPipeline(f"no exact fast form for {type(classifier).__name__}")
         columns: list[tuple[int, StationEncoding | None]] = []
         for name, transformer, selected in encoder.transformers_:
-            positions = [FEATURE_COLUMNS.index(column) for column in selected]
+            positions = [FEATURE_CATALOGUE.index(column) for column in selected]
             if transformer == "drop" or not positions:
                 continue
             if transformer == "passthrough" or (
@@ -163,7 +164,7 @@ class FastPipeline:
         seconds = (start - UNIX_EPOCH) // ONE_SECOND
         duration = min(max(duration, 0.0), MAX_DURATION_SECONDS)
         origin, destination = self.places.get(from_id, UNKNOWN_PLACE), self.places.get(to_id, UNKNOWN_PLACE)
-        features = trip_features(seconds, duration, from_id, to_id, origin, destination, SCALAR_MATH)
+        features = trip_features(seconds, duration, from_id, to_id, origin, destination, self.holidays, SCALAR_MATH)
         raw = self.row_score([float(value) for value in features])
         try:
             return 1.0 / (1.0 + math.exp(-raw))  # scipy's `expit`, bit for bit
@@ -172,11 +173,11 @@ class FastPipeline:
 
     def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
         """P(Member) for trips given as columns (a DataFrame, or arrays)."""
-        raw = [self.row_score(row) for row in self.features.feature_matrix(trips).tolist()]
+        raw = [self.row_score(row) for row in self.features.catalogue_matrix(trips).tolist()]
         return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses
 
     def row_score(self, row: list[float]) -> float:
-        """The raw score of one trip's features (FEATURE_COLUMNS order): stations encoded, then the trees."""
+        """The raw score of one trip's features (FEATURE_CATALOGUE order): stations encoded, then the trees."""
         return self.raw_score(
             *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
         )

@@ -330,6 +330,7 @@ class ModelStore:
                     "aliases": list(version.aliases or []),
                     "creation_timestamp": version.creation_timestamp,
                     "description": version.description,
+                    "tags": dict(version.tags or {}),  # the model card train.py writes
                 },
                 "metrics": dict(run.data.metrics) if run else {},
             }

@@ -17,18 +17,15 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
-from sklearn.calibration import CalibrationDisplay
-from sklearn.metrics import ConfusionMatrixDisplay, brier_score_loss, log_loss
 
 import drift
+import evaluation
 import storage
 import trip_reader
 from config import Settings
-from model_store import DECISION_THRESHOLD, LoadedModel, membership
+from model_store import LoadedModel, membership
 from preprocess import CASUAL, MEMBER
-from train import holdout_metrics
 
 log = logging.getLogger("monitoring")
 
@@ -61,7 +58,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
             if trips.empty:
                 continue
             if drift_counter is not None:
-                drift_counter.add(drift.model_features(trips))
+                drift_counter.add(drift.model_features(model.pipeline, trips))
             labelled = trips["user_type"].notna().to_numpy()
             is_member.append((trips["user_type"].to_numpy()[labelled] == MEMBER).astype("int8"))
             probabilities.append(model.member_probability(trips[labelled]) if labelled.any() else np.empty(0))
@@ -89,7 +86,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
         )
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"passed": str(passed).lower(), "verdict": message})
-        _log_figures(truth, proba)
+        evaluation.log_figures(truth, proba, storage.name_of(input_location))
         if drift_report:
             mlflow.log_dict(drift_report, "feature_drift.json")
         else:
@@ -113,17 +110,8 @@ def _training_profile(model: LoadedModel) -> dict[str, Any] | None:
 
 
 def _metrics(truth: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    both_classes = 0 < truth.sum() < len(truth)
-    scores = (
-        holdout_metrics(truth, proba, "eval")
-        if both_classes  # ROC AUC needs both a Member and a Casual trip
-        else {
-            "eval_log_loss": log_loss(truth, proba, labels=[0, 1]),
-            "eval_brier": brier_score_loss(truth, proba, pos_label=1),
-        }
-    )
     return {
-        **{name: float(value) for name, value in scores.items()},
+        **evaluation.scores(truth, proba, "eval"),
         "member_share_observed": float(truth.mean()),
         "member_share_predicted": float((membership(proba) == MEMBER).mean()),
         "mean_member_probability": float(proba.mean()),
@@ -137,17 +125,3 @@ def _verdict(roc_auc: float | None, floor: float, truth: np.ndarray) -> tuple[bo
     if roc_auc < floor:
         return False, f"ROC AUC {roc_auc:.4f} is below the floor {floor:.2f}"
     return True, f"ROC AUC {roc_auc:.4f} is at or above the floor {floor:.2f}"
-
-
-def _log_figures(truth: np.ndarray, proba: np.ndarray) -> None:
-    """The calibration curve and the confusion matrix, on plain Figures (no pyplot state, no display)."""
-    calibration = CalibrationDisplay.from_predictions(
-        truth, proba, n_bins=10, strategy="quantile", pos_label=1, name="model", ax=Figure().subplots()
-    )
-    calibration.ax_.set_title("Calibration: P(Member) against the observed share")
-    mlflow.log_figure(calibration.figure_, "calibration_curve.png")
-    matrix = ConfusionMatrixDisplay.from_predictions(
-        np.where(truth == 1, MEMBER, CASUAL), membership(proba), labels=[CASUAL, MEMBER], ax=Figure().subplots()
-    )
-    matrix.ax_.set_title(f"Confusion matrix (threshold {DECISION_THRESHOLD})")
-    mlflow.log_figure(matrix.figure_, "confusion_matrix.png")

@@ -138,7 +138,14 @@ def _schemas(max_trips: int) -> dict[str, Any]:
                         "current_stage": {"type": _nullable("string")},
                         "aliases": {"type": "array", "items": {"type": "string"}},
                         "creation_timestamp": {"type": _nullable("integer")},
-                        "description": {"type": _nullable("string")},
+                        "description": {"type": _nullable("string"), "description": "The model card, in words."},
+                        "tags": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                            "description": "The model card train.py writes: data files and span, rows, Member "
+                            "share, the time-ordered test month and figures beside the prior's, the gate's verdict "
+                            "and reason, the candidate and its features.",
+                        },
                     },
                     required=[],
                     description="The registry's facts about the version (empty for a MODEL_PATH folder).",

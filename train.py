@@ -1,13 +1,18 @@
-"""Train the membership model on the bundled City trips, log it to MLflow and promote it to Production.
+"""Train the membership model on City trip files, test it on a month it has not seen, register it, and promote
+it to Production only if it passes the champion/challenger gate.
 
-    python train.py                 # train, register, promote
+    python train.py                 # the bundled trips in data/: evaluate, register, gate, promote
+    python train.py FILE ...        # City trip files in any layout (CSV, gzip, zip, Parquet)
     python train.py --if-missing    # only when the registry has no Production version (used by `make serve`)
+    python train.py --force         # promote even when the gate refuses, and say so in the run and the card
+    python train.py --rollback      # move Production back to the version it replaced (alias `previous`)
 
-The pipeline is `TripFeatures` (preprocess.py) -> target-encoded stations and routes -> gradient boosting.
-Its probabilities are scored on a stratified hold-out against a prior-only baseline; the fitted pipeline is
-logged with its signature, an input example and `preprocess.py`, registered, moved to the Production stage
-(archiving the previous one) and given the alias `production`. The run also keeps a profile of the training
-features (`feature_profile.json`, see drift.py), the reference `batch.py evaluate` measures drift against.
+The time-ordered evaluation and the candidates are in training.py; the gate, promotion and rollback in
+promotion.py. One MLflow run records the test month's figures beside the prior's, every validation month,
+the gate's comparison, the figures, the training feature profile (drift.py) and the fitted pipeline; the
+registered version carries the model card (description and tags) that `GET /model` returns. Exit status: 0
+when the version is promoted (or, with --if-missing, one already is), 1 when the gate refuses it, 2 when
+the data cannot support a time-ordered evaluation or there is nothing to roll back to.
 """
 
 from __future__ import annotations
@@ -15,46 +20,29 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from sklearn.compose import ColumnTransformer
-from sklearn.dummy import DummyClassifier
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import (
-    ConfusionMatrixDisplay,
-    RocCurveDisplay,
-    brier_score_loss,
-    log_loss,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
-from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score, train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import TargetEncoder
 
 import drift
+import evaluation
 import preprocess
+import promotion
+import training
 from config import Settings
 from model_store import (
     DECISION_THRESHOLD,
-    PRODUCTION_ALIAS,
-    PRODUCTION_STAGE,
+    NoProductionModel,
+    first_line,
     has_production_model,
-    membership,
+    load_model_version,
+    production_version,
 )
 
 DEFAULT_DATA = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-*.csv.gz"))
-SEED = 42
-HOLDOUT_SHARE = 0.2
 # Types the skops format must trust to load the pipeline: our feature step and the boosted trees.
 SKOPS_TRUSTED_TYPES = [
     "preprocess.TripFeatures",
@@ -69,106 +57,38 @@ SKOPS_TRUSTED_TYPES = [
 log = logging.getLogger("train")
 
 
-def load_labelled_trips(paths: list[Path]) -> pd.DataFrame:
-    """Every labelled trip in `paths`, in the schema's types."""
-    frames = [preprocess.read_trips(path).trips for path in paths]
-    trips = pd.concat(frames, ignore_index=True)
-    return trips[trips["user_type"].notna()].reset_index(drop=True)
-
-
-def build_pipeline() -> Pipeline:
-    """The unfitted model: features, encoded stations and routes, gradient boosting."""
-    encoder = TargetEncoder(target_type="binary", cv=KFold(5, shuffle=True, random_state=SEED))
-    columns = ColumnTransformer(
-        [("stations", encoder, preprocess.STATION_FEATURES), ("numeric", "passthrough", preprocess.NUMERIC_FEATURES)],
-        verbose_feature_names_out=False,
-    )
-    classifier = HistGradientBoostingClassifier(
-        learning_rate=0.05, max_iter=500, min_samples_leaf=50, l2_regularization=1.0, random_state=SEED
-    )
-    return Pipeline([("features", preprocess.TripFeatures()), ("columns", columns), ("classifier", classifier)])
-
-
-def holdout_metrics(is_member: np.ndarray, proba: np.ndarray, prefix: str) -> dict[str, float]:
-    """The hold-out scores of P(Member), with the decision at `DECISION_THRESHOLD`."""
-    predicted = proba >= DECISION_THRESHOLD
-    return {
-        f"{prefix}_roc_auc": roc_auc_score(is_member, proba),
-        f"{prefix}_log_loss": log_loss(is_member, proba, labels=[0, 1]),
-        f"{prefix}_brier": brier_score_loss(is_member, proba),
-        f"{prefix}_precision": precision_score(is_member, predicted, zero_division=0),
-        f"{prefix}_recall": recall_score(is_member, predicted, zero_division=0),
-    }
-
-
-def _log_figures(is_member: np.ndarray, proba: np.ndarray) -> None:
-    """The ROC curve and the confusion matrix, drawn on plain Figures (no pyplot state, no display)."""
-    roc = RocCurveDisplay.from_predictions(
-        is_member, proba, name="model", plot_chance_level=True, ax=Figure().subplots()
-    )
-    roc.ax_.set_title("Hold-out ROC: P(Member)")
-    mlflow.log_figure(roc.figure_, "roc_curve.png")
-    matrix = ConfusionMatrixDisplay.from_predictions(
-        np.where(is_member, preprocess.MEMBER, preprocess.CASUAL),
-        membership(proba),
-        ax=Figure().subplots(),
-    )
-    matrix.ax_.set_title(f"Hold-out confusion matrix (threshold {DECISION_THRESHOLD})")
-    mlflow.log_figure(matrix.figure_, "confusion_matrix.png")
-
-
 @dataclass(frozen=True)
 class TrainingResult:
     version: str
     run_id: str
+    test_month: str
     metrics: dict[str, float]
+    verdict: promotion.Verdict
+    replaced: str | None  # the Production version it replaced, when promoted
 
 
-def train(settings: Settings, paths: list[Path], cv_folds: int = 5) -> TrainingResult:
-    """Fit, evaluate, log, register and promote; returns the promoted version and its metrics."""
-    trips = load_labelled_trips(paths)
-    features = trips[preprocess.MODEL_INPUT_COLUMNS]
-    is_member = (trips["user_type"] == preprocess.MEMBER).to_numpy(dtype=int)
-    train_x, test_x, train_y, test_y = train_test_split(
-        features, is_member, test_size=HOLDOUT_SHARE, stratify=is_member, random_state=SEED
+def train(
+    settings: Settings,
+    paths: list[Path],
+    force: bool = False,
+    candidates: tuple[training.Candidate, ...] = training.CANDIDATES,
+) -> TrainingResult:
+    """Evaluate, refit, log, register and judge; promote when the gate passes (or `force`)."""
+    trips = training.load_labelled_trips(paths)
+    trained = training.train_and_evaluate(trips, candidates)
+    time_ordered, pipeline = trained.evaluation, trained.pipeline
+    log.info(
+        "chose %s (%s); time-ordered test on %s", time_ordered.chosen.name, time_ordered.why, time_ordered.test_month
     )
 
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     mlflow.set_experiment(settings.experiment_name)
+    name = settings.registered_model
     with mlflow.start_run() as run:
-        pipeline = build_pipeline()
-        folds = StratifiedKFold(cv_folds, shuffle=True, random_state=SEED)
-        cv_auc = cross_val_score(pipeline, train_x, train_y, cv=folds, scoring="roc_auc")
-        pipeline.fit(train_x, train_y)
-        proba = pipeline.predict_proba(test_x)[:, list(pipeline.classes_).index(1)]
-        prior = DummyClassifier(strategy="prior").fit(train_x, train_y).predict_proba(test_x)[:, 1]
-
-        metrics = {
-            "cv_roc_auc_mean": float(cv_auc.mean()),
-            "cv_roc_auc_std": float(cv_auc.std()),
-            **holdout_metrics(test_y, proba, "holdout"),
-            **holdout_metrics(test_y, prior, "prior"),
-        }
-        mlflow.log_params(
-            {
-                "data_files": ",".join(path.name for path in paths),
-                "train_rows": len(train_x),
-                "holdout_rows": len(test_x),
-                "member_share": round(float(is_member.mean()), 4),
-                "cv_folds": cv_folds,
-                "decision_threshold": DECISION_THRESHOLD,
-                **{
-                    f"classifier_{key}": value for key, value in pipeline.named_steps["classifier"].get_params().items()
-                },
-            }
-        )
-        mlflow.log_metrics(metrics)
-        _log_figures(test_y, proba)
-        # The reference `batch.py evaluate` measures drift against: the features this model learnt from.
-        mlflow.log_dict(drift.feature_profile(drift.model_features(train_x)), drift.PROFILE_ARTIFACT)
-
-        example = train_x.head(5)
+        metrics = _log_evaluation(trips, time_ordered, pipeline)
+        example = trips.inputs.head(5)
         model_info = mlflow.sklearn.log_model(
             pipeline,
             name="model",
@@ -177,42 +97,173 @@ def train(settings: Settings, paths: list[Path], cv_folds: int = 5) -> TrainingR
             code_paths=[str(Path(preprocess.__file__))],
             skops_trusted_types=SKOPS_TRUSTED_TYPES,
             pyfunc_predict_fn="predict_proba",
-            registered_model_name=settings.registered_model,
+            registered_model_name=name,
         )
-    version = str(model_info.registered_model_version)
-    promote(MlflowClient(settings.tracking_uri, settings.tracking_uri), settings.registered_model, version)
-    return TrainingResult(version=version, run_id=run.info.run_id, metrics=metrics)
+        version = str(model_info.registered_model_version)
+        client.set_registered_model_alias(name, promotion.CHALLENGER_ALIAS, version)
+        challenger = {metric: metrics[f"test_{metric}"] for metric in promotion.GATED_METRICS}
+        prior = {metric: metrics[f"prior_{metric}"] for metric in promotion.GATED_METRICS}
+        verdict = promotion.judge(challenger, prior, _champion_score(settings, client, time_ordered), force)
+        if verdict.champion is not None:
+            mlflow.log_metrics({f"champion_test_{key}": value for key, value in verdict.champion.scores.items()})
+        mlflow.set_tags({"gate": verdict.label, "gate_reason": verdict.reason, "registered_version": version})
+        mlflow.log_dict(verdict.as_dict(), "gate.json")
+        description, tags = model_card(trips, time_ordered, verdict)
+        client.update_model_version(name, version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    replaced = promotion.promote(client, name, version) if verdict.promote else None
+    return TrainingResult(version, run.info.run_id, time_ordered.test_month, metrics, verdict, replaced)
 
 
-def promote(client: MlflowClient, name: str, version: str) -> None:
-    """Make `version` the Production one: stage (archiving the previous) and alias."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage(name, version, PRODUCTION_STAGE, archive_existing_versions=True)
-    client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
+def _log_evaluation(
+    trips: training.LabelledTrips, time_ordered: training.TimeOrderedEvaluation, pipeline: object
+) -> dict[str, float]:
+    """Parameters, the time-ordered metrics (test month, prior, each validation month), the figures and the
+    feature profile of the refitted model, logged to the active run; returns the metrics."""
+    chosen = time_ordered.chosen
+    mlflow.log_params(
+        {
+            "data_files": ",".join(trips.files),
+            "rows": len(trips),
+            "member_share": round(float(trips.is_member.mean()), 4),
+            "months": ",".join(training.month_name(month) for month in trips.months),
+            "test_month": time_ordered.test_month,
+            "test_rows": time_ordered.test.rows,
+            "candidate": chosen.name,
+            "candidate_choice": time_ordered.why,
+            "features": ",".join(chosen.features),
+            "refit": "all months, the test month included",
+            "decision_threshold": DECISION_THRESHOLD,
+            **{f"classifier_{key}": value for key, value in chosen.classifier_params.items()},
+        }
+    )
+    metrics = {**time_ordered.test.scores, **time_ordered.prior.scores}
+    for month in time_ordered.validation[chosen.name] + [time_ordered.test]:
+        metrics |= {f"month_{month.month}_{key.split('_', 1)[1]}": value for key, value in month.scores.items()}
+    for candidate in time_ordered.validation:
+        for metric in promotion.GATED_METRICS:
+            metrics[f"validation_{metric}_{candidate}"] = time_ordered.mean_validation(candidate, metric)
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(
+        {
+            "test_month": time_ordered.test_month,
+            "chosen": chosen.name,
+            "why": time_ordered.why,
+            "test": asdict(time_ordered.test),
+            "prior": asdict(time_ordered.prior),
+            "validation": {
+                name: [asdict(month) for month in months] for name, months in time_ordered.validation.items()
+            },
+        },
+        "time_ordered.json",
+    )
+    evaluation.log_figures(
+        time_ordered.test_is_member, time_ordered.test_proba, f"Test month {time_ordered.test_month}"
+    )
+    # The reference `batch.py evaluate` measures drift against: the features the registered model learnt from.
+    mlflow.log_dict(drift.feature_profile(drift.model_features(pipeline, trips.inputs)), drift.PROFILE_ARTIFACT)
+    return metrics
+
+
+def _champion_score(
+    settings: Settings, client: MlflowClient, time_ordered: training.TimeOrderedEvaluation
+) -> promotion.ChampionScore | None:
+    """The Production version's ROC AUC and log loss on the test month (see promotion.py), None without one."""
+    try:
+        champion = production_version(client, settings.registered_model)
+    except NoProductionModel:
+        return None
+    version = str(champion.version)
+    evidence, recorded = promotion.champion_evidence(champion, time_ordered.test_month)
+    if recorded is not None:
+        return promotion.ChampionScore(version, recorded, evidence)
+    try:
+        proba = load_model_version(settings, version).member_probability(time_ordered.test_inputs)
+    except Exception as error:  # whatever keeps it from scoring here keeps it from serving too
+        return promotion.ChampionScore(version, {}, f"could not be scored: {first_line(error)}")
+    scores = evaluation.scores(time_ordered.test_is_member, proba, "champion")
+    gated = {metric: scores[f"champion_{metric}"] for metric in promotion.GATED_METRICS}
+    return promotion.ChampionScore(version, gated, evidence)
+
+
+def model_card(
+    trips: training.LabelledTrips, time_ordered: training.TimeOrderedEvaluation, verdict: promotion.Verdict
+) -> tuple[str, dict[str, str]]:
+    """The registered version's description and tags: its data, its time-ordered figures, the gate's verdict
+    and its features."""
+    start, end = trips.inputs["trip_start_time"].min(), trips.inputs["trip_start_time"].max()
+    test, prior, chosen = time_ordered.test, time_ordered.prior, time_ordered.chosen
+    tags = {
+        "data_files": ",".join(trips.files),
+        "data_start": start.isoformat(),
+        "data_end": end.isoformat(),
+        "rows": str(len(trips)),
+        "member_share": f"{trips.is_member.mean():.4f}",
+        "test_month": test.month,
+        "test_trained_on": ",".join(test.trained_on),
+        "test_rows": str(test.rows),
+        **{key: f"{value:.4f}" for key, value in {**test.scores, **prior.scores}.items()},
+        "candidate": chosen.name,
+        "features": ",".join(chosen.features),
+        "refit": "all months, the test month included",
+        "gate": verdict.label,
+        "gate_reason": verdict.reason,
+    }
+    description = (
+        f"Member or Casual rider, from {len(trips):,} labelled trips of {len(trips.files)} file(s), "
+        f"{start:%Y-%m-%d} to {end:%Y-%m-%d}, {trips.is_member.mean():.1%} Members.\n\n"
+        f"Time-ordered test: trained on {', '.join(test.trained_on)}, tested on {test.month} ({test.rows:,} trips it "
+        f"had not seen): ROC AUC {test.scores['test_roc_auc']:.4f}, log loss {test.scores['test_log_loss']:.4f} "
+        f"(the prior: {prior.scores['prior_log_loss']:.4f}), Brier {test.scores['test_brier']:.4f}. "
+        f"This version was then refitted on every month, {test.month} included.\n\n"
+        f"Gate: {verdict.reason}.\n\n"
+        f"Candidate {chosen.name} ({time_ordered.why}); features: {', '.join(chosen.features)}."
+    )
+    return description, tags
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="*", type=Path, default=DEFAULT_DATA, help="trip files (default: data/*.csv.gz)")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if a Production version exists")
-    parser.add_argument("--cv-folds", type=int, default=5)
+    parser.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    parser.add_argument("--rollback", action="store_true", help="move Production back to the `previous` version")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    name = settings.registered_model
 
-    if args.if_missing and has_production_model(settings):
-        print(f"{settings.registered_model} already has a Production version at {settings.tracking_uri}; not training")
+    if args.rollback:
+        try:
+            left, restored = promotion.rollback(MlflowClient(settings.tracking_uri, settings.tracking_uri), name)
+        except (LookupError, NoProductionModel) as error:
+            print(f"{name}: cannot roll back: {error}", file=sys.stderr)
+            return 2
+        print(f"rolled {name} back from version {left} to version {restored} (now in Production)")
         return 0
-    result = train(settings, args.data, cv_folds=args.cv_folds)
+    if args.if_missing and has_production_model(settings):
+        print(f"{name} already has a Production version at {settings.tracking_uri}; not training")
+        return 0
+    try:
+        result = train(settings, args.data, force=args.force)
+    except ValueError as error:
+        print(f"{name}: cannot train: {error}", file=sys.stderr)
+        return 2
     metrics = result.metrics
     print(
-        f"promoted {settings.registered_model} version {result.version} to Production (run {result.run_id})\n"
-        f"  cv ROC AUC {metrics['cv_roc_auc_mean']:.4f} ± {metrics['cv_roc_auc_std']:.4f}\n"
-        f"  hold-out ROC AUC {metrics['holdout_roc_auc']:.4f} (prior {metrics['prior_roc_auc']:.4f}), "
-        f"log loss {metrics['holdout_log_loss']:.4f} (prior {metrics['prior_log_loss']:.4f}), "
-        f"Brier {metrics['holdout_brier']:.4f} (prior {metrics['prior_brier']:.4f})"
+        f"time-ordered test on {result.test_month}: ROC AUC {metrics['test_roc_auc']:.4f} "
+        f"(prior {metrics['prior_roc_auc']:.4f}), log loss {metrics['test_log_loss']:.4f} "
+        f"(prior {metrics['prior_log_loss']:.4f}), Brier {metrics['test_brier']:.4f} "
+        f"(prior {metrics['prior_brier']:.4f})\n"
+        f"registered {name} version {result.version} (run {result.run_id}), refitted on every month\n"
+        f"gate: {result.verdict.reason}"
     )
+    if not result.verdict.promote:
+        print(f"{name} version {result.version} not promoted; Production is unchanged", file=sys.stderr)
+        return 1
+    replaced = f", replacing version {result.replaced} (alias previous)" if result.replaced else ""
+    print(f"promoted {name} version {result.version} to Production{replaced}")
     return 0
 
 

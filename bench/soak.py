@@ -72,7 +72,7 @@ from harness import (  # noqa: E402
     write_aws_profile,
 )
 
-import train  # noqa: E402
+import promotion  # noqa: E402
 from config import Settings  # noqa: E402
 from model_store import MANIFEST, s3_client, verify_cached  # noqa: E402
 from test_pred import TRIP  # noqa: E402
@@ -378,7 +378,7 @@ def register_model_dir(client: MlflowClient, model_dir: Path, work: Path) -> str
     version = client.create_model_version(
         MODEL, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, await_creation_for=0
     ).version
-    train.promote(client, MODEL, version)
+    promotion.promote(client, MODEL, version)
     return str(version)
 
 
@@ -593,7 +593,7 @@ def s3_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     registry = stack.client
     source, run_id = registry.get_model_version_download_uri(MODEL, old), registry.get_model_version(MODEL, old).run_id
     new = str(registry.create_model_version(MODEL, source, run_id=run_id, await_creation_for=0).version)
-    train.promote(registry, MODEL, new)
+    promotion.promote(registry, MODEL, new)
     promoted_at = time.monotonic()
     tried = wait_until(lambda: f"failed to load version {new}" in stack.log_text(), NOTICE_LIMIT_SECONDS)
     result = load.result()

@@ -100,7 +100,7 @@ def remote_registry(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) ->
     settings = Settings(tracking_uri=url, experiment_name="remote-test", registered_model="bikeshare-remote-test")
     env = service_env(settings, **s3.env)
     try:
-        run_train(env, work_dir, cv_folds=2)
+        run_train(env, work_dir)
         yield RemoteRegistry(settings=settings, env=env, backend_db=backend_db, artifact_root=artifact_root)
     finally:
         stop(process)
@@ -125,7 +125,7 @@ def settings(registry_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def trained(settings: Settings, registry_dir: Path) -> subprocess.CompletedProcess:
     """`train.py` run for real into an empty SQLite registry (artifacts beside it)."""
-    return run_train(service_env(settings), registry_dir, cv_folds=3)
+    return run_train(service_env(settings), registry_dir)
 
 
 @pytest.fixture(scope="session")

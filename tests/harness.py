@@ -98,10 +98,10 @@ def start_gunicorn(
     return process, f"http://127.0.0.1:{port}"
 
 
-def run_train(env: dict[str, str], cwd: Path, cv_folds: int = 2) -> subprocess.CompletedProcess:
-    """`train.py` for real, as a user runs it, in `cwd` (where local artifacts land); raises if it fails."""
+def run_train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`train.py ARGS` for real, as a user runs it, in `cwd` (where local artifacts land); raises if it fails."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--cv-folds", str(cv_folds)],
+        [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -18,7 +18,7 @@ from harness import ROOT, free_port, run_train, start, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import train
+import promotion
 from config import Settings
 from model_store import MANIFEST, ModelHolder, ModelStore, verify_cached
 from test_pred import TRIP
@@ -52,7 +52,7 @@ def test_cold_start_fetches_from_s3_then_a_warm_restart_needs_no_bucket(
     assert health["model"]["origin"] == "downloaded" and health["registry"]["reachable"] is True
     assert health["model"]["source"].startswith("s3://")
     assert answer["model"]["version"] == "1" and answer["membership"] in ("Member", "Casual")
-    assert model["metrics"]["holdout_roc_auc"] > 0.6 and model["signature"]["inputs"]
+    assert model["metrics"]["test_roc_auc"] > 0.6 and model["signature"]["inputs"]
     assert model["registry"]["aliases"] == ["production"]
     manifest = verify_cached(cache_dir / "bikeshare-remote-test" / "1")
     assert manifest["bytes"] == sum(entry["size"] for entry in manifest["files"].values()) > 0
@@ -185,7 +185,7 @@ def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
     client.create_registered_model(name)
     good_source = client.get_model_version_download_uri(original, "1")
     run_id = client.get_model_version(original, "1").run_id
-    train.promote(
+    promotion.promote(
         client, name, client.create_model_version(name, good_source, run_id=run_id, await_creation_for=0).version
     )
 
@@ -214,7 +214,7 @@ def test_hot_reload_swaps_versions_under_load_and_survives_a_bad_version(
         broken = client.create_model_version(
             name, f"s3://{remote_registry.artifact_root[5:]}/missing", run_id=run_id, await_creation_for=0
         )
-        train.promote(client, name, broken.version)
+        promotion.promote(client, name, broken.version)
         deadline = time.monotonic() + 30
         while "failed to load version 2" not in (tmp_path / "gunicorn.log").read_text():
             assert time.monotonic() < deadline, "the broken version was never tried"
@@ -291,7 +291,9 @@ def test_a_version_whose_artifacts_are_incomplete_is_never_cached(
     client.create_registered_model(name)
     good = client.get_model_version(remote_registry.settings.registered_model, "1")
     source = client.get_model_version_download_uri(remote_registry.settings.registered_model, "1")
-    train.promote(client, name, client.create_model_version(name, source, good.run_id, await_creation_for=0).version)
+    promotion.promote(
+        client, name, client.create_model_version(name, source, good.run_id, await_creation_for=0).version
+    )
     settings = Settings(
         tracking_uri=remote_registry.settings.tracking_uri, registered_model=name, model_cache_dir=str(tmp_path)
     )
@@ -308,7 +310,7 @@ def test_a_version_whose_artifacts_are_incomplete_is_never_cached(
 
     copy(f"{prefix}/MLmodel")  # version 2's artifacts: only MLmodel is there yet
     version_2 = client.create_model_version(name, f"s3://{bucket}/{partial}", good.run_id, await_creation_for=0)
-    train.promote(client, name, version_2.version)
+    promotion.promote(client, name, version_2.version)
 
     assert holder.refresh() is False and holder.model.version == "1"
     health = holder.health()["registry"]

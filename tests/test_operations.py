@@ -10,6 +10,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,10 +21,10 @@ from urllib.parse import urlparse
 import pytest
 import requests
 from conftest import service_env
-from harness import start_gunicorn, stop
+from harness import ROOT, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 
-import train
+import promotion
 from config import Settings
 from model_store import production_version
 from test_pred import TRIP
@@ -243,8 +244,17 @@ def promote_copy_of_production(settings: Settings) -> str:
     # URI, not this client's.
     location = client.get_model_version_download_uri(settings.registered_model, current.version)
     new = client.create_model_version(settings.registered_model, location, current.run_id)
-    train.promote(client, settings.registered_model, new.version)
+    promotion.promote(client, settings.registered_model, new.version)
     return str(new.version)
+
+
+def wait_for_both_workers(log_path: Path, swap_line: str) -> None:
+    """Until both Gunicorn workers have logged `swap_line` (the one that answered a reload swaps at once, the
+    other within a second or two); fails after a minute."""
+    deadline = time.monotonic() + 60
+    while log_path.read_text().count(swap_line) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log_path.read_text().count(swap_line) == 2
 
 
 def served_versions(url: str, count: int) -> Counter:
@@ -270,12 +280,47 @@ def test_admin_reload_moves_every_worker_to_the_promoted_version(own_registry: S
         assert answer.json()["reloaded"] is True and answer.json()["model"]["version"] == new_version
 
         # Both workers log their swap; then every fresh connection sees the new version.
-        swap_line = f"now serving {own_registry.registered_model} version {new_version} (was {old_version})"
-        deadline = time.monotonic() + 60
-        while log_path.read_text().count(swap_line) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert log_path.read_text().count(swap_line) == 2
+        wait_for_both_workers(log_path, f"now serving {own_registry.registered_model} version {new_version}")
         assert served_versions(url, 20) == Counter({new_version: 20})
     finally:
         stop(process)
     assert ADMIN_TOKEN not in log_path.read_text()
+
+
+def test_rollback_returns_production_and_the_answers_to_the_previous_version(
+    own_registry: Settings, tmp_path: Path
+) -> None:
+    """Promote, roll back with the documented command, and the served version follows each move."""
+    log_path = tmp_path / "gunicorn.log"
+    env = service_env(own_registry, ADMIN_TOKEN=ADMIN_TOKEN, MODEL_REFRESH_SECONDS="3600")
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    process, url = start_gunicorn(env, log_path)
+    try:
+        (old_version,) = served_versions(url, 10)
+        new_version = promote_copy_of_production(own_registry)
+        assert requests.post(f"{url}/admin/reload", headers=bearer, timeout=60).status_code == 200
+        wait_for_both_workers(log_path, f"now serving {own_registry.registered_model} version {new_version}")
+        answers = [requests.post(f"{url}/predict", json=TRIP, timeout=10).json() for _ in range(20)]
+        assert {answer["model"]["version"] for answer in answers} == {new_version}
+
+        rollback = subprocess.run(
+            [sys.executable, "train.py", "--rollback"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert rollback.returncode == 0, rollback.stderr[-2000:]
+        assert f"rolled {own_registry.registered_model} back from version {new_version} to version {old_version}" in (
+            rollback.stdout
+        )
+        client = MlflowClient(own_registry.tracking_uri, own_registry.tracking_uri)
+        assert str(production_version(client, own_registry.registered_model).version) == old_version
+        answer = requests.post(f"{url}/admin/reload", headers=bearer, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == old_version
+        wait_for_both_workers(log_path, f"now serving {own_registry.registered_model} version {old_version} (was")
+        answers = [requests.post(f"{url}/predict", json=TRIP, timeout=10).json() for _ in range(20)]
+        assert {answer["model"]["version"] for answer in answers} == {old_version}
+
+        again = subprocess.run(
+            [sys.executable, "train.py", "--rollback"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 2 and "no 'previous' version to roll back to" in again.stderr
+    finally:
+        stop(process)

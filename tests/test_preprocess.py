@@ -288,20 +288,61 @@ def test_features_match_hand_computed_values() -> None:
                 }
             ),
             parse_request_trip({**TRIP, "from_station_id": None, "to_station_id": None}),
+            # Good Friday 2023, a Friday and an Ontario statutory holiday; the Monday after New Year's Day 2017 (a
+            # Sunday), the day it was observed; a plain Tuesday.
+            parse_request_trip({**TRIP, "trip_start_time": "4/7/2023 9:00", "trip_stop_time": "4/7/2023 9:10"}),
+            parse_request_trip({**TRIP, "trip_start_time": "1/2/2017 9:00", "trip_stop_time": "1/2/2017 9:10"}),
+            parse_request_trip({**TRIP, "trip_start_time": "1/3/2017 9:00", "trip_stop_time": "1/3/2017 9:10"}),
         ]
     )
-    features = preprocess.TripFeatures().fit(trips).transform(trips)
+    features = preprocess.TripFeatures(preprocess.FEATURE_CATALOGUE).fit(trips).transform(trips)
     first = features.iloc[0]
     distance = 6371.0 * math.radians(43.645609 - 43.640132)  # due south, so the arc is the latitude difference
     assert first["duration_log"] == pytest.approx(math.log(601))
     assert first["start_hour"] == pytest.approx(14.5)
     assert first["weekday"] == 5 and first["month"] == 7 and first["round_trip"] == 0
+    assert (first["holiday"], first["free_day"]) == (0, 1)  # a Saturday
     assert first["distance_km"] == pytest.approx(distance, rel=1e-3)
     assert first["speed_kmh"] == pytest.approx(distance / (600 / 3600), rel=1e-3)
     assert (first["from_station"], first["to_station"], first["route"]) == (7033, 7076, 7033 * 10000 + 7076)
+    assert (first["from_lat"], first["to_lon"]) == pytest.approx((math.radians(43.645609), math.radians(-79.380464)))
     unknown = features.iloc[1]
     assert np.isnan([unknown["distance_km"], unknown["from_station"], unknown["round_trip"], unknown["route"]]).all()
-    assert list(features.columns) == preprocess.FEATURE_COLUMNS
+    assert np.isnan([unknown["from_lat"], unknown["from_lon"], unknown["to_lat"], unknown["to_lon"]]).all()
+    good_friday, observed, tuesday = features.iloc[2], features.iloc[3], features.iloc[4]
+    assert (good_friday["weekday"], good_friday["holiday"], good_friday["free_day"]) == (4, 1, 1)
+    assert (observed["weekday"], observed["holiday"], observed["free_day"]) == (0, 1, 1)
+    assert (tuesday["weekday"], tuesday["holiday"], tuesday["free_day"]) == (1, 0, 0)
+    assert list(features.columns) == list(preprocess.FEATURE_CATALOGUE)
+
+
+def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_an_unconfirmed_one() -> None:
+    """7322 was `King St W / Brant St` in 2023 and names another place in the 2025 snapshot: its features use
+    the 2019 coordinates, whose name agrees; 7492 (`324 Cherry St`) is confirmed by no snapshot: no place."""
+    trips = preprocess.model_input(
+        [parse_request_trip({**TRIP, "from_station_id": 7322, "to_station_id": 7492, "to_station_name": None})]
+    )
+    features = preprocess.TripFeatures(preprocess.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
+    assert (features["from_lat"], features["from_lon"]) == pytest.approx(
+        (math.radians(43.6446926), math.radians(-79.3986795))
+    )
+    assert np.isnan([features["to_lat"], features["distance_km"], features["speed_kmh"]]).all()
+    assert (features["from_station"], features["to_station"], features["round_trip"]) == (7322, 7492, 0)
+
+
+def test_a_model_chooses_its_features_and_a_model_from_before_that_keeps_its_own() -> None:
+    trips = preprocess.model_input([parse_request_trip(TRIP)])
+    chosen = preprocess.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
+    assert list(chosen.transform(trips).columns) == ["duration_log", "holiday", "route"]
+    with pytest.raises(ValueError, match="unknown features \\['speed'\\]"):
+        preprocess.TripFeatures(("speed",)).fit(trips)
+    # A step pickled by an earlier release has no `features` and no holiday calendar: it computes the ten
+    # features that release computed, so the pipeline it belongs to loads and scores as it did.
+    legacy = preprocess.TripFeatures.__new__(preprocess.TripFeatures)
+    fitted = preprocess.TripFeatures().fit(trips)
+    legacy.__setstate__({"station_ids_": fitted.station_ids_, "station_coordinates_": fitted.station_coordinates_})
+    assert list(legacy.transform(trips).columns) == list(preprocess.LEGACY_FEATURES)
+    assert "month" in preprocess.LEGACY_FEATURES and "month" not in preprocess.DEFAULT_FEATURES
 
 
 def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
