@@ -29,11 +29,12 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generated_trips import bundled_rows, moved  # noqa: E402
+
 import preprocess  # noqa: E402
 from config import Settings  # noqa: E402
 from model_store import LoadedModel, load_production_model  # noqa: E402
 
-CITY_TIME_FORMAT = "%m/%d/%Y %H:%M"
 JUNE_2024_FIRST_MONDAY = pd.Timestamp("2024-06-03")
 FIRST_TRIP_ID = 27_000_000
 TARGETS = {"rows_per_s": 150_000, "peak_rss_mb": 1024, "ratio_to_bare": 0.5}
@@ -41,25 +42,8 @@ TARGETS = {"rows_per_s": 150_000, "peak_rss_mb": 1024, "ratio_to_bare": 0.5}
 
 def generate_trips(path: Path, rows: int, seed: int = 2024) -> None:
     """`rows` trips in the 2019-2024 layout, sampled from the bundled real ones (see the module docstring)."""
-    files = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
-    real = pd.concat(
-        [pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig") for file in files],
-        ignore_index=True,
-    )
     rng = np.random.default_rng(seed)
-    trips = real.iloc[rng.integers(0, len(real), rows)].reset_index(drop=True)
-    start = pd.to_datetime(trips["Start Time"], format=CITY_TIME_FORMAT)
-    stop = pd.to_datetime(trips["End Time"], format=CITY_TIME_FORMAT)
-    moved = (
-        JUNE_2024_FIRST_MONDAY
-        + pd.to_timedelta(rng.integers(0, 4, rows) * 7 + start.dt.day_of_week, unit="D")
-        + (start - start.dt.normalize())
-        + pd.to_timedelta(rng.integers(-5, 6, rows), unit="min")
-    )
-    order = np.argsort(moved.to_numpy(), kind="stable")
-    trips = trips.iloc[order].reset_index(drop=True)
-    trips["Start Time"] = moved.iloc[order].dt.strftime(CITY_TIME_FORMAT).to_numpy()
-    trips["End Time"] = (moved + (stop - start)).iloc[order].dt.strftime(CITY_TIME_FORMAT).to_numpy()
+    trips = moved(bundled_rows(), rows, JUNE_2024_FIRST_MONDAY, 4, rng)
     trips["Trip Id"] = (np.arange(rows) + FIRST_TRIP_ID).astype(str)
     trips.to_csv(path, index=False, encoding="utf-8-sig")
 
