@@ -2,10 +2,11 @@
 
 The file is read in chunks like any batch (trip_reader.py) and scored with the given model (the Production
 one from the command line). One run in the monitoring experiment (`MLFLOW_MONITORING_EXP_NAME`, by default
-`<MLFLOW_EXP_NAME>-monitoring`) records the same metrics training records on its hold-out (ROC AUC, log loss,
-Brier score, precision and recall of Member), the Member share predicted against the share observed, a
-calibration curve and a confusion matrix, and each feature's drift against the model's training data (the
-profile train.py logged with the model's run; see drift.py). `passed` says whether ROC AUC reached the floor.
+`<MLFLOW_EXP_NAME>-monitoring`) records the same scores training records on its test month (evaluation.py:
+ROC AUC, log loss, Brier score, precision and recall of Member), the Member share predicted against the share
+observed, the ROC and calibration curves and the confusion matrix, and each feature's drift against the model's
+training data (the profile train.py logged with the model's run; see drift.py). `passed` says whether ROC AUC
+reached the floor.
 """
 
 from __future__ import annotations

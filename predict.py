@@ -6,7 +6,7 @@ Endpoints:
                     dates day-first (see preprocess.py for the rule).
     GET  /health    200 with the loaded model (name, version, loaded-at, source) and whether the registry
                     answered its last check.
-    GET  /model     the loaded model's registry metadata, signature and training metrics.
+    GET  /model     the loaded model's registry metadata and model card, signature and training metrics.
     POST /predict/batch        {"input": "<path under BATCH_ROOT or s3:// URI>", "output": optional} -> 202
                                and a job scoring that file in the background (batch.py).
     GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
