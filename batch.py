@@ -99,7 +99,7 @@ def resolve_output(input_location: str, output: str | None) -> str:
     the input."""
     if output is None:
         return storage.sibling(input_location, default_output_name(input_location))
-    if output.endswith("/") or (not storage.is_s3(output) and Path(output).is_dir()):
+    if output.endswith("/") or (not storage.is_s3(output) and os.path.isdir(output)):  # False for a name too long
         return storage.inside(output, default_output_name(input_location))
     if output_suffix(output) is None:
         raise ValueError(f"{output}: the output {OUTPUT_RULE}")
@@ -349,7 +349,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     if trip_reader.input_suffix(input_location) is None:
         suffixes = ", ".join(trip_reader.INPUT_SUFFIXES)
         raise JobRefused(400, "INVALID_PARAMETER_VALUE", f"input must be a {suffixes} file", "input")
-    if not storage.is_s3(input_location) and not Path(input_location).is_file():
+    if not storage.is_s3(input_location) and not os.path.isfile(input_location):  # False for a name too long
         raise JobRefused(404, "RESOURCE_DOES_NOT_EXIST", "input: no such file under the batch root", "input")
     output = None if body.get("output") is None else checked_location(settings, body["output"], "output")
     try:
