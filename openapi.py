@@ -40,10 +40,6 @@ def _object(properties: dict[str, Any], required: list[str] | None = None, **ext
     }
 
 
-def _case_insensitive(word: str) -> str:
-    return "".join(f"[{letter.upper()}{letter.lower()}]" for letter in word)
-
-
 TIMESTAMP = {"type": "string", "format": "date-time"}
 LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
 
@@ -76,7 +72,8 @@ def _schemas(max_trips: int) -> dict[str, Any]:
     return {
         "Trip": {
             "type": "object",
-            "description": "One trip in the 2017 export's fields. Fields not listed are ignored.",
+            "description": "One trip in the 2017 export's fields. Fields not listed are ignored. The patterns "
+            "allow ASCII whitespace around a text; the service strips any.",
             "properties": {trip_field.name: trip_field.json_schema() for trip_field in preprocess.REQUEST_SCHEMA},
             "required": list(preprocess.REQUIRED_FIELDS),
             "examples": [EXAMPLE_TRIP],
@@ -266,7 +263,7 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
         f"{' or '.join(preprocess.DATE_ORDERS)}, in any case; `MDY` when absent.",
         "schema": {
             "type": "string",
-            "pattern": f"^({'|'.join(_case_insensitive(order) for order in preprocess.DATE_ORDERS)})$",
+            "pattern": f"^({'|'.join(preprocess.any_case(order) for order in preprocess.DATE_ORDERS)})$",
             "examples": list(preprocess.DATE_ORDERS),
         },
     }
@@ -418,6 +415,10 @@ def type_text(schema: dict[str, Any]) -> str:
         text += f" matching {schema['pattern']}"
     if "minimum" in schema:
         text += f", at least {schema['minimum']}"
+    if "maximum" in schema:
+        text += f", at most {schema['maximum']}"
+    if "minLength" in schema:
+        text += f", {schema['minLength']} characters or more"
     return text
 
 

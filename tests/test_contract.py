@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
+import orjson
 import pytest
 import requests
 from conftest import service_env
@@ -121,6 +122,80 @@ def test_the_document_describes_what_the_validator_checks(document: dict[str, An
     assert validator(document, "Trip").is_valid(test_pred.TRIP)
     assert not validator(document, "Trip").is_valid({**test_pred.TRIP, "trip_duration_seconds": -1})
     assert document["components"]["schemas"]["Trips"]["maxItems"] == Settings().max_trips_per_request
+
+
+# Values the document and the validator agree on, as JSON text read as the service reads it: True where both
+# take it, False where both refuse it. A timestamp is sent as both the start and the stop.
+AGREED = [
+    ("trip_start_time", '"2017-07-10T08:15:00"', True),
+    ("trip_start_time", '"2017-07-10 08:15"', True),
+    ("trip_start_time", '"2017-07-10"', True),
+    ("trip_start_time", '"2017-07-10T08:15:00.123456-04:00"', True),
+    ("trip_start_time", '"2017-07-10T12:15Z"', True),
+    ("trip_start_time", '" 10/7/2017 8:15\\t"', True),
+    ("trip_start_time", '"7/10/17 08:15:00"', True),
+    ("trip_start_time", '""', False),
+    ("trip_start_time", '"   "', False),
+    ("trip_start_time", '"2017-07-10T24:00"', False),
+    ("trip_start_time", '"2017/07/10 08:15"', False),
+    ("trip_start_time", '"\\u0661/1/2017 0:00"', False),  # an Arabic-Indic digit, a `\d` beyond ASCII
+    ("trip_start_time", '"\\u00a01/1/2017 0:00"', False),  # a no-break space, ECMA-262's `\s` but not the reader's
+    ("from_station_id", '" 7051 "', True),
+    ("from_station_id", '"NULL"', True),
+    ("from_station_id", '""', True),
+    ("from_station_id", "-1", True),
+    ("from_station_id", "7051.0", True),  # an integer to JSON Schema, as writers that know only floats send it
+    ("from_station_id", "18446744073709551615", True),
+    ("from_station_id", "18446744073709551616", False),  # past the JSON reader's integers: read as a float
+    ("from_station_id", "-9223372036854775809", False),
+    ("from_station_id", "7051.5", False),
+    ("from_station_id", '"70.51"', False),
+    ("from_station_id", '"9999999999999999999"', False),
+    ("from_station_id", "true", False),
+    ("trip_id", "712382.0", True),
+    ("trip_duration_seconds", "0", True),
+    ("trip_duration_seconds", "-0.5", False),
+    ("user_type", '" casual MEMBER\\n"', True),
+    ("user_type", '"nan"', True),
+    ("user_type", '"Tourist"', False),
+    ("user_type", '"Member*"', False),
+]
+# Values the validator takes and the document leaves out, as its descriptions say.
+STRICTER = [
+    ("trip_start_time", '"2017-W28-1"'),  # an ISO week date
+    ("trip_start_time", '"0999-12-31T23:00"'),  # a year before 1000
+    ("user_type", '"\\u00a0Member"'),  # whitespace beyond ASCII's, which the service strips too
+]
+
+
+def _trip_with(field: str, text: str) -> dict[str, Any]:
+    value = orjson.loads(text)
+    timestamps = dict.fromkeys(("trip_start_time", "trip_stop_time"), value) if field == "trip_start_time" else {}
+    return {**test_pred.TRIP, field: value, **timestamps}
+
+
+def _service_takes(trip: dict[str, Any]) -> bool:
+    try:
+        preprocess.parse_request_trip(trip)
+    except preprocess.InvalidTrip:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("field", "text", "valid"), AGREED)
+def test_the_document_and_the_validator_agree_on_a_trip_field(
+    document: dict[str, Any], field: str, text: str, valid: bool
+) -> None:
+    trip = _trip_with(field, text)
+    assert validator(document, "Trip").is_valid(trip) == _service_takes(trip) == valid
+
+
+@pytest.mark.parametrize(("field", "text"), STRICTER)
+def test_the_document_leaves_out_trip_values_only_where_it_says(
+    document: dict[str, Any], field: str, text: str
+) -> None:
+    trip = _trip_with(field, text)
+    assert _service_takes(trip) and not validator(document, "Trip").is_valid(trip)
 
 
 def test_a_field_cannot_be_required_and_nullable() -> None:
