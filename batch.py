@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
@@ -58,7 +58,7 @@ from model_store import (
     load_production_model,
     membership,
 )
-from preprocess import MEMBER
+from preprocess import MEMBER, any_case
 
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
 OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
@@ -332,6 +332,20 @@ def checked_location(settings: Settings, value: Any, field: str) -> str:
     if not path.is_relative_to(root):
         raise JobRefused(403, "PERMISSION_DENIED", f"{field} is outside the batch root", field)
     return str(path) + ("/" if value.endswith("/") else "")
+
+
+def location_pattern(suffixes: Sequence[str], folders: bool = False) -> str:
+    """The locations `checked_location` lets through that end with one of `suffixes` (any case), or with / for
+    `folders`, as a JSON Schema pattern: an s3:// URI or a path. Where it is stricter than the checks, the
+    document says so: a path has no `:` at all (the check refuses `://`), a folder of an S3 key does not start
+    with `.` (the check refuses `.` and `..`), and a folder ends with / (the check takes an existing one too)."""
+    bucket, folder = rf"{storage.S3_SCHEME}[^/\x00]+/", r"([^/.\x00][^/\x00]*)?/"
+    named = rf"({bucket}({folder})*[^/\x00]*|[^:\x00]*)({'|'.join(any_case(suffix) for suffix in suffixes)})"
+    return rf"^({named}|{bucket}({folder})+|[^:\x00]*/)$" if folders else f"^{named}$"
+
+
+INPUT_PATTERN = location_pattern(trip_reader.INPUT_SUFFIXES)
+OUTPUT_PATTERN = location_pattern(OUTPUT_SUFFIXES, folders=True)
 
 
 def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, Any]:

@@ -42,6 +42,10 @@ def _object(properties: dict[str, Any], required: list[str] | None = None, **ext
 
 TIMESTAMP = {"type": "string", "format": "date-time"}
 LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
+LOCATION_PATTERN_NOTE = (
+    "The pattern leaves out paths with a `:` and S3 folders starting with `.`; the service refuses only `://` "
+    "in a path and `.` or `..` folders."
+)
 
 
 def _schemas(max_trips: int) -> dict[str, Any]:
@@ -158,13 +162,16 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             {
                 "input": {
                     "type": "string",
+                    "pattern": batch.INPUT_PATTERN,
                     "description": "A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative "
-                    "paths start there) or an s3:// URI under BATCH_S3_PREFIX.",
+                    f"paths start there) or an s3:// URI under BATCH_S3_PREFIX. {LOCATION_PATTERN_NOTE}",
                 },
                 "output": {
                     "type": _nullable("string"),
+                    "pattern": batch.OUTPUT_PATTERN,
                     "description": "Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); "
-                    "by default beside the input as `<name>.predictions.csv`.",
+                    f"by default beside the input as `<name>.predictions.csv`; not the input itself. "
+                    f"{LOCATION_PATTERN_NOTE}",
                 },
             },
             required=["input"],

@@ -198,6 +198,65 @@ def test_the_document_leaves_out_trip_values_only_where_it_says(
     assert _service_takes(trip) and not validator(document, "Trip").is_valid(trip)
 
 
+# Batch locations, sent to a service whose root holds trips.csv and which may run no job (MAX_BATCH_JOBS=0):
+# a location it takes gets 404, 403 or 503, never 400. (field, location, whether the document and it take it).
+LOCATIONS = [
+    ("input", "trips.csv", True),
+    ("input", "sub/missing.CSV.GZ", True),
+    ("input", "/elsewhere/trips.parquet", True),
+    ("input", "s3://bucket/in//trips.zip", True),
+    ("input", "", False),
+    ("input", "   ", False),
+    ("input", "notes.txt", False),
+    ("input", "trips.csv ", False),
+    ("input", "file:///trips.csv", False),
+    ("input", "S3://bucket/trips.csv", False),
+    ("input", "s3:///trips.csv", False),
+    ("input", "s3://bucket/../trips.csv", False),
+    ("input", "trips\x00.csv", False),
+    ("output", "scores.parquet", True),
+    ("output", "scores/", True),
+    ("output", "s3://bucket/out/", True),
+    ("output", "scores.zip", False),
+    ("output", "s3://bucket/", False),
+]
+LOCATIONS_STRICTER = [("input", "a:b.csv"), ("input", "s3://bucket/.in/trips.csv"), ("output", "folder")]
+
+
+@pytest.fixture(scope="module")
+def batch_client(model, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("locations")
+    (root / "trips.csv").write_text(Y2023)
+    (root / "folder").mkdir()
+    settings = Settings(batch_root=str(root), batch_state_dir=str(root / "state"), max_batch_jobs=0)
+    return predict.create_app(settings, ModelHolder(None, model)).test_client()
+
+
+def _location_answer(batch_client: Any, field: str, location: str) -> int:
+    body = {"input": location} if field == "input" else {"input": "trips.csv", "output": location}
+    return batch_client.post("/predict/batch", json=body).status_code
+
+
+@pytest.mark.parametrize(("field", "location", "valid"), LOCATIONS)
+def test_the_document_and_the_service_agree_on_a_batch_location(
+    document: dict[str, Any], batch_client: Any, field: str, location: str, valid: bool
+) -> None:
+    status = _location_answer(batch_client, field, location)
+    assert status in (400, 403, 404, 503)
+    body = {"input": "trips.csv", field: location}
+    assert validator(document, "BatchRequest").is_valid(body) == (status != 400) == valid
+
+
+@pytest.mark.parametrize(("field", "location"), LOCATIONS_STRICTER)
+def test_the_document_leaves_out_locations_only_where_it_says(
+    document: dict[str, Any], batch_client: Any, field: str, location: str
+) -> None:
+    body = {"input": "trips.csv", field: location}
+    assert _location_answer(batch_client, field, location) != 400 and not validator(document, "BatchRequest").is_valid(
+        body
+    )
+
+
 def test_a_field_cannot_be_required_and_nullable() -> None:
     with pytest.raises(ValueError, match="required"):
         preprocess.TripField("trip_id", ("integer", "null"), "an id", 1, required=True)
