@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
@@ -58,7 +58,7 @@ from model_store import (
     load_production_model,
     membership,
 )
-from preprocess import MEMBER
+from preprocess import MEMBER, any_case
 
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
 OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
@@ -99,7 +99,7 @@ def resolve_output(input_location: str, output: str | None) -> str:
     the input."""
     if output is None:
         return storage.sibling(input_location, default_output_name(input_location))
-    if output.endswith("/") or (not storage.is_s3(output) and Path(output).is_dir()):
+    if output.endswith("/") or (not storage.is_s3(output) and os.path.isdir(output)):  # False for a name too long
         return storage.inside(output, default_output_name(input_location))
     if output_suffix(output) is None:
         raise ValueError(f"{output}: the output {OUTPUT_RULE}")
@@ -334,6 +334,20 @@ def checked_location(settings: Settings, value: Any, field: str) -> str:
     return str(path) + ("/" if value.endswith("/") else "")
 
 
+def location_pattern(suffixes: Sequence[str], folders: bool = False) -> str:
+    """The locations `checked_location` lets through that end with one of `suffixes` (any case), or with / for
+    `folders`, as a JSON Schema pattern: an s3:// URI or a path. Where it is stricter than the checks, the
+    document says so: a path has no `:` at all (the check refuses `://`), a folder of an S3 key does not start
+    with `.` (the check refuses `.` and `..`), and a folder ends with / (the check takes an existing one too)."""
+    bucket, folder = rf"{storage.S3_SCHEME}[^/\x00]+/", r"([^/.\x00][^/\x00]*)?/"
+    named = rf"({bucket}({folder})*[^/\x00]*|[^:\x00]*)({'|'.join(any_case(suffix) for suffix in suffixes)})"
+    return rf"^({named}|{bucket}({folder})+|[^:\x00]*/)$" if folders else f"^{named}$"
+
+
+INPUT_PATTERN = location_pattern(trip_reader.INPUT_SUFFIXES)
+OUTPUT_PATTERN = location_pattern(OUTPUT_SUFFIXES, folders=True)
+
+
 def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, Any]:
     """Check a `POST /predict/batch` body and start its job: a detached `batch.py score` process.
 
@@ -349,7 +363,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     if trip_reader.input_suffix(input_location) is None:
         suffixes = ", ".join(trip_reader.INPUT_SUFFIXES)
         raise JobRefused(400, "INVALID_PARAMETER_VALUE", f"input must be a {suffixes} file", "input")
-    if not storage.is_s3(input_location) and not Path(input_location).is_file():
+    if not storage.is_s3(input_location) and not os.path.isfile(input_location):  # False for a name too long
         raise JobRefused(404, "RESOURCE_DOES_NOT_EXIST", "input: no such file under the batch root", "input")
     output = None if body.get("output") is None else checked_location(settings, body["output"], "output")
     try:

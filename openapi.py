@@ -40,12 +40,12 @@ def _object(properties: dict[str, Any], required: list[str] | None = None, **ext
     }
 
 
-def _case_insensitive(word: str) -> str:
-    return "".join(f"[{letter.upper()}{letter.lower()}]" for letter in word)
-
-
 TIMESTAMP = {"type": "string", "format": "date-time"}
 LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
+LOCATION_PATTERN_NOTE = (
+    "The pattern leaves out paths with a `:` and S3 folders starting with `.`; the service refuses only `://` "
+    "in a path and `.` or `..` folders."
+)
 
 
 def _schemas(max_trips: int) -> dict[str, Any]:
@@ -76,7 +76,8 @@ def _schemas(max_trips: int) -> dict[str, Any]:
     return {
         "Trip": {
             "type": "object",
-            "description": "One trip in the 2017 export's fields. Fields not listed are ignored.",
+            "description": "One trip in the 2017 export's fields. Fields not listed are ignored. The patterns "
+            "allow ASCII whitespace around a text; the service strips any.",
             "properties": {trip_field.name: trip_field.json_schema() for trip_field in preprocess.REQUEST_SCHEMA},
             "required": list(preprocess.REQUIRED_FIELDS),
             "examples": [EXAMPLE_TRIP],
@@ -168,13 +169,16 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             {
                 "input": {
                     "type": "string",
+                    "pattern": batch.INPUT_PATTERN,
                     "description": "A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative "
-                    "paths start there) or an s3:// URI under BATCH_S3_PREFIX.",
+                    f"paths start there) or an s3:// URI under BATCH_S3_PREFIX. {LOCATION_PATTERN_NOTE}",
                 },
                 "output": {
                     "type": _nullable("string"),
+                    "pattern": batch.OUTPUT_PATTERN,
                     "description": "Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); "
-                    "by default beside the input as `<name>.predictions.csv`.",
+                    f"by default beside the input as `<name>.predictions.csv`; not the input itself. "
+                    f"{LOCATION_PATTERN_NOTE}",
                 },
             },
             required=["input"],
@@ -273,7 +277,7 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
         f"{' or '.join(preprocess.DATE_ORDERS)}, in any case; `MDY` when absent.",
         "schema": {
             "type": "string",
-            "pattern": f"^({'|'.join(_case_insensitive(order) for order in preprocess.DATE_ORDERS)})$",
+            "pattern": f"^({'|'.join(preprocess.any_case(order) for order in preprocess.DATE_ORDERS)})$",
             "examples": list(preprocess.DATE_ORDERS),
         },
     }
@@ -425,6 +429,10 @@ def type_text(schema: dict[str, Any]) -> str:
         text += f" matching {schema['pattern']}"
     if "minimum" in schema:
         text += f", at least {schema['minimum']}"
+    if "maximum" in schema:
+        text += f", at most {schema['maximum']}"
+    if "minLength" in schema:
+        text += f", {schema['minLength']} characters or more"
     return text
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -58,11 +59,21 @@ admin = Blueprint("admin", __name__)
 
 
 class ApiError(Exception):
-    """A request the service refuses, rendered once as JSON by `render_api_error`."""
+    """A request the service refuses, rendered once as JSON by `render_api_error`, with the headers its status
+    calls for (`WWW-Authenticate` on a 401, `Allow` on a 405)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, item: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        item: int | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.item = status, code, message, field, item
+        self.headers = list(headers)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -231,7 +242,9 @@ def reload_model() -> Response:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     expected = _settings().admin_token or ""
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise ApiError(401, "UNAUTHENTICATED", "send Authorization: Bearer <ADMIN_TOKEN>")
+        raise ApiError(
+            401, "UNAUTHENTICATED", "send Authorization: Bearer <ADMIN_TOKEN>", headers=[("WWW-Authenticate", "Bearer")]
+        )
     holder = _holder()
     swapped = holder.request_reload()
     if holder.registry_error is not None:
@@ -250,14 +263,16 @@ def render_api_error(error: ApiError) -> Response:
         {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
         error.status,
     )
-    if error.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
+    response.headers.extend(error.headers)
     return response
 
 
 def render_http_error(error: HTTPException) -> Response:
+    """Werkzeug's refusals (404, 405, ...) as JSON errors, keeping the headers they carry (`Allow` listing a
+    route's methods, `Retry-After`, `WWW-Authenticate`): only the body, and so its Content-Type, changes."""
     code = (error.name or "error").upper().replace(" ", "_")
-    return render_api_error(ApiError(error.code or 500, code, error.description or error.name))
+    headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
+    return render_api_error(ApiError(error.code or 500, code, error.description or error.name, headers=headers))
 
 
 def render_unexpected_error(error: Exception) -> Response:

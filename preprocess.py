@@ -54,6 +54,58 @@ _TYPE_PHRASES: Mapping[str, str] = {
 }
 
 
+MEMBER = "Member"
+CASUAL = "Casual"
+LABELS = {
+    "member": MEMBER,
+    "annual member": MEMBER,
+    "casual": CASUAL,
+    "casual member": CASUAL,
+}
+MISSING_TEXT = {"", "null", "nullnull", "nan", "none"}
+
+# --- The texts a request's strings may be, for the validator and for the API document ----------------
+
+# One pattern for both readers: Python's `re` for a request's two texts, Arrow's RE2 for a file's columns.
+_SLASH_TIMESTAMP_PATTERN = (
+    r"^\s*(?P<first>\d{1,2})/(?P<second>\d{1,2})/(?P<year>\d{4}|\d{2})"
+    r"[ T]+(?P<hour>\d{1,2}):(?P<minute>\d{2})(?::(?P<second_of_minute>\d{2}))?\s*$"
+)
+# The ISO 8601 forms the API document lists, all of which `datetime.fromisoformat` reads; it reads more (years
+# 1 to 9999, week dates, other separators), but from 1000 to 2999 no UTC offset takes a time out of range.
+_ISO_TIMESTAMP_PATTERN = (
+    r"[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?"
+)
+_STATION_ID_TEXT = re.compile(r"[0-9]{1,18}")
+_ASCII_SPACE = r"[ \t\n\v\f\r]"  # `\s` under re.ASCII; ECMA-262's `\s` is Unicode's
+# The whole numbers the service's JSON reader (orjson) reads as integers; it reads larger ones as floats.
+JSON_INTEGERS = (-(2**63), 2**64 - 1)
+
+
+def any_case(word: str) -> str:
+    """A pattern matching `word` (letters, spaces, dots) in any case, as `[Mm][Dd][Yy]`: JSON Schema's patterns
+    take no flags."""
+    return "".join(f"[{''.join(dict.fromkeys((character.upper(), character.lower())))}]" for character in word)
+
+
+def _json_schema_pattern(pattern: str) -> str:
+    r"""One of this module's patterns (Python's `re`, ASCII) in JSON Schema's dialect (ECMA-262), read alike
+    by both: its groups unnamed, `\d` and `\s` spelled as the ASCII classes they stand for here."""
+    return re.sub(r"\(\?P<\w+>", "(", pattern).replace(r"\d", "[0-9]").replace(r"\s", _ASCII_SPACE)
+
+
+def _whole_text(*alternatives: str) -> str:
+    """A JSON Schema pattern for a text that is one of `alternatives`, with spaces around it (stripped)."""
+    return f"^{_ASCII_SPACE}*({'|'.join(alternatives)}){_ASCII_SPACE}*$"
+
+
+_MISSING_WORDS = [any_case(text) for text in sorted(MISSING_TEXT)]
+TIMESTAMP_PATTERN = f"{_whole_text(_ISO_TIMESTAMP_PATTERN)}|{_json_schema_pattern(_SLASH_TIMESTAMP_PATTERN)}"
+STATION_ID_PATTERN = _whole_text(_STATION_ID_TEXT.pattern, *_MISSING_WORDS)
+LABEL_PATTERN = _whole_text(*(any_case(label) for label in LABELS), *_MISSING_WORDS)
+
+
 @dataclass(frozen=True)
 class TripField:
     """One field of a request trip, declared once as data.
@@ -61,6 +113,8 @@ class TripField:
     `parse_request_trip` checks presence, JSON type and sign from these objects and openapi.py describes the
     request from them, so the validator and the API document cannot disagree. A required field is never
     nullable and an optional one always is: a missing field and a null are the same thing to the service.
+    `pattern` and `min_length` show the document's readers the text a string value may be; they are built from
+    the patterns and words the validator reads that text with, so it does not check them a second time.
     """
 
     name: str
@@ -69,6 +123,8 @@ class TripField:
     example: Any
     required: bool = False
     non_negative: bool = False
+    pattern: str | None = None  # in JSON Schema's dialect (ECMA-262)
+    min_length: int | None = None
     python_types: tuple[type, ...] = dc_field(init=False, repr=False, compare=False)
     type_error: str = dc_field(init=False, repr=False, compare=False)
 
@@ -87,8 +143,14 @@ class TripField:
             "description": self.description,
             "examples": [self.example],
         }
+        if "integer" in self.types:
+            schema["minimum"], schema["maximum"] = JSON_INTEGERS
         if self.non_negative:
             schema["minimum"] = 0
+        if self.pattern is not None:
+            schema["pattern"] = self.pattern
+        if self.min_length is not None:
+            schema["minLength"] = self.min_length
         return schema
 
 
@@ -100,10 +162,14 @@ REQUEST_SCHEMA = (
         "trip_start_time",
         ("string",),
         "When the trip started, Toronto time: ISO 8601 (`2017-01-01T00:00:00`; with an offset, converted to "
-        "Toronto time) or the City's slash forms `M/D/YYYY H:MM`, `D/M/YYYY H:MM`, `M/DD/YY HH:MM:SS`. An "
-        "ambiguous slash date follows what either timestamp of the trip shows, else `date_order`.",
+        "Toronto time) or the City's slash forms `M/D/YYYY H:MM`, `D/M/YYYY H:MM`, `M/DD/YY HH:MM:SS`; a real "
+        "date and time, which the pattern alone cannot say (it lets `2/30/2017 0:00` through). An ambiguous "
+        "slash date follows what either timestamp of the trip shows, else `date_order`. The pattern lists ISO "
+        "dates from year 1000 to 2999; the service reads the others too.",
         "1/1/2017 0:00",
         required=True,
+        pattern=TIMESTAMP_PATTERN,
+        min_length=len("2017-01-01"),  # the shortest form: an ISO date alone
     ),
     TripField(
         "trip_stop_time",
@@ -111,14 +177,17 @@ REQUEST_SCHEMA = (
         "When the trip ended, in the same forms as `trip_start_time`; not before it.",
         "1/1/2017 0:03",
         required=True,
+        pattern=TIMESTAMP_PATTERN,
+        min_length=len("2017-01-01"),
     ),
     TripField("trip_duration_seconds", ("number",), "The trip's length in seconds.", 223, True, True),
     TripField(
         "from_station_id",
         ("integer", "string", "null"),
-        f"The start station's id (a whole number or a string of digits); when missing, looked up by "
+        f"The start station's id (a whole number or a string of at most 18 digits); when missing, looked up by "
         f"`from_station_name`. An unknown station is predicted as one, never refused. {_MISSING_NOTE}",
         7051,
+        pattern=STATION_ID_PATTERN,
     ),
     TripField(
         "from_station_name",
@@ -131,6 +200,7 @@ REQUEST_SCHEMA = (
         ("integer", "string", "null"),
         f"The end station's id, as `from_station_id`. {_MISSING_NOTE}",
         7089,
+        pattern=STATION_ID_PATTERN,
     ),
     TripField(
         "to_station_name", ("string", "null"), f"The end station's name. {_MISSING_NOTE}", "Church St  / Wood St"
@@ -141,21 +211,12 @@ REQUEST_SCHEMA = (
         f"The rider's label if known: `Member`, `Casual`, `Annual Member` or `Casual Member` (any case); not "
         f"used for the prediction. {_MISSING_NOTE}",
         "Member",
+        pattern=LABEL_PATTERN,
     ),
 )
 TRIP_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA)
 REQUIRED_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA if trip_field.required)
 MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
-
-MEMBER = "Member"
-CASUAL = "Casual"
-LABELS = {
-    "member": MEMBER,
-    "annual member": MEMBER,
-    "casual": CASUAL,
-    "casual member": CASUAL,
-}
-MISSING_TEXT = {"", "null", "nullnull", "nan", "none"}
 
 DateOrder = Literal["MDY", "DMY"]
 DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
@@ -174,11 +235,6 @@ class InvalidTrip(ValueError):
 
 # --- Timestamps -------------------------------------------------------------------------------------
 
-# One pattern for both readers: Python's `re` for a request's two texts, Arrow's RE2 for a file's columns.
-_SLASH_TIMESTAMP_PATTERN = (
-    r"^\s*(?P<first>\d{1,2})/(?P<second>\d{1,2})/(?P<year>\d{4}|\d{2})"
-    r"[ T]+(?P<hour>\d{1,2}):(?P<minute>\d{2})(?::(?P<second_of_minute>\d{2}))?\s*$"
-)
 _SLASH_TIMESTAMP = re.compile(_SLASH_TIMESTAMP_PATTERN, re.ASCII)
 SlashParts = tuple[int, int, int, int, int, int]
 
@@ -517,9 +573,6 @@ def read_trips(path: str | Path) -> ParsedTrips:
 # --- Requests ---------------------------------------------------------------------------------------
 
 
-_STATION_ID_TEXT = re.compile(r"[0-9]{1,18}")
-
-
 def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:
     """The values of REQUEST_SCHEMA's fields in its order, each present if required, of its JSON type."""
     values = []
@@ -533,11 +586,19 @@ def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:
             or not isinstance(value, trip_field.python_types)
             or (isinstance(value, float) and not math.isfinite(value))
         ):
-            raise InvalidTrip(trip_field.name, trip_field.type_error, item)
+            if not ("integer" in trip_field.types and _is_whole_float(value)):
+                raise InvalidTrip(trip_field.name, trip_field.type_error, item)
+            value = int(value)
         elif trip_field.non_negative and value < 0:
             raise InvalidTrip(trip_field.name, "must not be negative", item)
         values.append(value)
     return values
+
+
+def _is_whole_float(value: Any) -> bool:
+    """Whether a float is an integer to JSON Schema (`7051.0`, as writers that know only floats send 7051) in the
+    JSON reader's range; strictly inside it, as an integer beyond either end is read as the float at that end."""
+    return isinstance(value, float) and value.is_integer() and JSON_INTEGERS[0] < value < JSON_INTEGERS[1]
 
 
 def _text(value: str | None) -> str | None:

@@ -254,6 +254,7 @@ def client(batch_settings: Settings, model: LoadedModel):
         ({"input": "file:///etc/passwd"}, 400, "INVALID_PARAMETER_VALUE", "input"),
         ({"input": "s3://"}, 400, "INVALID_PARAMETER_VALUE", "input"),
         ({"input": "missing.csv"}, 404, "RESOURCE_DOES_NOT_EXIST", "input"),
+        ({"input": f"{'x' * 300}.csv"}, 404, "RESOURCE_DOES_NOT_EXIST", "input"),  # too long a name for a file
         ({"input": "notes.txt"}, 400, "INVALID_PARAMETER_VALUE", "input"),
         ({"input": "trips.csv", "output": "scores.json"}, 400, "INVALID_PARAMETER_VALUE", "output"),
         ({"input": "trips.csv", "output": "trips.csv"}, 400, "INVALID_PARAMETER_VALUE", "output"),
@@ -573,6 +574,12 @@ def test_watch_state_takes_the_newest_first_then_everything_newer_oldest_first(t
     assert [item.location[-5:] for item in batch.WatchState(state.path).pending(listing)] == ["d.csv", "e.csv"]
     changed = [found("b.csv", 6, fingerprint="v2")]  # the same name with new content is new work
     assert batch.WatchState(state.path).pending(changed) == changed
+
+
+def test_an_output_name_too_long_for_a_file_is_taken_as_written(tmp_path: Path) -> None:
+    """Not a 500 while answering the request: the job fails on it later, saying why."""
+    output = str(tmp_path / f"{'x' * 300}.csv")
+    assert batch.resolve_output(str(tmp_path / "trips.csv"), output) == output
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("10m", 600), ("1h", 3600), ("2d", 172800), ("0.5", 0.5)])

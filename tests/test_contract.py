@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
+import orjson
 import pytest
 import requests
 from conftest import service_env
@@ -27,22 +28,39 @@ from config import Settings
 from model_store import ModelHolder
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
-CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-CHECKS += ",negative_data_rejection"  # what the document says is invalid, the service refuses with a 4xx
+CHECKS = "all"  # every check schemathesis has; CONFIG says where one is told more than the document, and why
+# Every phase. The stateful one follows the document's links; its one link (a started job to its state) stays
+# unfollowed, as the batch root is empty: fuzzing starts no job (each is a process), so no two runs differ by
+# when a job slot frees. test_batch_job_states_match_the_document follows it instead.
+PHASES = "examples,coverage,fuzzing,stateful"
 MAX_EXAMPLES_PER_OPERATION = 100
+SEED = 7
+ADMIN_TOKEN = "contract-admin-token"
+CONFIG = f"""
+# A trip's rules that JSON Schema cannot state (a real date, the slash dates' order, stop not before start):
+# the refusals of schema-valid trips they explain are dropped, and only those (see the module).
+hooks = "{Path(__file__).parent / "contract_hooks.py"}"
+
+# POST /admin/reload gets the token, so that ignored_auth sees it refuse a request without it, or with a wrong
+# one; with no token at all it would answer only 401, and positive data would never reach it.
+[auth.openapi.adminToken]
+bearer = "{ADMIN_TOKEN}"
+
 # Schemathesis' statuses for refused invalid input, plus 413: a list over maxItems is refused as too large.
-CONFIG = """[checks.negative_data_rejection]
+[checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
 """
-SEED = 7
 
 
 @pytest.fixture(scope="module")
 def service(settings: Settings, trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """Gunicorn as deployed, with an empty batch root and no S3 prefix: fuzzing can start no job anywhere."""
+    """Gunicorn as deployed, with an empty batch root and no S3 prefix: fuzzing can start no job anywhere. With
+    ADMIN_TOKEN set, so that POST /admin/reload is in the document and fuzzed too."""
     work = tmp_path_factory.mktemp("contract")
     (work / "root").mkdir()
-    env = service_env(settings, BATCH_ROOT=str(work / "root"), BATCH_STATE_DIR=str(work / "state"))
+    env = service_env(
+        settings, BATCH_ROOT=str(work / "root"), BATCH_STATE_DIR=str(work / "state"), ADMIN_TOKEN=ADMIN_TOKEN
+    )
     process, url = start_gunicorn(env, work / "gunicorn.log")
     try:
         yield url, work
@@ -79,7 +97,7 @@ def test_schemathesis_finds_no_contract_violation(
         CHECKS,
     ]
     command += ["--max-examples", str(MAX_EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1"]
-    command += ["--phases", "examples,coverage,fuzzing", "--request-timeout", "10", "--generation-database", "none"]
+    command += ["--phases", PHASES, "--request-timeout", "10", "--generation-database", "none"]
     command += ["--report", "json", "--report-json-path", str(report)]
     started = time.monotonic()
     run = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
@@ -89,7 +107,8 @@ def test_schemathesis_finds_no_contract_violation(
     cases = summary["test_cases"]
     line = (
         f"schemathesis: {cases['generated']} cases over {summary['operations']['tested']} operations in "
-        f"{seconds:.1f}s (seed {SEED}): {cases['with_failures']} failing, {cases['errored']} errored"
+        f"{seconds:.1f}s (seed {SEED}, checks {CHECKS}, phases {PHASES}): {cases['with_failures']} failing, "
+        f"{cases['errored']} errored, {summary['filtered']} refusals for a trip's rules beyond JSON Schema"
     )
     with capsys.disabled():  # the count shows in every run's output, not only with -s
         print(f"\n{line}")
@@ -98,6 +117,9 @@ def test_schemathesis_finds_no_contract_violation(
     operations = sum(len(item) for path, item in document["paths"].items() if path != "/openapi.json")
     assert summary["operations"]["tested"] == operations, line
     assert cases["generated"] >= 4 * operations, line
+    assert {phase: state["status"] for phase, state in summary["phases"].items()} == dict.fromkeys(
+        PHASES.split(","), "success"
+    ), line
 
 
 def test_the_document_describes_what_the_validator_checks(document: dict[str, Any]) -> None:
@@ -121,6 +143,139 @@ def test_the_document_describes_what_the_validator_checks(document: dict[str, An
     assert validator(document, "Trip").is_valid(test_pred.TRIP)
     assert not validator(document, "Trip").is_valid({**test_pred.TRIP, "trip_duration_seconds": -1})
     assert document["components"]["schemas"]["Trips"]["maxItems"] == Settings().max_trips_per_request
+
+
+# Values the document and the validator agree on, as JSON text read as the service reads it: True where both
+# take it, False where both refuse it. A timestamp is sent as both the start and the stop.
+AGREED = [
+    ("trip_start_time", '"2017-07-10T08:15:00"', True),
+    ("trip_start_time", '"2017-07-10 08:15"', True),
+    ("trip_start_time", '"2017-07-10"', True),
+    ("trip_start_time", '"2017-07-10T08:15:00.123456-04:00"', True),
+    ("trip_start_time", '"2017-07-10T12:15Z"', True),
+    ("trip_start_time", '" 10/7/2017 8:15\\t"', True),
+    ("trip_start_time", '"7/10/17 08:15:00"', True),
+    ("trip_start_time", '""', False),
+    ("trip_start_time", '"   "', False),
+    ("trip_start_time", '"2017-07-10T24:00"', False),
+    ("trip_start_time", '"2017/07/10 08:15"', False),
+    ("trip_start_time", '"\\u0661/1/2017 0:00"', False),  # an Arabic-Indic digit, a `\d` beyond ASCII
+    ("trip_start_time", '"\\u00a01/1/2017 0:00"', False),  # a no-break space, ECMA-262's `\s` but not the reader's
+    ("from_station_id", '" 7051 "', True),
+    ("from_station_id", '"NULL"', True),
+    ("from_station_id", '""', True),
+    ("from_station_id", "-1", True),
+    ("from_station_id", "7051.0", True),  # an integer to JSON Schema, as writers that know only floats send it
+    ("from_station_id", "18446744073709551615", True),
+    ("from_station_id", "18446744073709551616", False),  # past the JSON reader's integers: read as a float
+    ("from_station_id", "-9223372036854775809", False),
+    ("from_station_id", "7051.5", False),
+    ("from_station_id", '"70.51"', False),
+    ("from_station_id", '"9999999999999999999"', False),
+    ("from_station_id", "true", False),
+    ("trip_id", "712382.0", True),
+    ("trip_duration_seconds", "0", True),
+    ("trip_duration_seconds", "-0.5", False),
+    ("user_type", '" casual MEMBER\\n"', True),
+    ("user_type", '"nan"', True),
+    ("user_type", '"Tourist"', False),
+    ("user_type", '"Member*"', False),
+]
+# Values the validator takes and the document leaves out, as its descriptions say.
+STRICTER = [
+    ("trip_start_time", '"2017-W28-1"'),  # an ISO week date
+    ("trip_start_time", '"0999-12-31T23:00"'),  # a year before 1000
+    ("user_type", '"\\u00a0Member"'),  # whitespace beyond ASCII's, which the service strips too
+]
+
+
+def _trip_with(field: str, text: str) -> dict[str, Any]:
+    value = orjson.loads(text)
+    timestamps = dict.fromkeys(("trip_start_time", "trip_stop_time"), value) if field == "trip_start_time" else {}
+    return {**test_pred.TRIP, field: value, **timestamps}
+
+
+def _service_takes(trip: dict[str, Any]) -> bool:
+    try:
+        preprocess.parse_request_trip(trip)
+    except preprocess.InvalidTrip:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("field", "text", "valid"), AGREED)
+def test_the_document_and_the_validator_agree_on_a_trip_field(
+    document: dict[str, Any], field: str, text: str, valid: bool
+) -> None:
+    trip = _trip_with(field, text)
+    assert validator(document, "Trip").is_valid(trip) == _service_takes(trip) == valid
+
+
+@pytest.mark.parametrize(("field", "text"), STRICTER)
+def test_the_document_leaves_out_trip_values_only_where_it_says(
+    document: dict[str, Any], field: str, text: str
+) -> None:
+    trip = _trip_with(field, text)
+    assert _service_takes(trip) and not validator(document, "Trip").is_valid(trip)
+
+
+# Batch locations, sent to a service whose root holds trips.csv and which may run no job (MAX_BATCH_JOBS=0):
+# a location it takes gets 404, 403 or 503, never 400. (field, location, whether the document and it take it).
+LOCATIONS = [
+    ("input", "trips.csv", True),
+    ("input", "sub/missing.CSV.GZ", True),
+    ("input", "/elsewhere/trips.parquet", True),
+    ("input", "s3://bucket/in//trips.zip", True),
+    ("input", "", False),
+    ("input", "   ", False),
+    ("input", "notes.txt", False),
+    ("input", "trips.csv ", False),
+    ("input", "file:///trips.csv", False),
+    ("input", "S3://bucket/trips.csv", False),
+    ("input", "s3:///trips.csv", False),
+    ("input", "s3://bucket/../trips.csv", False),
+    ("input", "trips\x00.csv", False),
+    ("output", "scores.parquet", True),
+    ("output", "scores/", True),
+    ("output", "s3://bucket/out/", True),
+    ("output", "scores.zip", False),
+    ("output", "s3://bucket/", False),
+]
+LOCATIONS_STRICTER = [("input", "a:b.csv"), ("input", "s3://bucket/.in/trips.csv"), ("output", "folder")]
+
+
+@pytest.fixture(scope="module")
+def batch_client(model, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("locations")
+    (root / "trips.csv").write_text(Y2023)
+    (root / "folder").mkdir()
+    settings = Settings(batch_root=str(root), batch_state_dir=str(root / "state"), max_batch_jobs=0)
+    return predict.create_app(settings, ModelHolder(None, model)).test_client()
+
+
+def _location_answer(batch_client: Any, field: str, location: str) -> int:
+    body = {"input": location} if field == "input" else {"input": "trips.csv", "output": location}
+    return batch_client.post("/predict/batch", json=body).status_code
+
+
+@pytest.mark.parametrize(("field", "location", "valid"), LOCATIONS)
+def test_the_document_and_the_service_agree_on_a_batch_location(
+    document: dict[str, Any], batch_client: Any, field: str, location: str, valid: bool
+) -> None:
+    status = _location_answer(batch_client, field, location)
+    assert status in (400, 403, 404, 503)
+    body = {"input": "trips.csv", field: location}
+    assert validator(document, "BatchRequest").is_valid(body) == (status != 400) == valid
+
+
+@pytest.mark.parametrize(("field", "location"), LOCATIONS_STRICTER)
+def test_the_document_leaves_out_locations_only_where_it_says(
+    document: dict[str, Any], batch_client: Any, field: str, location: str
+) -> None:
+    body = {"input": "trips.csv", field: location}
+    assert _location_answer(batch_client, field, location) != 400 and not validator(document, "BatchRequest").is_valid(
+        body
+    )
 
 
 def test_a_field_cannot_be_required_and_nullable() -> None:

@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 from harness import ROOT
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import (
+    HTTPException,
+    MethodNotAllowed,
+    RequestEntityTooLarge,
+    TooManyRequests,
+    Unauthorized,
+)
 
 import predict
 from config import Settings
@@ -207,6 +215,38 @@ def test_admin_reload_refuses_a_missing_or_wrong_token(admin_client: FlaskClient
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     assert response.get_json()["error"]["code"] == "UNAUTHENTICATED"
     assert ADMIN_TOKEN not in response.get_data(as_text=True)
+
+
+def test_refusals_keep_the_headers_their_status_calls_for(admin_client: FlaskClient) -> None:
+    """RFC 9110: a 405 lists the methods the route allows, a 401 names the scheme to authenticate with."""
+    not_allowed = admin_client.open("/predict", method="TRACE")
+    assert not_allowed.status_code == 405 and not_allowed.get_json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert set(not_allowed.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert set(admin_client.delete("/health").headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    too_large = admin_client.post(
+        "/predict", data=b" " * (Settings.max_body_bytes + 1), content_type="application/json"
+    )
+    assert too_large.status_code == 413 and too_large.get_json()["error"]["code"] == "REQUEST_ENTITY_TOO_LARGE"
+    unauthenticated = admin_client.post("/admin/reload")
+    assert unauthenticated.status_code == 401 and unauthenticated.headers.getlist("WWW-Authenticate") == ["Bearer"]
+    for response in (not_allowed, too_large, unauthenticated):
+        assert response.headers.getlist("Content-Type") == ["application/json"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MethodNotAllowed(["GET", "HEAD"]),
+        RequestEntityTooLarge(),
+        Unauthorized(www_authenticate=WWWAuthenticate("basic", {"realm": "bikeshare"})),
+        TooManyRequests(retry_after=30),
+    ],
+)
+def test_werkzeug_errors_keep_their_headers_as_json(error: HTTPException) -> None:
+    response = predict.render_http_error(error)
+    assert response.status_code == error.code and response.headers.getlist("Content-Type") == ["application/json"]
+    carried = [(name, value) for name, value in response.headers if name not in ("Content-Type", "Content-Length")]
+    assert carried == [(name, value) for name, value in error.get_headers() if name != "Content-Type"]
 
 
 def test_admin_reload_with_the_token_answers_the_served_version(admin_client: FlaskClient, model: LoadedModel) -> None:
