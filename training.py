@@ -48,7 +48,7 @@ CLASSIFIER_DEFAULTS: Mapping[str, Any] = {
 SELECTION_TOLERANCE = 0.002
 # Selection fits learn from at most this many trips (a uniform sample, fixed seed): at a full year of trips,
 # choosing a candidate would otherwise cost several full fits. The test fit and the refit use every trip.
-MAX_SELECTION_ROWS = 1_000_000
+MAX_SELECTION_ROWS = 500_000
 # Forward chaining validates on at most this many months, the latest before the test month: the most like it.
 MAX_VALIDATION_MONTHS = 3
 MIN_TEST_TRIPS = 1000
