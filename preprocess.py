@@ -28,7 +28,6 @@ from types import SimpleNamespace
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-import holidays
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -709,7 +708,12 @@ def _month_of_day(day: int) -> int:
 
 
 def ontario_holidays(years: Iterable[int] = HOLIDAY_YEARS) -> np.ndarray:
-    """Ontario's statutory holidays (observed days included) as sorted day numbers since 1970-01-01."""
+    """Ontario's statutory holidays (observed days included) as sorted day numbers since 1970-01-01.
+
+    Only fitting asks the library (imported here: a served model carries its calendar, and the service starts
+    without the import)."""
+    import holidays
+
     calendar = holidays.country_holidays("CA", subdiv="ON", years=list(years))
     return np.array(sorted(day.toordinal() - UNIX_EPOCH_ORDINAL for day in calendar), dtype="int64")
 
