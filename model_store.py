@@ -149,13 +149,21 @@ class LoadedModel:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
 
 
-def production_version(client: MlflowClient, name: str) -> ModelVersion:
-    """The version the alias `production` names, else the newest one in the Production stage."""
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` names, or None when the model or the alias does not exist."""
     try:
-        return client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
+        return None
+
+
+def production_version(client: MlflowClient, name: str) -> ModelVersion:
+    """The version the alias `production` names, else the newest one in the Production stage."""
+    aliased = alias_version(client, name, PRODUCTION_ALIAS)
+    if aliased is not None:
+        return aliased
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated in MLflow 3 but still in use
         try:

@@ -27,13 +27,12 @@ from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from model_store import PRODUCTION_ALIAS, PRODUCTION_STAGE, NoProductionModel, production_version
+from model_store import PRODUCTION_ALIAS, PRODUCTION_STAGE, NoProductionModel, alias_version, production_version
 
 CHALLENGER_ALIAS = "challenger"
 PREVIOUS_ALIAS = "previous"
@@ -164,12 +163,8 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as error:
-        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        return None
+    found = alias_version(client, name, alias)
+    return None if found is None else str(found.version)
 
 
 def champion_evidence(champion: ModelVersion, test_month: str) -> tuple[str, dict[str, float] | None]:
