@@ -181,8 +181,8 @@ def fit(candidate: Candidate, trips: LabelledTrips) -> Pipeline:
     return candidate.build().fit(trips.inputs, trips.is_member)
 
 
-def score_month(pipeline: Pipeline, trained_on: LabelledTrips, month: LabelledTrips, prefix: str) -> MonthScore:
-    proba = member_probability(pipeline, month.inputs)
+def score_month(proba: np.ndarray, trained_on: LabelledTrips, month: LabelledTrips, prefix: str) -> MonthScore:
+    """The scores of P(Member) `proba` on the trips of `month`, from a model fitted on `trained_on`."""
     return MonthScore(
         month=month_name(month.month[0]),
         trained_on=[month_name(m) for m in trained_on.months],
@@ -239,20 +239,19 @@ def train_and_evaluate(
     validation: dict[str, list[MonthScore]] = {candidate.name: [] for candidate in candidates}
     for earlier, held in folds:
         for candidate in candidates:
-            validation[candidate.name].append(score_month(next(fitted), earlier, held, "validation"))
+            proba = member_probability(next(fitted), held.inputs)
+            validation[candidate.name].append(score_month(proba, earlier, held, "validation"))
     chosen, why = _choose(candidates, validation)
 
     tested, refitted = fit_all([(chosen, before_test), (chosen, trips)])
     proba = member_probability(tested, test.inputs)
-    share = float(before_test.is_member.mean())
-    common = {"month": month_name(test_month), "trained_on": [month_name(m) for m in before_test.months]}
-    common |= {"rows": len(test), "member_share": float(test.is_member.mean())}
+    prior = np.full(len(test), before_test.is_member.mean())
     time_ordered = TimeOrderedEvaluation(
         chosen=chosen,
         why=why,
         validation=validation,
-        test=MonthScore(**common, scores=evaluation.scores(test.is_member, proba, "test")),
-        prior=MonthScore(**common, scores=evaluation.scores(test.is_member, np.full(len(test), share), "prior")),
+        test=score_month(proba, before_test, test, "test"),
+        prior=score_month(prior, before_test, test, "prior"),
         test_is_member=test.is_member,
         test_proba=proba,
         test_inputs=test.inputs,
