@@ -8,7 +8,8 @@ WORKDIR /build
 RUN pip install --no-cache-dir --disable-pip-version-check "pipenv==${PIPENV_VERSION}"
 COPY Pipfile Pipfile.lock ./
 # The venv gets no pip or setuptools of its own, and loses the packages' test suites (~130 MB never imported).
-RUN pipenv requirements --hash > requirements.txt \
+# The project itself is not installed from the lock (it is `-e .` there): its code is copied below.
+RUN pipenv requirements --hash | grep -v '^-e ' > requirements.txt \
     && python -m venv --without-pip /opt/venv \
     && pip --python /opt/venv/bin/python install --no-cache-dir --disable-pip-version-check --no-deps \
         --require-hashes -r requirements.txt \
@@ -20,6 +21,7 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
     MODEL_PORT=9696 \
     MODEL_CACHE_DIR=/var/cache/bikeshare-membership \
     MLFLOW_DISABLE_TELEMETRY=true \
@@ -33,10 +35,11 @@ RUN useradd --uid "$APP_UID" --user-group --create-home --shell /usr/sbin/nologi
     && chown app:app "$MODEL_CACHE_DIR" /var/lib/mlflow
 WORKDIR /app
 COPY *.py ./
+COPY bikeshare_membership/ bikeshare_membership/
 COPY data/stations.csv data/
 USER ${APP_UID}
 EXPOSE 9696
 VOLUME ["/var/cache/bikeshare-membership"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['MODEL_PORT']}/health\", timeout=4)"]
-CMD ["gunicorn", "--config", "gunicorn.conf.py", "predict:app"]
+CMD ["gunicorn", "--config", "gunicorn.conf.py"]

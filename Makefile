@@ -26,7 +26,7 @@ $(VENV)/.synced-dev: Pipfile.lock
 
 serve: $(VENV)/.synced
 	$(PIPENV) run python train.py --if-missing
-	$(PIPENV) run gunicorn --config gunicorn.conf.py predict:app
+	$(PIPENV) run gunicorn --config gunicorn.conf.py
 
 train: $(VENV)/.synced
 	$(PIPENV) run python train.py
@@ -51,7 +51,7 @@ test-container: lint-docker
 # A finding that cannot be fixed by upgrading the package in Pipfile.lock goes here as --ignore-vuln ID, with why.
 AUDIT_IGNORE :=
 audit: $(VENV)/.synced-dev
-	$(PIPENV) requirements --dev --hash > $(VENV)/audit-requirements.txt
+	$(PIPENV) requirements --dev --hash | grep -v '^-e ' > $(VENV)/audit-requirements.txt  # not the project itself
 	$(VENV)/bin/pip-audit --strict --require-hashes --disable-pip --progress-spinner off $(AUDIT_IGNORE) \
 		-r $(VENV)/audit-requirements.txt
 

@@ -1,12 +1,12 @@
-"""Gunicorn settings for the prediction service: `gunicorn --config gunicorn.conf.py predict:app`.
+"""Gunicorn settings for the prediction service: `gunicorn --config gunicorn.conf.py` serves `predict:app()`.
 
 The app is preloaded, so the master loads the model once and the workers share it by fork. Two sync
 workers fit this 2-core machine; set WEB_CONCURRENCY to the number of cores on a bigger host.
 
 Metrics: the workers write their values to files in PROMETHEUS_MULTIPROC_DIR (the environment's, emptied
 at start, else a private temporary folder) and any worker's /metrics sums them (metrics.py). Logs: JSON
-lines on stderr (jsonlog.py), Gunicorn's own included; the app logs each request once, so Gunicorn's
-access log is off.
+lines on stderr (jsonlog.py), Gunicorn's own included; the app logs each request once, so Gunicorn's access
+log is off. (Modules named here are in bikeshare_membership/.)
 """
 
 import atexit
@@ -14,20 +14,18 @@ import gc
 import glob
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 from gunicorn.glogging import Logger
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Gunicorn reads this file before --chdir
 # One OpenMP thread per process, set before the preloaded app loads scikit-learn: libgomp's thread pool does
 # not survive fork, so a worker's first call through scikit-learn (a list of over 1,000 trips) would hang
 # until Gunicorn killed it. One worker per core is the parallelism anyway.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import jsonlog
-from config import Settings
+from bikeshare_membership import jsonlog
+from bikeshare_membership.config import Settings
 
 MASTER_PID = os.getpid()  # the process that reads this file
 
@@ -50,6 +48,8 @@ else:
 from prometheus_client import multiprocess  # noqa: E402
 
 service = Settings.from_env()  # not a Gunicorn setting name, so Gunicorn ignores it
+# The app factory (predict.py); a command line naming another app overrides it (the benchmark's no-op floor).
+wsgi_app = "predict:app()"
 bind = f"0.0.0.0:{service.port}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 preload_app = True
@@ -61,7 +61,7 @@ keepalive = 5
 max_requests = 20_000
 max_requests_jitter = 2_000
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
-logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (predict.serve_app)
+logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (app.serve_app)
 
 
 class ErrorOnlyLogger(Logger):
@@ -83,9 +83,9 @@ def when_ready(server: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     if "model_holder" in worker.wsgi.extensions:  # the benchmark's no-op HTTP floor has no model
-        import predict  # loaded already by the preload
+        from bikeshare_membership.app import start_serving  # loaded already by the preload
 
-        predict.start_serving(worker.wsgi)
+        start_serving(worker.wsgi)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -93,9 +93,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     calls this too for a worker already gone, which has no app.)"""
     app = getattr(worker, "wsgi", None)
     if app is not None and "recorder" in app.extensions:
-        import predict
+        from bikeshare_membership.app import stop_serving
 
-        predict.stop_serving(app)
+        stop_serving(app)
 
 
 def child_exit(server: Any, worker: Any) -> None:

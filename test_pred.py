@@ -11,20 +11,10 @@ import sys
 
 import requests
 
-from config import DEFAULT_PORT
+from bikeshare_membership.config import DEFAULT_PORT
+from bikeshare_membership.schema import EXAMPLE_TRIP
 
-# The first trip of the 2017 Q1 export, as the City wrote it (day-first dates, Q1's UTC clock).
-TRIP = {
-    "trip_id": 712382,
-    "trip_start_time": "1/1/2017 0:00",
-    "trip_stop_time": "1/1/2017 0:03",
-    "trip_duration_seconds": 223,
-    "from_station_id": 7051,
-    "from_station_name": "Wellesley St E / Yonge St Green P",
-    "to_station_id": 7089,
-    "to_station_name": "Church St  / Wood St",
-    "user_type": "Member",
-}
+TRIP = EXAMPLE_TRIP  # the first trip of the 2017 Q1 export, as the City wrote it (day-first dates)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,14 +26,13 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from bikeshare_membership import city_files
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import LoadedModel, load_production_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from generated_trips import bundled_rows, moved  # noqa: E402
-
-import preprocess  # noqa: E402
-from config import Settings  # noqa: E402
-from model_store import LoadedModel, load_production_model  # noqa: E402
 
 JUNE_2024_FIRST_MONDAY = pd.Timestamp("2024-06-03")
 FIRST_TRIP_ID = 27_000_000
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['seconds']:.2f}s = {summary['rows_per_s']:,.0f} rows/s, peak RSS {peak_rss_mb:,.0f} MiB"
         )
 
-        trips = preprocess.read_trips(trips_csv).trips
+        trips = city_files.read_trips(trips_csv).trips
     bare_rows_per_s = max(bare_model_rows_per_s(model, trips, threads) for threads in (None, 1))
 
     result = {

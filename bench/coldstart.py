@@ -24,14 +24,15 @@ from pathlib import Path
 
 import requests
 
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import ModelStore
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+from bikeshare_membership.storage import s3_client
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
 from harness import clean_env, free_port, run_train, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
-
-from config import Settings  # noqa: E402
-from model_store import ModelStore, s3_client  # noqa: E402
-from test_pred import TRIP  # noqa: E402
 
 MODEL = "bikeshare-coldstart"
 
@@ -40,7 +41,7 @@ def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:
     """Launch Gunicorn and time it until POST /predict first answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
-    command += ["--bind", f"127.0.0.1:{port}", "predict:app"]
+    command += ["--bind", f"127.0.0.1:{port}"]
     started = time.monotonic()
     process = start(command, {**env, "MODEL_PORT": str(port)}, log_path)
     try:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
 from harness import clean_env, run_train, start_gunicorn, stop  # noqa: E402
 from serve import FLOOR_APP, body_for, run_wrk  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> int:
         urls = {}
         for index, (build, folder) in enumerate([*folders.items(), (FLOOR, ROOT)]):
             build_env = env | {"MODEL_CACHE_DIR": str(work / f"cache-{index}")}
-            app = FLOOR_APP if build == FLOOR else "predict:app"
+            app = FLOOR_APP if build == FLOOR else gunicorn_app(folder)
             process, url = start_gunicorn(build_env, work / f"gunicorn-{index}.log", root=folder, app=app)
             processes.append(process)
             urls[build] = f"{url}/predict"
@@ -94,6 +94,12 @@ def main() -> int:
         summary[build] = {"p50_us": round(p50), "p99_us": round(p99), "p50_vs_floor": round(p50 / floor, 2)}
     print(json.dumps(summary))
     return 0
+
+
+def gunicorn_app(folder: Path) -> str | None:
+    """What Gunicorn serves for a build: the app factory its gunicorn.conf.py names (`wsgi_app`), or, in builds
+    from before the package layout, the module attribute `predict:app`."""
+    return None if "wsgi_app" in (folder / "gunicorn.conf.py").read_text() else "predict:app"
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-import preprocess
+from bikeshare_membership import stations
 
 CITY_TIME_FORMAT = "%m/%d/%Y %H:%M"
-BUNDLED = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
+BUNDLED = sorted(stations.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
 
 
 def bundled_rows() -> pd.DataFrame:

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import orjson
 
+from bikeshare_membership import app as service_app
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import ModelStore
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
 from harness import clean_env, free_port, run_train, start, start_gunicorn, stop, wait_for_http  # noqa: E402
-
-import predict  # noqa: E402
-from config import Settings  # noqa: E402
-from model_store import ModelStore  # noqa: E402
-from test_pred import TRIP  # noqa: E402
 
 MODEL = "bikeshare-serve-bench"
 # The same trip as `mlflow models serve` takes it: the model's signature columns, dataframe_split.
@@ -100,7 +100,7 @@ def in_process_microseconds(settings: Settings, repeats: int = 3000) -> float:
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
-        orjson.dumps(predict.predictions(orjson.loads(raw), model))
+        orjson.dumps(service_app.predictions(orjson.loads(raw), model))
         timings.append(time.perf_counter() - started)
     return sorted(timings)[len(timings) // 2] * 1e6
 

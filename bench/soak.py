@@ -58,8 +58,14 @@ import orjson
 import requests
 from mlflow.tracking import MlflowClient
 
+from bikeshare_membership import promotion
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import MANIFEST, verify_cached
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+from bikeshare_membership.storage import s3_client
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
 from harness import (  # noqa: E402
     clean_env,
@@ -71,11 +77,6 @@ from harness import (  # noqa: E402
     stop,
     write_aws_profile,
 )
-
-import promotion  # noqa: E402
-from config import Settings  # noqa: E402
-from model_store import MANIFEST, s3_client, verify_cached  # noqa: E402
-from test_pred import TRIP  # noqa: E402
 
 MODEL = "bikeshare-soak"
 BUCKET = "soak-models"

@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
 from generated_trips import bundled_rows, moved  # noqa: E402
 from harness import clean_env  # noqa: E402

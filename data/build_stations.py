@@ -20,17 +20,16 @@ Run from the repository root: `python data/build_stations.py`.
 """
 
 import re
-import sys
 import unicodedata
 from itertools import permutations
 from pathlib import Path
 
 import pandas as pd
 
-DATA_DIR = Path(__file__).parent
-sys.path.insert(0, str(DATA_DIR.parent))
+from bikeshare_membership.stations import loose_station_key
 
-from preprocess import loose_station_key  # noqa: E402
+DATA_DIR = Path(__file__).parent
+
 
 STATIONS_FILE = DATA_DIR / "stations.csv"
 _REMARK = re.compile(r"\(.*?\)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ import boto3
 import botocore.session
 import pytest
 from harness import (
-    ROOT,
     clean_env,
     free_port,
     run_train,
@@ -24,10 +22,8 @@ from harness import (
     write_aws_profile,
 )
 
-sys.path.insert(0, str(ROOT))
-
-from config import Settings
-from model_store import LoadedModel, load_production_model
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import LoadedModel, load_production_model
 
 MODEL_NAME = "bikeshare-membership-test"
 
@@ -41,7 +37,6 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         MLFLOW_REGISTERED_MODEL=settings.registered_model,
         MODEL_PORT=str(settings.port),
         MODEL_CACHE_DIR=settings.model_cache_dir,
-        PYTHONPATH=str(ROOT),
     )
     env.update(extra)
     return env

@@ -82,13 +82,13 @@ def start_mlflow_server(
 
 
 def start_gunicorn(
-    env: dict[str, str], log_path: Path, root: Path = ROOT, app: str = "predict:app"
+    env: dict[str, str], log_path: Path, root: Path = ROOT, app: str | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """The service (or `app`) of the checkout at `root` under its production Gunicorn configuration on a free
-    loopback port, once it answers."""
+    """The service of the checkout at `root` (the app its gunicorn.conf.py names, or `app`) under its production
+    Gunicorn configuration on a free loopback port, once it answers."""
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "--config", str(root / "gunicorn.conf.py")]
-    command += ["--bind", f"127.0.0.1:{port}", app]
+    command += ["--bind", f"127.0.0.1:{port}", *([app] if app else [])]
     process = start(command, {**env, "MODEL_PORT": str(port)}, log_path, cwd=root)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process)

@@ -26,17 +26,23 @@ from harness import ROOT, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 from test_preprocess import Q1_2017, Q3_2017, Q4_2017, Y2018, Y2023, Y2025
 
-import batch
-import drift
-import monitoring
-import predict
-import preprocess
-import storage
-import trip_reader
-from config import Settings
-from model_store import LoadedModel, ModelHolder
+from bikeshare_membership import app as service_app
+from bikeshare_membership import (
+    batch_jobs,
+    batch_scoring,
+    city_files,
+    drift,
+    features,
+    monitoring,
+    stations,
+    storage,
+    watch,
+)
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.model_store import LoadedModel
 
-BUNDLED = sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
+BUNDLED = sorted(stations.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
 TRIP = {
     "trip_start_time": "2023-05-09T08:05:00",
     "trip_stop_time": "2023-05-09T08:12:00",
@@ -49,7 +55,7 @@ TRIP = {
 def run_batch(
     settings: Settings, cwd: Path, *args: str, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess:
-    """`python batch.py ...` as a real process, against the test registry (a new experiment's artifacts go
+    """`python batch_scoring.py ...` as a real process, against the test registry (a new experiment's artifacts go
     to `cwd`/mlruns, as MLflow does with a local store)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "batch.py"), *args],
@@ -98,7 +104,7 @@ def test_a_city_zip_of_every_layout_gives_one_row_per_input_row(
             zipped.writestr(name, text)
         zipped.writestr("__MACOSX/2017 Data/._Bikeshare Ridership (2017 Q1).csv", b"\x00\x05\x16\x07")
 
-    summary = batch.score_file(settings, str(archive), None, model)
+    summary = batch_scoring.score_file(settings, str(archive), None, model)
 
     predictions = read_csv_text(tmp_path / "bikeshare-ridership.predictions.csv")
     rejects = read_csv_text(tmp_path / "bikeshare-ridership.predictions.rejects.csv")
@@ -118,7 +124,7 @@ def test_a_city_zip_of_every_layout_gives_one_row_per_input_row(
     assert set(predictions["model_name"]) == {model.name} and set(predictions["model_version"]) == {model.version}
     # The same probabilities as scoring the whole member in memory, the way the service reads a trip.
     (tmp_path / "q1.csv").write_text(Q1_2017)
-    q1 = preprocess.read_trips(tmp_path / "q1.csv")
+    q1 = city_files.read_trips(tmp_path / "q1.csv")
     expected = np.round(model.member_probability(q1.trips) * 100, 2)
     assert proba[predictions["trip_id"].isin(q1.trips["trip_id"])].tolist() == pytest.approx(expected.tolist())
 
@@ -137,7 +143,7 @@ def test_malformed_rows_bad_values_and_cp1252_text_are_rejected_or_read_never_dr
     path = tmp_path / "Bike share ridership 2023-05.csv"
     path.write_bytes(b"\n".join([header, *rows, *bad_rows]) + b"\n")
 
-    summary = batch.score_file(settings, str(path), str(tmp_path / "out" / "scores.csv.gz"), model)
+    summary = batch_scoring.score_file(settings, str(path), str(tmp_path / "out" / "scores.csv.gz"), model)
 
     with gzip.open(tmp_path / "out" / "scores.csv.gz", "rt") as scores:
         predictions = pd.read_csv(scores, dtype=str)
@@ -163,7 +169,7 @@ def test_date_order_shown_by_one_chunk_carries_into_the_next(tmp_path: Path) -> 
     path = tmp_path / "2016-q3.csv"
     path.write_text("\n".join([header, *evident, *ambiguous]) + "\n")
 
-    chunks = list(trip_reader.read_chunks(path, chunk_rows=64))
+    chunks = list(city_files.read_chunks(path, chunk_rows=64))
 
     assert len(chunks) > 3
     last = chunks[-1].parsed
@@ -175,13 +181,13 @@ def test_date_order_shown_by_one_chunk_carries_into_the_next(tmp_path: Path) -> 
 def test_gzip_to_parquet_and_a_typed_parquet_input(tmp_path: Path, settings: Settings, model: LoadedModel) -> None:
     source = BUNDLED[0]
     output = tmp_path / "may.parquet"
-    summary = batch.score_file(settings, str(source), str(output), model)
+    summary = batch_scoring.score_file(settings, str(source), str(output), model)
     from_csv = pq.read_table(output).to_pandas()
-    assert summary.rows == len(from_csv) == len(preprocess.read_trips(source).trips)
+    assert summary.rows == len(from_csv) == len(city_files.read_trips(source).trips)
     assert pq.read_schema(output).names == ["trip_id", "membership", "proba", "model_name", "model_version"]
 
     # The same trips as a Parquet file with typed columns (integers, timestamps) score the same.
-    trips = preprocess.read_trips(source).trips
+    trips = city_files.read_trips(source).trips
     typed = pa.table(
         {
             "Trip Id": pa.array(trips["trip_id"].astype("int64")),
@@ -194,7 +200,7 @@ def test_gzip_to_parquet_and_a_typed_parquet_input(tmp_path: Path, settings: Set
         }
     )
     pq.write_table(typed, tmp_path / "typed.parquet")
-    batch.score_file(settings, str(tmp_path / "typed.parquet"), None, model)
+    batch_scoring.score_file(settings, str(tmp_path / "typed.parquet"), None, model)
     from_parquet = pq.read_table(tmp_path / "typed.predictions.parquet").to_pandas()
     pd.testing.assert_series_equal(from_parquet["proba"], from_csv["proba"])
     assert from_parquet["trip_id"].tolist() == from_csv["trip_id"].tolist()
@@ -213,7 +219,7 @@ def test_cli_reads_and_writes_s3_with_credentials_from_a_profile(
     assert {"incoming/2023-02.predictions.csv", "incoming/2023-02.predictions.rejects.csv"} <= keys
     client.download_file(s3.bucket, "incoming/2023-02.predictions.csv", str(tmp_path / "scores.csv"))
     scores = read_csv_text(tmp_path / "scores.csv")
-    expected = preprocess.read_trips(BUNDLED[1]).trips
+    expected = city_files.read_trips(BUNDLED[1]).trips
     assert scores["trip_id"].tolist() == expected["trip_id"].tolist()
     assert f"{len(expected):,} rows" in result.stdout and "0 rejected" in result.stdout
 
@@ -224,7 +230,7 @@ def test_a_file_of_no_known_layout_fails_and_leaves_nothing_behind(
     path = tmp_path / "other.csv"
     path.write_text("id,start,stop\n1,2,3\n")
     with pytest.raises(ValueError, match="unknown file layout"):
-        batch.score_file(settings, str(path), None, model)
+        batch_scoring.score_file(settings, str(path), None, model)
     assert [file.name for file in tmp_path.iterdir()] == ["other.csv"]  # no partial output
 
 
@@ -240,7 +246,7 @@ def batch_settings(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(batch_settings: Settings, model: LoadedModel):
-    return predict.create_app(batch_settings, ModelHolder(None, model)).test_client()
+    return service_app.create_app(batch_settings, ModelHolder(None, model)).test_client()
 
 
 @pytest.mark.parametrize(
@@ -286,7 +292,7 @@ def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
     (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
     (tmp_path / "not-a-folder").write_text("")
     broken = replace(batch_settings, batch_state_dir=str(tmp_path / "not-a-folder"))
-    client = predict.create_app(broken, ModelHolder(None, model)).test_client()
+    client = service_app.create_app(broken, ModelHolder(None, model)).test_client()
     response = client.post("/predict/batch", json={"input": "trips.csv"})
     assert response.status_code == 503 and "BATCH_STATE_DIR" in response.get_json()["error"]["message"]
 
@@ -299,7 +305,7 @@ def test_a_job_whose_process_cannot_start_is_a_503_and_recorded_as_failed(
     def out_of_processes(*args: Any, **kwargs: Any) -> None:
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(batch.subprocess, "Popen", out_of_processes)
+    monkeypatch.setattr(batch_jobs.subprocess, "Popen", out_of_processes)
     response = client.post("/predict/batch", json={"input": "trips.csv"})
     error = response.get_json()["error"]
     assert response.status_code == 503 and error["code"] == "TEMPORARILY_UNAVAILABLE"
@@ -308,7 +314,7 @@ def test_a_job_whose_process_cannot_start_is_a_503_and_recorded_as_failed(
         json.loads(path.read_text()) for path in (Path(batch_settings.batch_state_dir) / "jobs").glob("*.json")
     ]
     assert recorded["status"] == "failed" and "could not start" in recorded["error"]
-    assert batch.running_jobs(Path(batch_settings.batch_state_dir) / "jobs") == 0
+    assert batch_jobs.running_jobs(Path(batch_settings.batch_state_dir) / "jobs") == 0
 
 
 def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Settings, model: LoadedModel) -> None:
@@ -316,7 +322,7 @@ def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Setting
     seconds to import its libraries alone), and accepted once the first has finished."""
     (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
     one_at_a_time = replace(batch_settings, max_batch_jobs=1)
-    client = predict.create_app(one_at_a_time, ModelHolder(None, model)).test_client()
+    client = service_app.create_app(one_at_a_time, ModelHolder(None, model)).test_client()
     first = client.post("/predict/batch", json={"input": "trips.csv", "output": "first.csv"})
     assert first.status_code == 202
     second = client.post("/predict/batch", json={"input": "trips.csv", "output": "second.csv"})
@@ -331,7 +337,7 @@ def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Setting
 
 
 def test_a_service_without_batch_root_reads_no_local_file(settings: Settings, model: LoadedModel) -> None:
-    client = predict.create_app(replace(settings, batch_root=None), ModelHolder(None, model)).test_client()
+    client = service_app.create_app(replace(settings, batch_root=None), ModelHolder(None, model)).test_client()
     response = client.post("/predict/batch", json={"input": str(BUNDLED[0])})
     assert response.status_code == 403 and "BATCH_ROOT" in response.get_json()["error"]["message"]
 
@@ -349,7 +355,7 @@ def test_unknown_jobs_are_404(client, job_id: str, code: str) -> None:
     assert response.status_code == 404 and response.get_json()["error"]["code"] == code
 
 
-def poll(get_status, until: tuple[str, ...] = batch.FINISHED, timeout: float = 120) -> dict:
+def poll(get_status, until: tuple[str, ...] = batch_jobs.FINISHED, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = get_status()
@@ -379,7 +385,9 @@ def test_s3_jobs_only_under_the_configured_prefix(
     allowed = f"s3://{s3.bucket}/allowed/"
 
     def submit(settings: Settings, body: dict):
-        return predict.create_app(settings, ModelHolder(None, model)).test_client().post("/predict/batch", json=body)
+        return (
+            service_app.create_app(settings, ModelHolder(None, model)).test_client().post("/predict/batch", json=body)
+        )
 
     refused = {
         "no prefix": submit(batch_settings, {"input": f"{allowed}2023-01.csv.gz"}),
@@ -400,7 +408,7 @@ def test_s3_jobs_only_under_the_configured_prefix(
     assert dotted.status_code == 400 and dotted.get_json()["error"]["field"] == "input"
     assert not (Path(batch_settings.batch_state_dir) / "jobs").exists()  # no job was started
 
-    client = predict.create_app(
+    client = service_app.create_app(
         replace(batch_settings, batch_s3_prefix=allowed), ModelHolder(None, model)
     ).test_client()
     started = client.post("/predict/batch", json={"input": f"{allowed}2023-01.csv.gz"})
@@ -438,7 +446,7 @@ def test_a_large_job_through_gunicorn_completes_while_predict_keeps_answering(
     answered_while_running, latencies = 0, []
     deadline = time.monotonic() + 180
     status = poll()
-    while status["status"] not in batch.FINISHED:
+    while status["status"] not in batch_jobs.FINISHED:
         assert time.monotonic() < deadline, f"the job did not finish: {status}"
         asked = time.monotonic()
         answer = requests.post(f"{batch_service}/predict", json=TRIP, timeout=10)
@@ -484,11 +492,11 @@ def test_evaluate_logs_metrics_images_and_drift_and_fails_below_the_floor(
     metrics = run.data.metrics
     for name in ("eval_roc_auc", "eval_log_loss", "eval_brier", "eval_precision", "eval_recall"):
         assert np.isfinite(metrics[name])
-    assert metrics["labelled_rows"] == len(preprocess.read_trips(may).trips)
+    assert metrics["labelled_rows"] == len(city_files.read_trips(may).trips)
     assert metrics["member_share_observed"] == pytest.approx(0.14, abs=0.03)  # May 2023's Annual Members
     assert 0 < metrics["mean_member_probability"] < 0.5
-    assert {f"psi_{name}" for name in preprocess.DEFAULT_FEATURES} <= set(metrics)
-    assert all(metrics[f"psi_{name}"] >= 0 for name in preprocess.DEFAULT_FEATURES)
+    assert {f"psi_{name}" for name in features.DEFAULT_FEATURES} <= set(metrics)
+    assert all(metrics[f"psi_{name}"] >= 0 for name in features.DEFAULT_FEATURES)
     assert metrics["psi_start_hour"] < 0.25  # May's riders start at the hours the year's do
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"calibration_curve.png", "confusion_matrix.png", "feature_drift.json"} <= artifacts
@@ -508,7 +516,7 @@ def test_evaluate_refuses_a_file_without_labels(settings: Settings, model: Loade
 
 
 def test_population_stability_is_zero_for_the_same_data_and_large_for_a_shift(model: LoadedModel) -> None:
-    trips = preprocess.read_trips(BUNDLED[0]).trips
+    trips = city_files.read_trips(BUNDLED[0]).trips
     features = drift.model_features(model.pipeline, trips)
     same = drift.DriftCounter(drift.feature_profile(features))
     same.add(features)
@@ -566,25 +574,25 @@ def test_watch_state_takes_the_newest_first_then_everything_newer_oldest_first(t
     def found(name: str, modified: float, fingerprint: str = "v1") -> storage.StoredFile:
         return storage.StoredFile(f"s3://bucket/in/{name}", 10, modified, fingerprint)
 
-    state = batch.WatchState(tmp_path / "state.json")
+    state = watch.WatchState(tmp_path / "state.json")
     listing = [found("a.csv", 1), found("b.csv", 3), found("c.csv", 2)]
     assert state.pending(listing) == [found("b.csv", 3)]
     state.record(found("b.csv", 3), {})
     listing += [found("e.csv", 5), found("d.csv", 4)]
-    assert [item.location[-5:] for item in batch.WatchState(state.path).pending(listing)] == ["d.csv", "e.csv"]
+    assert [item.location[-5:] for item in watch.WatchState(state.path).pending(listing)] == ["d.csv", "e.csv"]
     changed = [found("b.csv", 6, fingerprint="v2")]  # the same name with new content is new work
-    assert batch.WatchState(state.path).pending(changed) == changed
+    assert watch.WatchState(state.path).pending(changed) == changed
 
 
 def test_an_output_name_too_long_for_a_file_is_taken_as_written(tmp_path: Path) -> None:
     """Not a 500 while answering the request: the job fails on it later, saying why."""
     output = str(tmp_path / f"{'x' * 300}.csv")
-    assert batch.resolve_output(str(tmp_path / "trips.csv"), output) == output
+    assert batch_scoring.resolve_output(str(tmp_path / "trips.csv"), output) == output
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("10m", 600), ("1h", 3600), ("2d", 172800), ("0.5", 0.5)])
 def test_intervals(text: str, seconds: float) -> None:
-    assert batch.parse_interval(text) == seconds
+    assert watch.parse_interval(text) == seconds
 
 
 def test_settings_survive_the_trip_to_a_job_process() -> None:

@@ -20,12 +20,11 @@ from conftest import service_env
 from harness import start_gunicorn, stop
 from test_preprocess import Y2023
 
-import batch
-import predict
-import preprocess
-import test_pred
-from config import Settings
-from model_store import ModelHolder
+from bikeshare_membership import app as service_app
+from bikeshare_membership import batch_jobs, schema
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.schema import EXAMPLE_TRIP
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 CHECKS = "all"  # every check schemathesis has; CONFIG says where one is told more than the document, and why
@@ -126,22 +125,22 @@ def test_the_document_describes_what_the_validator_checks(document: dict[str, An
     trip = document["components"]["schemas"]["Trip"]
     assert (
         trip["required"]
-        == list(preprocess.REQUIRED_FIELDS)
+        == list(schema.REQUIRED_FIELDS)
         == [
             "trip_start_time",
             "trip_stop_time",
             "trip_duration_seconds",
         ]
     )
-    assert list(trip["properties"]) == list(preprocess.TRIP_FIELDS)
-    for trip_field in preprocess.REQUEST_SCHEMA:
+    assert list(trip["properties"]) == list(schema.TRIP_FIELDS)
+    for trip_field in schema.REQUEST_SCHEMA:
         types = trip["properties"][trip_field.name]["type"]
         assert set(types if isinstance(types, list) else [types]) == set(trip_field.types)
-    assert trip["examples"] == [test_pred.TRIP] and preprocess.parse_request_trip(test_pred.TRIP)
+    assert trip["examples"] == [EXAMPLE_TRIP] and schema.parse_request_trip(EXAMPLE_TRIP)
     body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
-    assert body["examples"]["trip"]["value"] == test_pred.TRIP
-    assert validator(document, "Trip").is_valid(test_pred.TRIP)
-    assert not validator(document, "Trip").is_valid({**test_pred.TRIP, "trip_duration_seconds": -1})
+    assert body["examples"]["trip"]["value"] == EXAMPLE_TRIP
+    assert validator(document, "Trip").is_valid(EXAMPLE_TRIP)
+    assert not validator(document, "Trip").is_valid({**EXAMPLE_TRIP, "trip_duration_seconds": -1})
     assert document["components"]["schemas"]["Trips"]["maxItems"] == Settings().max_trips_per_request
 
 
@@ -192,13 +191,13 @@ STRICTER = [
 def _trip_with(field: str, text: str) -> dict[str, Any]:
     value = orjson.loads(text)
     timestamps = dict.fromkeys(("trip_start_time", "trip_stop_time"), value) if field == "trip_start_time" else {}
-    return {**test_pred.TRIP, field: value, **timestamps}
+    return {**EXAMPLE_TRIP, field: value, **timestamps}
 
 
 def _service_takes(trip: dict[str, Any]) -> bool:
     try:
-        preprocess.parse_request_trip(trip)
-    except preprocess.InvalidTrip:
+        schema.parse_request_trip(trip)
+    except schema.InvalidTrip:
         return False
     return True
 
@@ -250,7 +249,7 @@ def batch_client(model, tmp_path_factory: pytest.TempPathFactory) -> Any:
     (root / "trips.csv").write_text(Y2023)
     (root / "folder").mkdir()
     settings = Settings(batch_root=str(root), batch_state_dir=str(root / "state"), max_batch_jobs=0)
-    return predict.create_app(settings, ModelHolder(None, model)).test_client()
+    return service_app.create_app(settings, ModelHolder(None, model)).test_client()
 
 
 def _location_answer(batch_client: Any, field: str, location: str) -> int:
@@ -280,15 +279,15 @@ def test_the_document_leaves_out_locations_only_where_it_says(
 
 def test_a_field_cannot_be_required_and_nullable() -> None:
     with pytest.raises(ValueError, match="required"):
-        preprocess.TripField("trip_id", ("integer", "null"), "an id", 1, required=True)
+        schema.TripField("trip_id", ("integer", "null"), "an id", 1, required=True)
     with pytest.raises(ValueError, match="optional"):
-        preprocess.TripField("user_type", ("string",), "a label", "Member")
+        schema.TripField("user_type", ("string",), "a label", "Member")
 
 
 @pytest.mark.parametrize("admin_token", ["", "a-token"])
 def test_every_route_is_documented(settings: Settings, model, admin_token: str) -> None:
     """With and without the admin operations: the app's routes are exactly the paths its document lists."""
-    app = predict.create_app(dataclasses.replace(settings, admin_token=admin_token), ModelHolder(None, model))
+    app = service_app.create_app(dataclasses.replace(settings, admin_token=admin_token), ModelHolder(None, model))
     routes = {
         (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
@@ -310,7 +309,7 @@ def test_docs_page_shows_every_operation_and_needs_nothing_from_elsewhere(
     for path, item in document["paths"].items():
         for method in item:
             assert f"{method.upper()} {path}" in page
-    for name in preprocess.TRIP_FIELDS:
+    for name in schema.TRIP_FIELDS:
         assert f"<code>{name}</code>" in page
     assert "Wellesley St E / Yonge St Green P" in page and "&#34;trip_duration_seconds&#34;: 223" in page
 
@@ -320,12 +319,12 @@ def test_answers_match_the_document_under_gunicorn(
     service: tuple[str, Path], document: dict[str, Any], trips: int
 ) -> None:
     """Lists over the fast path's 1,000 rows go through scikit-learn: under Gunicorn they once hung a worker."""
-    body = test_pred.TRIP if trips == 1 else [test_pred.TRIP] * trips
+    body = EXAMPLE_TRIP if trips == 1 else [EXAMPLE_TRIP] * trips
     response = requests.post(f"{service[0]}/predict", json=body, timeout=60)
     assert response.status_code == 200, response.text[:500]
     answer = response.json()
-    schema = "Prediction" if trips == 1 else "Predictions"
-    assert validator(document, schema).is_valid(answer), answer if trips == 1 else answer["model"]
+    component = "Prediction" if trips == 1 else "Predictions"
+    assert validator(document, component).is_valid(answer), answer if trips == 1 else answer["model"]
     assert trips == 1 or len(answer["predictions"]) == trips
 
 
@@ -340,7 +339,7 @@ def test_batch_job_states_match_the_document(service: tuple[str, Path], document
         assert submitted.status_code == 202, submitted.text
         states = [submitted.json()]
         deadline = time.monotonic() + 120
-        while states[-1]["status"] not in batch.FINISHED:
+        while states[-1]["status"] not in batch_jobs.FINISHED:
             assert time.monotonic() < deadline, states[-1]
             time.sleep(0.2)
             states.append(requests.get(f"{url}/predict/batch/{states[-1]['job_id']}", timeout=10).json())
@@ -349,6 +348,6 @@ def test_batch_job_states_match_the_document(service: tuple[str, Path], document
         finished[name] = states[-1]
     assert finished["contract-job.csv"]["status"] == "succeeded"
     assert finished["contract-unreadable.csv"]["status"] == "failed"
-    for route, schema in (("/health", "Health"), ("/model", "ModelInfo")):
+    for route, component in (("/health", "Health"), ("/model", "ModelInfo")):
         answer = requests.get(f"{url}{route}", timeout=10).json()
-        assert validator(document, schema).is_valid(answer), list(validator(document, schema).iter_errors(answer))
+        assert validator(document, component).is_valid(answer), list(validator(document, component).iter_errors(answer))

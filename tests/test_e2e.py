@@ -11,7 +11,7 @@ import requests
 from conftest import service_env
 from harness import ROOT, free_port, start, stop, wait_for_http
 
-from config import Settings
+from bikeshare_membership.config import Settings
 
 
 def test_pred_script_against_gunicorn(gunicorn_service: str) -> None:
@@ -67,9 +67,8 @@ def test_default_ports_agree(monkeypatch) -> None:
     """The client, `python predict.py` and Gunicorn all default to the same port."""
     import runpy
 
-    import test_pred
-
     monkeypatch.delenv("MODEL_PORT", raising=False)
     gunicorn_settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert test_pred.build_parser().parse_args([]).port == Settings.from_env({}).port == 9696
+    client = runpy.run_path(str(ROOT / "test_pred.py"))  # a script, like gunicorn.conf.py: run it, not imported
+    assert client["build_parser"]().parse_args([]).port == Settings.from_env({}).port == 9696
     assert gunicorn_settings["bind"] == "0.0.0.0:9696"

@@ -12,19 +12,18 @@ from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
 
-import fast_pipeline
-import preprocess
-from fast_pipeline import FastPipeline, UnsupportedPipeline
-from model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
+from bikeshare_membership import city_files, fast_pipeline, schema, stations
+from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
+from bikeshare_membership.model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
 
 
 @pytest.fixture(scope="module")
 def real_trips() -> pd.DataFrame:
     """Every bundled trip, plus the same trips with unknown (99999) and missing stations."""
     trips = pd.concat(
-        [preprocess.read_trips(path).trips for path in sorted(preprocess.DATA_DIR.glob("*.csv.gz"))],
+        [city_files.read_trips(path).trips for path in sorted(stations.DATA_DIR.glob("*.csv.gz"))],
         ignore_index=True,
-    )[preprocess.MODEL_INPUT_COLUMNS]
+    )[schema.MODEL_INPUT_COLUMNS]
     unknown = trips.sample(2000, random_state=1).assign(from_station_id=99_999.0)
     missing = trips.sample(2000, random_state=2).assign(to_station_id=np.nan)
     return pd.concat([trips, unknown, missing], ignore_index=True)
@@ -58,7 +57,7 @@ def test_request_columns_and_frames_agree(model: LoadedModel) -> None:
         },
         {"trip_start_time": "10/01/17 00:00:01", "trip_stop_time": "10/01/17 00:00:27", "trip_duration_seconds": 26},
     ]
-    columns = preprocess.model_input([preprocess.parse_request_trip(record) for record in records])
+    columns = schema.model_input([schema.parse_request_trip(record) for record in records])
     expected = model.pipeline.predict_proba(pd.DataFrame(columns))[:, 1]
     np.testing.assert_allclose(model.member_probability(columns), expected, rtol=0, atol=1e-5)
 

@@ -18,10 +18,11 @@ from harness import ROOT, free_port, run_train, start, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import promotion
-from config import Settings
-from model_store import MANIFEST, ModelHolder, ModelStore, verify_cached
-from test_pred import TRIP
+from bikeshare_membership import promotion
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.model_store import MANIFEST, ModelStore, verify_cached
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 
 def service_env_for(registry: RemoteRegistry, cache_dir: Path, **extra: str) -> dict[str, str]:
@@ -102,7 +103,7 @@ def test_registry_down_with_a_warm_cache_serves_the_cached_version(
 
 
 def exit_of_gunicorn(env: dict[str, str], log_path: Path, limit: float) -> tuple[int, float, str]:
-    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), "predict:app"]
+    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
     started = time.monotonic()
     process = start(command, {**env, "MODEL_PORT": str(free_port())}, log_path)
     try:
@@ -153,7 +154,7 @@ def test_a_corrupt_cached_download_is_fetched_again(
     model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
     with pytest.raises(ValueError, match="differ from the manifest"):
         verify_cached(directory)
-    caplog.set_level(logging.INFO, logger="model_store")
+    caplog.set_level(logging.INFO, logger="bikeshare_membership.model_store")
     warm_cache(remote_registry, tmp_path / "cache")
     assert "incomplete or corrupt" in caplog.text and "fetched model" in caplog.text
     verify_cached(directory)
@@ -165,7 +166,7 @@ def test_a_corrupt_cached_download_is_fetched_again(
 def test_processes_that_need_the_same_version_download_it_once(
     remote_registry: RemoteRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="model_store")
+    caplog.set_level(logging.INFO, logger="bikeshare_membership.model_store")
     loaders = [threading.Thread(target=warm_cache, args=(remote_registry, tmp_path / "cache")) for _ in range(3)]
     for loader in loaders:
         loader.start()

@@ -23,13 +23,12 @@ from conftest import service_env
 from harness import start_gunicorn, stop
 from prometheus_client.parser import text_string_to_metric_families
 
-import jsonlog
-import predict
-import recorder
-from config import Settings
-from metrics import PROBA_BUCKETS
-from model_store import ModelHolder
-from test_pred import TRIP
+from bikeshare_membership import app as service_app
+from bikeshare_membership import jsonlog, recorder
+from bikeshare_membership.config import Settings
+from bikeshare_membership.metrics import PROBA_BUCKETS
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 # A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
 COMMUTE = {
@@ -286,7 +285,7 @@ def test_records_beyond_max_pending_are_written_by_the_request(
     """If the flushing thread cannot keep up (or is blocked), requests write the records themselves: the queue
     stays bounded and no record is dropped."""
     monkeypatch.setattr(recorder, "MAX_PENDING", 50)
-    app = predict.create_app(Settings(), ModelHolder(None, model))
+    app = service_app.create_app(Settings(), ModelHolder(None, model))
     recorder_ = app.extensions["recorder"]
     recorder_.flushing = True  # as in a worker whose thread is stuck: nothing writes in the background
     client = app.test_client()

@@ -24,10 +24,10 @@ from conftest import service_env
 from harness import ROOT, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 
-import promotion
-from config import Settings
-from model_store import production_version
-from test_pred import TRIP
+from bikeshare_membership import promotion
+from bikeshare_membership.config import Settings
+from bikeshare_membership.registry import production_version
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 ADMIN_TOKEN = "ops-test-token-9f8e7d6c5b4a"
 GRACEFUL_TIMEOUT = 20

@@ -12,8 +12,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-import preprocess
-from preprocess import InvalidTrip, parse_request_trip, read_trips
+from bikeshare_membership import city_files, features, schema, stations
+from bikeshare_membership.city_files import read_trips
+from bikeshare_membership.schema import InvalidTrip, parse_request_trip
 
 # Real 2017 Q1 rows as the City wrote them (day-first; 10/1/2017 is 10 January), plus one from Q1's
 # second half whose day (18) shows the order.
@@ -112,7 +113,7 @@ def test_2017_q4_two_digit_years_seconds_and_the_nullnull_row(tmp_path: Path) ->
 
 def test_2018_reordered_columns_and_labels(tmp_path: Path) -> None:
     parsed = read_trips(write(tmp_path, Y2018))
-    assert preprocess.detect_layout(Y2018.splitlines()[0].split(",")).name.startswith("2018")
+    assert city_files.detect_layout(Y2018.splitlines()[0].split(",")).name.startswith("2018")
     assert list(parsed.trips["trip_start_time"]) == [datetime(2018, 1, 1, 0, 47), datetime(2018, 1, 2, 0, 52)]
     assert list(parsed.trips["trip_duration_seconds"]) == [393, 625]
     assert list(parsed.trips["user_type"]) == ["Member", "Casual"]
@@ -138,11 +139,11 @@ def test_2025_layout_iso_timestamps(tmp_path: Path) -> None:
 
 def test_unknown_layout_is_refused_with_the_missing_column() -> None:
     with pytest.raises(ValueError, match="trip_start_time"):
-        preprocess.detect_layout(["id", "start", "stop"])
+        city_files.detect_layout(["id", "start", "stop"])
 
 
 def test_bundled_training_files_parse_without_rejects() -> None:
-    for path in sorted(preprocess.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz")):
+    for path in sorted(stations.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz")):
         parsed = read_trips(path)
         assert parsed.rejects.empty and len(parsed.trips) > 8000
         assert parsed.trips["trip_start_time"].dt.year.eq(2023).all()
@@ -160,11 +161,11 @@ def test_bundled_training_files_parse_without_rejects() -> None:
 )
 def test_file_columns_read_timestamps_by_the_request_rule(texts: list[str | None]) -> None:
     """The vectorised reader of a file's columns agrees with `parse_timestamps`, text by text."""
-    for default in preprocess.DATE_ORDERS:
-        expected, expected_order = preprocess.parse_timestamps(texts, default)
+    for default in schema.DATE_ORDERS:
+        expected, expected_order = schema.parse_timestamps(texts, default)
         half = len(texts) // 2
         columns = [pd.Series(texts[:half], dtype=object), pd.Series(texts[half:], dtype="str")]
-        (first, second), order = preprocess.parse_timestamp_columns(columns, default)
+        (first, second), order = schema.parse_timestamp_columns(columns, default)
         assert order == expected_order
         assert [None if pd.isna(moment) else moment.to_pydatetime() for moment in [*first, *second]] == expected
 
@@ -174,15 +175,15 @@ def test_columns_held_in_several_arrow_chunks_parse_like_one(tmp_path: Path) -> 
     raw = pd.read_csv(write(tmp_path, Y2018), dtype=str, keep_default_na=False)
     chunked = pd.concat([raw.iloc[:1], raw.iloc[1:]])
     assert pa.array(chunked["trip_id"]).num_chunks == 2
-    layout = preprocess.detect_layout(list(raw.columns))
+    layout = city_files.detect_layout(list(raw.columns))
     pd.testing.assert_frame_equal(
-        preprocess.parse_frame(chunked, layout).trips, preprocess.parse_frame(raw, layout).trips
+        city_files.parse_frame(chunked, layout).trips, city_files.parse_frame(raw, layout).trips
     )
 
 
 def test_numbers_in_files_are_finite_decimals() -> None:
     values = pd.Series([" 223 ", "7030.0", "1e3", "-5", ".5", "NULL", "", None, "inf", "1e999", "0x10", "1,234"])
-    parsed = preprocess.parse_numbers(values)
+    parsed = city_files.parse_numbers(values)
     assert parsed[:5].tolist() == [223, 7030, 1000, -5, 0.5]
     assert np.isnan(parsed[5:]).all()
 
@@ -261,7 +262,7 @@ def test_invalid_request_trips_name_the_field(change: dict, field: str, message:
 
 
 def test_station_names_resolve_through_spacing_and_spelling_drifts() -> None:
-    index = preprocess.station_index()
+    index = stations.station_index()
     assert index.id_for("Church St / Wood St") == index.id_for("Church St  / Wood St") == 7089
     assert index.id_for("Wellesley St E / Yonge St (Green P)") == index.id_for("Wellesley St E / Yonge St Green P")
     assert index.id_for("College St W / Markham St") == 7199
@@ -275,7 +276,7 @@ def test_station_names_resolve_through_spacing_and_spelling_drifts() -> None:
 def test_features_match_hand_computed_values() -> None:
     # Union Station (7033) 43.645609,-79.380386 -> York St / Queens Quay W (7076) 43.640132,-79.380464,
     # on Saturday 2017-07-15 at 14:30, for 600 s.
-    trips = preprocess.model_input(
+    trips = schema.model_input(
         [
             parse_request_trip(
                 {
@@ -295,8 +296,8 @@ def test_features_match_hand_computed_values() -> None:
             parse_request_trip({**TRIP, "trip_start_time": "1/3/2017 9:00", "trip_stop_time": "1/3/2017 9:10"}),
         ]
     )
-    features = preprocess.TripFeatures(preprocess.FEATURE_CATALOGUE).fit(trips).transform(trips)
-    first = features.iloc[0]
+    computed = features.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips)
+    first = computed.iloc[0]
     distance = 6371.0 * math.radians(43.645609 - 43.640132)  # due south, so the arc is the latitude difference
     assert first["duration_log"] == pytest.approx(math.log(601))
     assert first["start_hour"] == pytest.approx(14.5)
@@ -306,43 +307,43 @@ def test_features_match_hand_computed_values() -> None:
     assert first["speed_kmh"] == pytest.approx(distance / (600 / 3600), rel=1e-3)
     assert (first["from_station"], first["to_station"], first["route"]) == (7033, 7076, 7033 * 10000 + 7076)
     assert (first["from_lat"], first["to_lon"]) == pytest.approx((math.radians(43.645609), math.radians(-79.380464)))
-    unknown = features.iloc[1]
+    unknown = computed.iloc[1]
     assert np.isnan([unknown["distance_km"], unknown["from_station"], unknown["round_trip"], unknown["route"]]).all()
     assert np.isnan([unknown["from_lat"], unknown["from_lon"], unknown["to_lat"], unknown["to_lon"]]).all()
-    good_friday, observed, tuesday = features.iloc[2], features.iloc[3], features.iloc[4]
+    good_friday, observed, tuesday = computed.iloc[2], computed.iloc[3], computed.iloc[4]
     assert (good_friday["weekday"], good_friday["holiday"], good_friday["free_day"]) == (4, 1, 1)
     assert (observed["weekday"], observed["holiday"], observed["free_day"]) == (0, 1, 1)
     assert (tuesday["weekday"], tuesday["holiday"], tuesday["free_day"]) == (1, 0, 0)
-    assert list(features.columns) == list(preprocess.FEATURE_CATALOGUE)
+    assert list(computed.columns) == list(features.FEATURE_CATALOGUE)
 
 
 def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_an_unconfirmed_one() -> None:
     """7322 was `King St W / Brant St` in 2023 and names another place in the 2025 snapshot: its features use
     the 2019 coordinates, whose name agrees; 7492 (`324 Cherry St`) is confirmed by no snapshot: no place."""
-    trips = preprocess.model_input(
+    trips = schema.model_input(
         [parse_request_trip({**TRIP, "from_station_id": 7322, "to_station_id": 7492, "to_station_name": None})]
     )
-    features = preprocess.TripFeatures(preprocess.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
-    assert (features["from_lat"], features["from_lon"]) == pytest.approx(
+    computed = features.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
+    assert (computed["from_lat"], computed["from_lon"]) == pytest.approx(
         (math.radians(43.6446926), math.radians(-79.3986795))
     )
-    assert np.isnan([features["to_lat"], features["distance_km"], features["speed_kmh"]]).all()
-    assert (features["from_station"], features["to_station"], features["round_trip"]) == (7322, 7492, 0)
+    assert np.isnan([computed["to_lat"], computed["distance_km"], computed["speed_kmh"]]).all()
+    assert (computed["from_station"], computed["to_station"], computed["round_trip"]) == (7322, 7492, 0)
 
 
 def test_a_model_chooses_its_features_and_a_model_from_before_that_keeps_its_own() -> None:
-    trips = preprocess.model_input([parse_request_trip(TRIP)])
-    chosen = preprocess.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
+    trips = schema.model_input([parse_request_trip(TRIP)])
+    chosen = features.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
     assert list(chosen.transform(trips).columns) == ["duration_log", "holiday", "route"]
     with pytest.raises(ValueError, match="unknown features \\['speed'\\]"):
-        preprocess.TripFeatures(("speed",)).fit(trips)
+        features.TripFeatures(("speed",)).fit(trips)
     # A step pickled by an earlier release has no `features` and no holiday calendar: it computes the ten
     # features that release computed, so the pipeline it belongs to loads and scores as it did.
-    legacy = preprocess.TripFeatures.__new__(preprocess.TripFeatures)
-    fitted = preprocess.TripFeatures().fit(trips)
+    legacy = features.TripFeatures.__new__(features.TripFeatures)
+    fitted = features.TripFeatures().fit(trips)
     legacy.__setstate__({"station_ids_": fitted.station_ids_, "station_coordinates_": fitted.station_coordinates_})
-    assert list(legacy.transform(trips).columns) == list(preprocess.LEGACY_FEATURES)
-    assert "month" in preprocess.LEGACY_FEATURES and "month" not in preprocess.DEFAULT_FEATURES
+    assert list(legacy.transform(trips).columns) == list(features.LEGACY_FEATURES)
+    assert "month" in features.LEGACY_FEATURES and "month" not in features.DEFAULT_FEATURES
 
 
 def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
@@ -371,6 +372,6 @@ def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
             "to_station_name": "Fringe Next Stage - 7219",
         },
     ]
-    requested = preprocess.model_input([parse_request_trip(record) for record in records])
-    step = preprocess.TripFeatures().fit(parsed)
+    requested = schema.model_input([parse_request_trip(record) for record in records])
+    step = features.TripFeatures().fit(parsed)
     pd.testing.assert_frame_equal(step.transform(parsed).reset_index(drop=True), step.transform(requested))

@@ -17,17 +17,19 @@ from werkzeug.exceptions import (
     Unauthorized,
 )
 
-import predict
-from config import Settings
-from model_store import LoadedModel, ModelHolder
-from test_pred import TRIP
+from bikeshare_membership import app as service_app
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.model_store import LoadedModel
+from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+from bikeshare_membership.schema import model_input, parse_request_trip
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 @pytest.fixture(scope="module")
 def client(settings: Settings, model: LoadedModel) -> FlaskClient:
-    return predict.create_app(settings, ModelHolder(None, model)).test_client()
+    return service_app.create_app(settings, ModelHolder(None, model)).test_client()
 
 
 def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model: LoadedModel) -> None:
@@ -41,9 +43,7 @@ def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model:
 
 
 def test_proba_is_the_pipelines_probability(client: FlaskClient, model: LoadedModel) -> None:
-    import preprocess
-
-    expected = model.member_probability(preprocess.model_input([preprocess.parse_request_trip(TRIP)]))[0]
+    expected = model.member_probability(model_input([parse_request_trip(TRIP)]))[0]
     assert client.post("/predict", json=TRIP).get_json()["proba"] == round(expected * 100, 2)
 
 
@@ -170,7 +170,7 @@ def test_too_many_trips_is_refused(client: FlaskClient) -> None:
 
 def test_limits_come_from_the_environment(model: LoadedModel) -> None:
     settings = Settings.from_env({"MAX_BODY_BYTES": "2000", "MAX_TRIPS_PER_REQUEST": "3"})
-    limited = predict.create_app(settings, ModelHolder(None, model)).test_client()
+    limited = service_app.create_app(settings, ModelHolder(None, model)).test_client()
     assert limited.post("/predict", json=[TRIP] * 3).status_code == 200
 
     too_many = limited.post("/predict", json=[TRIP] * 4)
@@ -202,7 +202,7 @@ def test_admin_reload_is_absent_without_a_token(client: FlaskClient) -> None:
 
 @pytest.fixture(scope="module")
 def admin_client(model: LoadedModel) -> FlaskClient:
-    return predict.create_app(Settings(admin_token=ADMIN_TOKEN), ModelHolder(None, model)).test_client()
+    return service_app.create_app(Settings(admin_token=ADMIN_TOKEN), ModelHolder(None, model)).test_client()
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_refusals_keep_the_headers_their_status_calls_for(admin_client: FlaskCli
     ],
 )
 def test_werkzeug_errors_keep_their_headers_as_json(error: HTTPException) -> None:
-    response = predict.render_http_error(error)
+    response = service_app.render_http_error(error)
     assert response.status_code == error.code and response.headers.getlist("Content-Type") == ["application/json"]
     carried = [(name, value) for name, value in response.headers if name not in ("Content-Type", "Content-Length")]
     assert carried == [(name, value) for name, value in error.get_headers() if name != "Content-Type"]
@@ -261,8 +261,8 @@ def test_error_bodies_show_no_trace_and_no_internal_path(model: LoadedModel, tmp
     batch_root.mkdir()
     (batch_root / "trips.csv").write_text("trip_id\n1\n")
     settings = Settings(batch_root=str(batch_root), batch_state_dir=str(tmp_path / "state"), admin_token=ADMIN_TOKEN)
-    client = predict.create_app(settings, ModelHolder(None, model)).test_client()
-    no_root = predict.create_app(Settings(), ModelHolder(None, model)).test_client()
+    client = service_app.create_app(settings, ModelHolder(None, model)).test_client()
+    no_root = service_app.create_app(Settings(), ModelHolder(None, model)).test_client()
     answers = {
         "unknown route": client.get("/nowhere"),
         "wrong method": client.get("/predict"),

@@ -9,8 +9,8 @@ import sys
 
 from harness import ROOT, clean_env
 
-from config import Settings
-from model_store import LoadedModel, ModelStore
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import LoadedModel, ModelStore
 
 
 def test_the_service_survives_load_and_faults(settings: Settings, model: LoadedModel) -> None:

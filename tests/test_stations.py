@@ -7,16 +7,16 @@ import importlib.util
 import pandas as pd
 import pytest
 
-import preprocess
-from preprocess import read_trips
+from bikeshare_membership import stations
+from bikeshare_membership.city_files import read_trips
 
-_spec = importlib.util.spec_from_file_location("build_stations", preprocess.DATA_DIR / "build_stations.py")
+_spec = importlib.util.spec_from_file_location("build_stations", stations.DATA_DIR / "build_stations.py")
 build_stations = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_stations)
 
 
 def snapshot_place(file_name: str, station_id: int) -> tuple[float, float]:
-    snapshot = pd.read_csv(preprocess.DATA_DIR / file_name, index_col="station_id")
+    snapshot = pd.read_csv(stations.DATA_DIR / file_name, index_col="station_id")
     return float(snapshot.at[station_id, "lat"]), float(snapshot.at[station_id, "lon"])
 
 
@@ -49,7 +49,7 @@ def test_another_cross_street_or_number_is_another_place(name_2023: str, name_20
 
 
 def test_a_station_opened_after_2019_takes_the_2025_coordinates() -> None:
-    index = preprocess.station_index()
+    index = stations.station_index()
     # `St Clair W Subway - Heath Entrance` in the 2023 trips, `St Clair West Subway Station - ...` in 2025.
     assert index.coordinates[7650] == snapshot_place("stations-gbfs-2025-07-07.csv", 7650)
     # The 2019 snapshot names another corner (`Victoria St / Gould St`); 2025 the 2023 one, renamed `(TMU)`.
@@ -58,7 +58,7 @@ def test_a_station_opened_after_2019_takes_the_2025_coordinates() -> None:
 
 
 def test_an_id_given_to_another_place_keeps_the_place_its_2023_name_has() -> None:
-    index = preprocess.station_index()
+    index = stations.station_index()
     # 7322 is `King St W / Brant St` in 2019 and 2023, `East Liberty St / Western Battery Rd` in 2025.
     assert index.coordinates[7322] == snapshot_place("stations-gbfs-2019-02-22.csv", 7322)
     assert index.id_for("East Liberty St / Western Battery Rd") is None
@@ -67,13 +67,13 @@ def test_an_id_given_to_another_place_keeps_the_place_its_2023_name_has() -> Non
 
 
 def test_a_station_no_snapshot_has_is_not_located() -> None:
-    coordinates = preprocess.station_index().coordinates
+    coordinates = stations.station_index().coordinates
     assert 7406 not in coordinates  # `Victoria St / Queen St E`: in the 2023 trips, in neither snapshot
     assert 99_999 not in coordinates
 
 
 def test_nearly_every_bundled_trip_end_is_located() -> None:
-    trips = pd.concat([read_trips(path).trips for path in sorted(preprocess.DATA_DIR.glob("*.csv.gz"))])
-    located = list(preprocess.station_index().coordinates)
+    trips = pd.concat([read_trips(path).trips for path in sorted(stations.DATA_DIR.glob("*.csv.gz"))])
+    located = list(stations.station_index().coordinates)
     ends = pd.concat([trips["from_station_id"], trips["to_station_id"]])
     assert ends.isin(located).mean() >= 0.96  # 96.7 % measured, see data/README.md

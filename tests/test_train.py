@@ -19,12 +19,11 @@ from conftest import service_env
 from harness import ROOT
 from mlflow.tracking import MlflowClient
 
-import preprocess
-import promotion
-import training
-from config import Settings
-from model_store import PRODUCTION_ALIAS, LoadedModel, production_version
-from train import DEFAULT_DATA as BUNDLED
+from bikeshare_membership import city_files, promotion, schema, training
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import LoadedModel
+from bikeshare_membership.registration import DEFAULT_DATA as BUNDLED
+from bikeshare_membership.registry import PRODUCTION_ALIAS, production_version
 
 
 def client_for(settings: Settings) -> MlflowClient:
@@ -110,7 +109,7 @@ def test_training_reads_files_as_batch_scoring_does(tmp_path: Path) -> None:
     path = tmp_path / "cp1252.csv"
     path.write_bytes(text.encode("cp1252"))
     trips = training.load_labelled_trips([path])
-    assert len(trips) == len(preprocess.read_trips(BUNDLED[0]).trips)
+    assert len(trips) == len(city_files.read_trips(BUNDLED[0]).trips)
     assert trips.months == [np.datetime64("2023-01")]
     starts = trips.inputs["trip_start_time"] == pd.Timestamp("2023-01-02 11:16")
     assert 7070 in trips.inputs.loc[starts, "from_station_id"].tolist()
@@ -178,7 +177,7 @@ def test_the_model_card_describes_data_figures_gate_and_features(
 
 def test_logged_model_is_the_fitted_pipeline_with_signature(model: LoadedModel) -> None:
     inputs = json.loads(model.metadata["signature"]["inputs"])
-    assert [column["name"] for column in inputs] == preprocess.MODEL_INPUT_COLUMNS
+    assert [column["name"] for column in inputs] == schema.MODEL_INPUT_COLUMNS
     assert model.pipeline.named_steps["classifier"].n_iter_ > 0  # fitted, not a clone
     features = model.pipeline.named_steps["features"]
     assert hasattr(features, "station_coordinates_") and len(features.holiday_days_) > 200

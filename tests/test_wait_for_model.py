@@ -8,10 +8,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import ROOT, free_port, service_env
+from conftest import service_env
+from harness import ROOT, free_port
 
-from config import Settings
-from wait_for_model import wait_for_model
+from bikeshare_membership.config import Settings
+from bikeshare_membership.wait_cli import wait_for_model
 
 
 def test_returns_at_once_when_a_production_version_exists(

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ROOT, free_port
+from harness import ROOT, free_port
 
 APP_UID = 1000  # the Dockerfile's default
 AWS_PROFILE = "container-test"

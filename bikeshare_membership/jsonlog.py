@@ -20,7 +20,7 @@ STDERR = 2  # the file descriptor, also when sys.stderr is replaced (tests captu
 LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "jsonlog.JsonFormatter"}},
+    "formatters": {"json": {"()": "bikeshare_membership.jsonlog.JsonFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {"gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False}},

@@ -32,7 +32,13 @@ from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from model_store import PRODUCTION_ALIAS, PRODUCTION_STAGE, NoProductionModel, alias_version, production_version
+from bikeshare_membership.registry import (
+    PRODUCTION_ALIAS,
+    PRODUCTION_STAGE,
+    NoProductionModel,
+    alias_version,
+    production_version,
+)
 
 CHALLENGER_ALIAS = "challenger"
 PREVIOUS_ALIAS = "previous"

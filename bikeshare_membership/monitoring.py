@@ -1,6 +1,6 @@
 """How the deployed model does on a new labelled batch of trips: `batch.py evaluate`, logged to MLflow.
 
-The file is read in chunks like any batch (trip_reader.py) and scored with the given model (the Production
+The file is read in chunks like any batch (city_files.py) and scored with the given model (the Production
 one from the command line). One run in the monitoring experiment (`MLFLOW_MONITORING_EXP_NAME`, by default
 `<MLFLOW_EXP_NAME>-monitoring`) records the same scores training records on its test month (evaluation.py:
 ROC AUC, log loss, Brier score, precision and recall of Member), the Member share predicted against the share
@@ -20,15 +20,12 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-import drift
-import evaluation
-import storage
-import trip_reader
-from config import Settings
-from model_store import LoadedModel, membership
-from preprocess import CASUAL, MEMBER
+from bikeshare_membership import city_files, drift, evaluation, storage
+from bikeshare_membership.config import Settings
+from bikeshare_membership.model_store import LoadedModel, membership
+from bikeshare_membership.schema import CASUAL, MEMBER
 
-log = logging.getLogger("monitoring")
+log = logging.getLogger(__name__)
 
 
 class NoLabels(ValueError):
@@ -52,7 +49,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
     is_member, probabilities = [], []
     rows = rejected = 0
     with storage.local_copy(input_location, settings) as path:
-        for chunk in trip_reader.read_chunks(path):
+        for chunk in city_files.read_chunks(path):
             trips = chunk.parsed.trips
             rows += len(trips) + len(chunk.parsed.rejects)
             rejected += len(chunk.parsed.rejects)

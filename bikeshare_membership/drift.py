@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import preprocess
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS
 
 PROFILE_ARTIFACT = "feature_profile.json"
 NUMERIC_BINS = 10
@@ -26,7 +26,7 @@ EMPTY_SHARE = 1e-4  # the share a bin without trips counts as, so that the logar
 
 def model_features(pipeline: Any, trips: pd.DataFrame) -> pd.DataFrame:
     """The features a fitted pipeline computes for parsed trips (its first step, `TripFeatures`)."""
-    return pipeline.named_steps["features"].transform(trips[preprocess.MODEL_INPUT_COLUMNS])
+    return pipeline.named_steps["features"].transform(trips[MODEL_INPUT_COLUMNS])
 
 
 def feature_profile(features: pd.DataFrame) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import TargetEncoder
 from threadpoolctl import threadpool_limits
 
-import evaluation
-import preprocess
-import trip_reader
+from bikeshare_membership import city_files, evaluation
+from bikeshare_membership.features import DEFAULT_FEATURES, STATION_FEATURES, TripFeatures
+from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS
 
 SEED = 42
 # The classifier settings every candidate starts from; a candidate overrides some of them.
@@ -68,23 +68,21 @@ class Candidate:
 
     def build(self) -> Pipeline:
         """The unfitted pipeline: features, target-encoded stations and routes, gradient boosting."""
-        stations = [name for name in self.features if name in preprocess.STATION_FEATURES]
-        numbers = [name for name in self.features if name not in preprocess.STATION_FEATURES]
+        stations = [name for name in self.features if name in STATION_FEATURES]
+        numbers = [name for name in self.features if name not in STATION_FEATURES]
         encoder = TargetEncoder(target_type="binary", cv=KFold(5, shuffle=True, random_state=SEED))
         columns = ColumnTransformer(
             [("stations", encoder, stations), ("numeric", "passthrough", numbers)], verbose_feature_names_out=False
         )
         classifier = HistGradientBoostingClassifier(**self.classifier_params)
-        return Pipeline(
-            [("features", preprocess.TripFeatures(self.features)), ("columns", columns), ("classifier", classifier)]
-        )
+        return Pipeline([("features", TripFeatures(self.features)), ("columns", columns), ("classifier", classifier)])
 
 
 # In order of preference: the simplest first (see SELECTION_TOLERANCE). docs/model.md says how they compared.
 CANDIDATES = (
-    Candidate("calendar", preprocess.DEFAULT_FEATURES),
-    Candidate("calendar-month", (*preprocess.DEFAULT_FEATURES, "month")),
-    Candidate("calendar-regularised", preprocess.DEFAULT_FEATURES, {"min_samples_leaf": 200, "l2_regularization": 5.0}),
+    Candidate("calendar", DEFAULT_FEATURES),
+    Candidate("calendar-month", (*DEFAULT_FEATURES, "month")),
+    Candidate("calendar-regularised", DEFAULT_FEATURES, {"min_samples_leaf": 200, "l2_regularization": 5.0}),
 )
 
 
@@ -92,7 +90,7 @@ CANDIDATES = (
 class LabelledTrips:
     """The labelled trips of some files: the model's input columns, the label and the month of the start."""
 
-    inputs: pd.DataFrame  # preprocess.MODEL_INPUT_COLUMNS
+    inputs: pd.DataFrame  # MODEL_INPUT_COLUMNS
     is_member: np.ndarray  # 1 for a Member, 0 for a Casual rider
     month: np.ndarray  # datetime64[M] of trip_start_time
     files: tuple[str, ...]
@@ -111,16 +109,16 @@ class LabelledTrips:
 
 
 def load_labelled_trips(paths: Sequence[Path]) -> LabelledTrips:
-    """Every labelled trip of `paths`, read as batch scoring reads a file (trip_reader: any layout, chunked,
+    """Every labelled trip of `paths`, read as batch scoring reads a file (city_files: any layout, chunked,
     UTF-8 or cp1252), keeping only what training needs, so a year of trips fits in memory."""
     inputs, labels = [], []
     for path in paths:
-        for chunk in trip_reader.read_chunks(Path(path)):
+        for chunk in city_files.read_chunks(Path(path)):
             trips = chunk.parsed.trips
             labelled = trips[trips["user_type"].notna()]
-            inputs.append(labelled[preprocess.MODEL_INPUT_COLUMNS])
-            labels.append((labelled["user_type"] == preprocess.MEMBER).to_numpy(dtype="int8"))
-    frame = pd.concat(inputs, ignore_index=True) if inputs else pd.DataFrame(columns=preprocess.MODEL_INPUT_COLUMNS)
+            inputs.append(labelled[MODEL_INPUT_COLUMNS])
+            labels.append((labelled["user_type"] == MEMBER).to_numpy(dtype="int8"))
+    frame = pd.concat(inputs, ignore_index=True) if inputs else pd.DataFrame(columns=MODEL_INPUT_COLUMNS)
     frame = frame.astype({"trip_start_time": "datetime64[s]", "trip_duration_seconds": "float64"})
     month = frame["trip_start_time"].to_numpy().astype("datetime64[M]")
     is_member = np.concatenate(labels) if labels else np.empty(0, dtype="int8")

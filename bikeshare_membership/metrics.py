@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from preprocess import CASUAL, MEMBER
+from bikeshare_membership.schema import CASUAL, MEMBER
 
 if TYPE_CHECKING:
-    from model_store import LoadedModel
+    from bikeshare_membership.model_store import LoadedModel
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_client decided when it was imported
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

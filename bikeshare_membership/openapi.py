@@ -1,7 +1,7 @@
 """The service's OpenAPI 3.1 document, and the page that shows it to people (`GET /docs`).
 
 The document is built from the declarations the service checks requests with: the trip from
-`preprocess.REQUEST_SCHEMA`, the date orders from `preprocess.DATE_ORDERS`, job ids and states from
+`REQUEST_SCHEMA`, the date orders from `DATE_ORDERS`, job ids and states from
 batch.py. So what the document says is what the validators do. The web layer passes its limits in and
 serves the result; this module imports nothing from it. The page is rendered on the server from the same
 document, with no script and nothing fetched from elsewhere, so it works offline.
@@ -14,11 +14,18 @@ from typing import Any
 
 import jinja2
 
-import batch
-import preprocess
+from bikeshare_membership import batch_jobs
+from bikeshare_membership.schema import (
+    CASUAL,
+    DATE_ORDERS,
+    EXAMPLE_TRIP,
+    MEMBER,
+    REQUEST_SCHEMA,
+    REQUIRED_FIELDS,
+    any_case,
+)
 
 OPENAPI_VERSION = "3.1.0"
-EXAMPLE_TRIP = {trip_field.name: trip_field.example for trip_field in preprocess.REQUEST_SCHEMA}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -49,7 +56,7 @@ LOCATION_PATTERN_NOTE = (
 
 
 def _schemas(max_trips: int) -> dict[str, Any]:
-    trip_id = next(trip_field for trip_field in preprocess.REQUEST_SCHEMA if trip_field.name == "trip_id")
+    trip_id = next(trip_field for trip_field in REQUEST_SCHEMA if trip_field.name == "trip_id")
     model_ref = _object(
         {
             "name": {"type": "string", "description": "The registered model."},
@@ -62,7 +69,7 @@ def _schemas(max_trips: int) -> dict[str, Any]:
         "trip_id": {**trip_id.json_schema(), "description": "The request's trip_id, as sent."},
         "membership": {
             "type": "string",
-            "enum": [preprocess.MEMBER, preprocess.CASUAL],
+            "enum": [MEMBER, CASUAL],
             "description": "`Member` when `proba` is 50 or more.",
         },
         "proba": {
@@ -72,14 +79,14 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             "description": "The probability, in percent (2 decimals), that the rider is a Member.",
         },
     }
-    job_states = ["starting", "running", *batch.FINISHED]
+    job_states = ["starting", "running", *batch_jobs.FINISHED]
     return {
         "Trip": {
             "type": "object",
             "description": "One trip in the 2017 export's fields. Fields not listed are ignored. The patterns "
             "allow ASCII whitespace around a text; the service strips any.",
-            "properties": {trip_field.name: trip_field.json_schema() for trip_field in preprocess.REQUEST_SCHEMA},
-            "required": list(preprocess.REQUIRED_FIELDS),
+            "properties": {trip_field.name: trip_field.json_schema() for trip_field in REQUEST_SCHEMA},
+            "required": list(REQUIRED_FIELDS),
             "examples": [EXAMPLE_TRIP],
         },
         "Trips": {
@@ -169,13 +176,13 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             {
                 "input": {
                     "type": "string",
-                    "pattern": batch.INPUT_PATTERN,
+                    "pattern": batch_jobs.INPUT_PATTERN,
                     "description": "A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative "
                     f"paths start there) or an s3:// URI under BATCH_S3_PREFIX. {LOCATION_PATTERN_NOTE}",
                 },
                 "output": {
                     "type": _nullable("string"),
-                    "pattern": batch.OUTPUT_PATTERN,
+                    "pattern": batch_jobs.OUTPUT_PATTERN,
                     "description": "Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); "
                     f"by default beside the input as `<name>.predictions.csv`; not the input itself. "
                     f"{LOCATION_PATTERN_NOTE}",
@@ -201,7 +208,7 @@ def _schemas(max_trips: int) -> dict[str, Any]:
         ),
         "BatchJob": _object(
             {
-                "job_id": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
+                "job_id": {"type": "string", "pattern": f"^{batch_jobs.JOB_ID.pattern}$"},
                 "status": {"type": "string", "enum": job_states},
                 "input": {"type": "string", "description": LOCATION},
                 "output": {"type": "string", "description": LOCATION},
@@ -274,11 +281,11 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
         "in": "query",
         "required": False,
         "description": "How to read a trip's slash dates when neither timestamp shows the order (`1/10/2017`): "
-        f"{' or '.join(preprocess.DATE_ORDERS)}, in any case; `MDY` when absent.",
+        f"{' or '.join(DATE_ORDERS)}, in any case; `MDY` when absent.",
         "schema": {
             "type": "string",
-            "pattern": f"^({'|'.join(preprocess.any_case(order) for order in preprocess.DATE_ORDERS)})$",
-            "examples": list(preprocess.DATE_ORDERS),
+            "pattern": f"^({'|'.join(any_case(order) for order in DATE_ORDERS)})$",
+            "examples": list(DATE_ORDERS),
         },
     }
     job_id = {
@@ -286,7 +293,7 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
         "in": "path",
         "required": True,
         "description": "The id `POST /predict/batch` answered with.",
-        "schema": {"type": "string", "pattern": f"^{batch.JOB_ID.pattern}$"},
+        "schema": {"type": "string", "pattern": f"^{batch_jobs.JOB_ID.pattern}$"},
     }
     result: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,

@@ -4,7 +4,7 @@ scikit-learn spends milliseconds on one row (pandas, input validation, the boost
 while the web service should answer a trip in microseconds. `FastPipeline` evaluates the same fitted
 objects directly:
 
-- features: `preprocess.trip_features`, the very definition the pipeline's first step runs (on arrays for
+- features: `features.trip_features`, the very definition the pipeline's first step runs (on arrays for
   lists, on Python numbers with math's functions for one trip);
 - stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
 - the boosted trees: compiled to nested Python comparisons on the same float64 thresholds, summed in the
@@ -30,14 +30,14 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, TargetEncoder
 
-from preprocess import (
+from bikeshare_membership.features import (
     FEATURE_CATALOGUE,
     MAX_DURATION_SECONDS,
-    MODEL_INPUT_COLUMNS,
     SCALAR_MATH,
     TripFeatures,
     trip_features,
 )
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS
 
 # Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
 PARITY_TOLERANCE = 1e-9

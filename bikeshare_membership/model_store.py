@@ -1,38 +1,30 @@
-"""The model store: which version is in Production, a local cache of its artifacts, loading, hot reload.
+"""The model store: a local cache of a registered version's artifacts, and loading it with its fast form.
 
-- Resolution: the version the alias `production` names (MLflow 3), else the newest version in the
-  `Production` stage (MLflow 2's API, still honoured).
 - Cache: `MODEL_CACHE_DIR/<name>/<version>/` holds the artifacts and `manifest.json` (each file's size and
   SHA-256, and the registry facts), written last and moved into place atomically. A version is loaded only
   if every file matches its manifest, so a partial or corrupt download is fetched again, never loaded. A
   file lock per model makes processes that need the same version at once (Gunicorn workers reloading
   together) download it once per host.
-- Downloads: `s3://` artifacts straight from S3 with boto3 (the default credential chain, so `AWS_PROFILE`
-  picks a profile from `~/.aws`; `MLFLOW_S3_ENDPOINT_URL` for S3-compatible stores); any other artifact
-  URI through MLflow's own client.
+- Downloads: `s3://` artifacts straight from S3 with boto3 (storage.py: the default credential chain, so
+  `AWS_PROFILE` picks a profile from `~/.aws`; `MLFLOW_S3_ENDPOINT_URL` for S3-compatible stores); any other
+  artifact URI through MLflow's own client.
 - Bounded waiting: every registry and S3 call has a connect and read timeout (`MODEL_FETCH_TIMEOUT`) and a
   bounded retry with backoff (`MODEL_FETCH_RETRIES`). If the registry or the bucket cannot be reached at
   start-up, the newest cached version is served; with nothing cached, `ModelUnavailable` is raised.
-- Hot reload: `ModelHolder` checks the registry every `MODEL_REFRESH_SECONDS` in a background thread, loads
-  a newly promoted version beside the current one and swaps the reference; a request that already holds
-  the old model finishes on it. `POST /admin/reload` asks every process on the host to check now (see
-  `ModelHolder.request_reload`).
+
+Which version is in Production is registry.py's; swapping in a newly promoted one is model_holder.py's.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,27 +33,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import boto3
 import mlflow
 import numpy as np
 import pandas as pd
 import requests
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from config import Settings
-from fast_pipeline import FastPipeline, UnsupportedPipeline
-from preprocess import CASUAL, MEMBER, MODEL_INPUT_COLUMNS, model_input
+import preprocess  # noqa: F401  unpickling resolves `preprocess.TripFeatures` to this release's class, never to
+
+# the older copy of preprocess.py an earlier model carries in its code/ folder (mlflow puts that on sys.path)
+from bikeshare_membership.config import Settings
+from bikeshare_membership.errors import first_line
+from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
+from bikeshare_membership.registry import NoProductionModel, production_version
+from bikeshare_membership.schema import CASUAL, MEMBER, MODEL_INPUT_COLUMNS, model_input
+from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_client
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
 DECISION_THRESHOLD = 0.5
-PRODUCTION_ALIAS = "production"
 FAST_PATH_MAX_ROWS = 1000
-PRODUCTION_STAGE = "Production"
 MANIFEST = "manifest.json"
 # Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime this often.
 RELOAD_MARKER = "reload-requested"
@@ -80,19 +74,6 @@ def membership(member_probability: np.ndarray) -> np.ndarray:
 def trip_membership(member_probability: float) -> str:
     """`membership` of one probability, without an array."""
     return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` (made if missing) for the block: one holder at a time among
-    the processes of the host. Closing the file releases it."""
-    with open(path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield
-
-
-class NoProductionModel(LookupError):
-    """The registry has no Production version of the model."""
 
 
 class ModelUnavailable(RuntimeError):
@@ -149,44 +130,6 @@ class LoadedModel:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
 
 
-def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version `alias` names, or None when the model or the alias does not exist."""
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        return None
-
-
-def production_version(client: MlflowClient, name: str) -> ModelVersion:
-    """The version the alias `production` names, else the newest one in the Production stage."""
-    aliased = alias_version(client, name, PRODUCTION_ALIAS)
-    if aliased is not None:
-        return aliased
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated in MLflow 3 but still in use
-        try:
-            versions = client.get_latest_versions(name, stages=[PRODUCTION_STAGE])
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            versions = []
-    if not versions:
-        raise NoProductionModel(f"no version of model {name!r} is in Production (alias or stage)")
-    return max(versions, key=lambda version: int(version.version))
-
-
-def has_production_model(settings: Settings) -> bool:
-    """Whether the registry has a Production version (for `train.py --if-missing` and wait_for_model.py)."""
-    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
-    try:
-        production_version(client, settings.registered_model)
-    except NoProductionModel:
-        return False
-    return True
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -212,12 +155,6 @@ def verify_cached(directory: Path) -> dict[str, Any]:
     if _file_manifest(directory) != manifest["files"]:
         raise CorruptCache(f"{directory}: files differ from the manifest")
     return manifest
-
-
-def first_line(error: BaseException) -> str:
-    """An error as one short line, for logs and /health."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 class ModelStore:
@@ -388,36 +325,6 @@ def load_directory(directory: Path, manifest: dict[str, Any], origin: str) -> Lo
     )
 
 
-def s3_client(settings: Settings) -> Any:
-    """An S3 client with bounded timeouts and retries, from the default credential chain (AWS_PROFILE)."""
-    config = BotoConfig(
-        connect_timeout=settings.fetch_timeout_seconds,
-        read_timeout=settings.fetch_timeout_seconds,
-        retries={"max_attempts": settings.fetch_retries + 1, "mode": "standard"},
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config
-    )
-
-
-def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
-    """Download every object under the `s3://bucket/prefix` URI; returns the bytes, checked object by object."""
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.strip("/") + "/"
-    total = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for entry in page.get("Contents", []):
-            target = destination / entry["Key"][len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, entry["Key"], str(target))
-            if target.stat().st_size != entry["Size"]:
-                raise OSError(f"s3://{bucket}/{entry['Key']}: got {target.stat().st_size} of {entry['Size']} bytes")
-            total += entry["Size"]
-    if total == 0:
-        raise OSError(f"{uri}: no objects")
-    return total
-
-
 def load_model_path(path: str) -> LoadedModel:
     """A model from a local MLflow model directory, with no registry involved (`MODEL_PATH`).
 
@@ -432,134 +339,12 @@ def load_model_path(path: str) -> LoadedModel:
 
 
 def load_production_model(settings: Settings) -> LoadedModel:
-    """The model to serve now, for one-off use (batch jobs); the service keeps a `ModelHolder`."""
-    return ModelHolder.from_settings(settings).model
-
-
-# Told the outcome of a registry check that changed or failed something ("swapped", "registry_failed",
-# "load_failed"), the model served after it and, on a swap, the one it replaced (metrics.model_refreshed).
-RefreshListener = Callable[[str, LoadedModel, LoadedModel | None], None]
-
-
-class ModelHolder:
-    """The model a process serves now; a background check swaps in newly promoted versions."""
-
-    def __init__(self, store: ModelStore | None, model: LoadedModel) -> None:
-        self.store = store  # None when the model came from a path: nothing to refresh
-        self.model = model
-        self.on_refresh: RefreshListener = lambda outcome, serving, replaced: None
-        self.registry_error: str | None = model.metadata.get("fetch_error")
-        self.checked_at: str | None = model.loaded_at if store else None
-        self._refresh_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        # The reload request this model already answers: a worker forked later from a master that loaded it
-        # sees a newer marker and checks at once (or it would serve the master's version until its next check).
-        self._reload_seen = self._reload_requested_at()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ModelHolder:
-        """The model from `MODEL_PATH` if set (never refreshed), else the registry's Production version."""
-        if settings.model_path:
-            return cls(None, load_model_path(settings.model_path))
-        store = ModelStore(settings)
-        return cls(store, store.load_production())
-
-    def refresh(self) -> bool:
-        """Check the registry once; load and swap in a new Production version. True if it swapped."""
-        if self.store is None:
-            return False
-        with self._refresh_lock:
-            self.checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-            try:
-                version = self.store.production_version()
-            except (NoProductionModel, *FETCH_ERRORS) as error:
-                self.registry_error = first_line(error)
-                log.warning(
-                    "registry check failed, still serving version %s: %s", self.model.version, self.registry_error
-                )
-                self.on_refresh("registry_failed", self.model, None)
-                return False
-            if str(version.version) == self.model.version:
-                self.registry_error = None
-                return False
-            try:
-                candidate = self.store.load(version)
-            except Exception as error:  # a bad version must never take down the one being served
-                # The registry answered but the artifacts could not be fetched: /health says so, as it does when
-                # this happens at start-up. Each error stands until a check ends, so /health does not flap.
-                self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
-                log.error(
-                    "failed to load version %s, still serving %s: %s",
-                    version.version,
-                    self.model.version,
-                    first_line(error),
-                )
-                self.on_refresh("load_failed", self.model, None)
-                return False
-            self.registry_error = None
-            previous, self.model = self.model, candidate
-            log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
-            self.on_refresh("swapped", candidate, previous)
-            return True
-
-    def request_reload(self) -> bool:
-        """Check the registry now, and ask the other processes on this host to do the same; True if it swapped.
-
-        The request travels as the mtime of a marker file in the model cache directory, which every worker's
-        refresh thread reads each second: the workers of one host already share that directory (its download
-        lock too), it needs no signal to the Gunicorn master nor any channel between workers, and a worker
-        that was busy or being replaced when the marker was touched still sees it afterwards.
-        """
-        if self.store is None:
-            return False
-        swapped = self.refresh()
-        self.store.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.store.reload_marker.touch()
-        self._reload_seen = self._reload_requested_at()  # this process has just checked
-        return swapped
-
-    def _reload_requested_at(self) -> int | None:
-        """The mtime (ns) of the reload marker, or None if no reload was ever requested."""
-        if self.store is None:
-            return None
-        try:
-            return self.store.reload_marker.stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
-
-    def start_refreshing(self, every_seconds: float) -> None:
-        """Check every `every_seconds` (with jitter, so workers do not call the registry in step; 0: only
-        when a reload is requested), and within a second of `request_reload` in any process of this host."""
-        if self.store is None or (self._thread is not None and self._thread.is_alive()):
-            return
-
-        def next_check() -> float:
-            return time.monotonic() + every_seconds * random.uniform(0.9, 1.1) if every_seconds > 0 else float("inf")
-
-        def run() -> None:
-            due = next_check()
-            while True:
-                requested = self._reload_requested_at()
-                if requested != self._reload_seen or time.monotonic() >= due:
-                    self._reload_seen = requested
-                    self.refresh()
-                    due = next_check()
-                time.sleep(RELOAD_POLL_SECONDS)
-
-        self._thread = threading.Thread(target=run, name="model-refresh", daemon=True)
-        self._thread.start()
-
-    def health(self) -> dict[str, Any]:
-        model = self.model
-        return {
-            "status": "ok",
-            "model": {**model.describe(), "loaded_at": model.loaded_at, "source": model.source, "origin": model.origin},
-            "registry": {
-                "reachable": self.registry_error is None,
-                "error": self.registry_error,
-                "checked_at": self.checked_at,
-            },
-        }
+    """The model to serve now, for one-off use (batch jobs): the one at `MODEL_PATH` if set, else the
+    registry's Production version (the newest cached one if the registry is unreachable). The service keeps a
+    `ModelHolder` instead, which follows promotions."""
+    if settings.model_path:
+        return load_model_path(settings.model_path)
+    return ModelStore(settings).load_production()
 
 
 def load_model_version(settings: Settings, version: str) -> LoadedModel:

@@ -1,6 +1,7 @@
 """Where batch files live: a local path or an `s3://` URI, listed, read and written the same way.
 
-S3 is reached with the model store's client: boto3's default credential chain (`AWS_PROFILE` picks a
+S3 is reached with one client per process (`s3_client`, which the model store downloads artifacts with too):
+boto3's default credential chain (`AWS_PROFILE` picks a
 profile from the shared files), the endpoint MLflow uses (`MLFLOW_S3_ENDPOINT_URL`), timeouts and bounded
 retries. An S3 input is copied to a local temporary file before it is read (zip and Parquet need random
 access, and a copy keeps one reading path); an output is written to a local temporary file and published
@@ -9,17 +10,22 @@ only when complete: renamed into place, or uploaded. A reader therefore never se
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-import model_store
-from config import Settings
+import boto3
+from botocore.config import Config as BotoConfig
+
+from bikeshare_membership.config import Settings
 
 S3_SCHEME = "s3://"
 
@@ -55,8 +61,16 @@ def inside(folder: str, name: str) -> str:
 
 @cache
 def s3_client(settings: Settings) -> Any:  # boto3 generates its client types at run time
-    """One client per process and settings: credentials and endpoint are resolved once."""
-    return model_store.s3_client(settings)
+    """The S3 client of this process for `settings`: bounded timeouts and retries, the default credential chain
+    (AWS_PROFILE), resolved once."""
+    config = BotoConfig(
+        connect_timeout=settings.fetch_timeout_seconds,
+        read_timeout=settings.fetch_timeout_seconds,
+        retries={"max_attempts": settings.fetch_retries + 1, "mode": "standard"},
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config
+    )
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,45 @@ def output_file(location: str, settings: Settings) -> Iterator[Path]:
             yield path
             s3_client(settings).upload_file(str(path), bucket, key)
         return
-    final = Path(location)
+    with atomic_path(Path(location)) as partial:
+        yield partial
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A hidden path beside `final` to write to, moved onto `final` only if the block succeeds: a reader in
+    another process sees the old file or the whole new one, never half of one."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".partial-{os.getpid()}-{final.name}")
+    partial = final.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{final.name}")
     try:
         yield partial
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the block: one holder at a time among
+    the processes of the host. Closing the file releases it."""
+    with open(path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
+def download_s3_prefix(uri: str, destination: Path, client: Any) -> int:
+    """Download every object under the `s3://bucket/prefix` URI; returns the bytes, checked object by object."""
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/") + "/"
+    total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            target = destination / entry["Key"][len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, entry["Key"], str(target))
+            if target.stat().st_size != entry["Size"]:
+                raise OSError(f"s3://{bucket}/{entry['Key']}: got {target.stat().st_size} of {entry['Size']} bytes")
+            total += entry["Size"]
+    if total == 0:
+        raise OSError(f"{uri}: no objects")
+    return total

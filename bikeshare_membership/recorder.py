@@ -23,14 +23,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import jsonlog
-import metrics
+from bikeshare_membership import jsonlog, metrics
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
     from model_store import ModelHolder
 
 REQUEST_ID_HEADER = "X-Request-ID"

@@ -1,0 +1,20 @@
+"""bikeshare-membership: whether a Toronto Bike Share trip was taken by an annual Member or a Casual rider.
+
+Modules, each with one job; imports point down this list's layers, never up:
+
+- contract: `schema` (the request schema, its validation, timestamps), `stations` (the station reference),
+  `city_files` (the City's file layouts, read in chunks), `features` (the model's features, `TripFeatures`);
+- model: `fast_pipeline` (the exact fast evaluation), `registry` (which version is in Production),
+  `model_store` (the verified local cache, loading), `model_holder` (hot reload), `evaluation` (metrics and
+  figures), `drift` (feature profiles);
+- work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
+  run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file);
+- service: `errors` (the one refusal type), `openapi` (the API document), `app` (the Flask app);
+- observability: `jsonlog`, `metrics`, `recorder`;
+- shared by all: `config` (settings from the environment), `storage` (local paths and S3, atomic writes);
+- command lines: `train_cli`, `batch_cli`, `wait_cli`, behind the root scripts train.py, batch.py and
+  wait_for_model.py.
+
+One module lives outside the package: the root `preprocess.py`, which keeps the name every registered
+model gives its feature step, `preprocess.TripFeatures`.
+"""

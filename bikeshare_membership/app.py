@@ -1,0 +1,301 @@
+"""The membership prediction web service.
+
+Endpoints:
+    POST /predict   a trip (JSON object) or a list of trips -> membership, proba (% that the rider is a
+                    Member) and the model version that answered. `?date_order=DMY` reads ambiguous slash
+                    dates day-first (see schema.py for the rule).
+    GET  /health    200 with the loaded model (name, version, loaded-at, source) and whether the registry
+                    answered its last check.
+    GET  /model     the loaded model's registry metadata and model card, signature and training metrics.
+    POST /predict/batch        {"input": "<path under BATCH_ROOT or s3:// URI>", "output": optional} -> 202
+                               and a job scoring that file in the background (batch_jobs.py).
+    GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
+                               summary) or failed (with the error).
+    GET  /openapi.json  the OpenAPI 3.1 document of these endpoints (openapi.py); GET /docs shows it as a page.
+    POST /admin/reload  only when ADMIN_TOKEN is set, with `Authorization: Bearer <ADMIN_TOKEN>`: check the
+                        registry now, in this worker and (within a second) in every other one on the host.
+    GET  /metrics   Prometheus metrics, summed over the Gunicorn workers (metrics.py).
+
+Every request gets an id (a safe `X-Request-ID` it came with, else a new one), returned in `X-Request-ID`
+and written in the one JSON log line logged per request (recorder.py): no other header, no body, no query.
+
+Every error is JSON: `{"error": {"code", "message", "field", "item"}}` with a 4xx status for bad input.
+
+The model is loaded once when the app is created and swapped when a new version is promoted
+(model_holder.py); requests never touch the registry. The root module predict.py is what Gunicorn and
+`python predict.py` run.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import get_content_length
+
+from bikeshare_membership import batch_jobs, jsonlog, metrics, openapi, recorder
+from bikeshare_membership.config import Settings
+from bikeshare_membership.errors import Refused
+from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.model_store import LoadedModel, ModelUnavailable, trip_membership
+from bikeshare_membership.schema import DATE_ORDERS, DateOrder, InvalidTrip, parse_request_trip
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+JSON_CONTENT_TYPE = "application/json"
+
+log = logging.getLogger(__name__)
+api = Blueprint("api", __name__)
+admin = Blueprint("admin", __name__)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status=status, mimetype=JSON_CONTENT_TYPE)
+
+
+def _read_json() -> Any:
+    if request.mimetype != JSON_CONTENT_TYPE:
+        raise Refused(415, "UNSUPPORTED_MEDIA_TYPE", f"send the trip as JSON with Content-Type: {JSON_CONTENT_TYPE}")
+    try:
+        return orjson.loads(_read_body(request.environ, _settings().max_body_bytes))
+    except orjson.JSONDecodeError as error:
+        raise Refused(400, "MALFORMED_REQUEST", f"the body is not valid JSON: {error}") from None
+
+
+def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
+    """The body, read from the WSGI input directly (Werkzeug's stream wrapper costs more than the read: ~15 us
+    a request). 413 over `limit` bytes, before reading when the Content-Length says so; 400 when the client
+    closed before sending what its Content-Length says."""
+    declared = get_content_length(environ)  # None for a chunked body
+    if declared is not None and declared > limit:
+        raise _body_too_large(limit)
+    if declared is None and not environ.get("wsgi.input_terminated"):
+        return b""  # no length and no end marked by the server: HTTP says there is no body
+    data = environ["wsgi.input"].read(limit + 1 if declared is None else declared)
+    if len(data) > limit:
+        raise _body_too_large(limit)
+    if declared is not None and len(data) != declared:
+        message = f"the body ended after {len(data)} of the {declared} bytes its Content-Length says"
+        raise Refused(400, "MALFORMED_REQUEST", message)
+    return data
+
+
+def _body_too_large(limit: int) -> Refused:
+    message = f"the body is over {limit} bytes (MAX_BODY_BYTES); send fewer trips"
+    return Refused(413, "REQUEST_ENTITY_TOO_LARGE", message)
+
+
+def _date_order() -> DateOrder | None:
+    if not request.query_string:  # the usual request: no need to parse a query into `request.args`
+        return None
+    value = request.args.get("date_order")
+    if value is None:
+        return None
+    if value.upper() not in DATE_ORDERS:
+        raise Refused(400, "INVALID_PARAMETER_VALUE", "must be MDY or DMY", field="date_order")
+    return value.upper()  # type: ignore[return-value]
+
+
+def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) -> list[dict[str, Any]]:
+    if not isinstance(body, list | dict):
+        raise Refused(400, "BAD_REQUEST", "the body must be a trip object or a list of trip objects")
+    records = body if isinstance(body, list) else [body]
+    if not records:
+        raise Refused(400, "BAD_REQUEST", "the list of trips is empty")
+    if len(records) > max_trips:
+        message = f"{len(records)} trips; at most {max_trips} per request (MAX_TRIPS_PER_REQUEST)"
+        raise Refused(413, "TOO_MANY_TRIPS", message)
+    item_of = (lambda index: index) if isinstance(body, list) else (lambda index: None)
+    try:
+        return [parse_request_trip(record, date_order, item_of(index)) for index, record in enumerate(records)]
+    except InvalidTrip as error:
+        where = "" if error.item is None else f"trip {error.item}: "
+        field = f"{error.field} " if error.field else ""
+        raise Refused(
+            400, "INVALID_PARAMETER_VALUE", f"{where}{field}{error.message}", error.field, error.item
+        ) from None
+
+
+def _holder() -> ModelHolder:
+    return current_app.extensions["model_holder"]
+
+
+def _settings() -> Settings:
+    return current_app.extensions["settings"]
+
+
+@api.post("/predict")
+def predict() -> Response:
+    model = _holder().model  # read once: this request is answered by this version, even if a swap happens
+    answer = predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request)
+    request.environ[recorder.PREDICTIONS_ENVIRON] = answer.get("predictions", [answer])  # counted after sending
+    return json_response(answer)
+
+
+def predictions(
+    body: Any,
+    model: LoadedModel,
+    date_order: DateOrder | None = None,
+    max_trips: int = Settings.max_trips_per_request,
+) -> dict[str, Any]:
+    """The answer to a parsed /predict body: validation, features and model, without HTTP."""
+    trips = _validated_trips(body, date_order, max_trips)
+    answers = [
+        {"trip_id": trip["trip_id"], "membership": trip_membership(proba), "proba": round(proba * 100, 2)}
+        for trip, proba in zip(trips, model.request_probabilities(trips), strict=True)
+    ]
+    if isinstance(body, list):
+        return {"predictions": answers, "model": model.describe()}
+    return {**answers[0], "model": model.describe()}
+
+
+@api.get("/health")
+def health() -> Response:
+    return json_response(_holder().health())
+
+
+@api.get("/model")
+def model_info() -> Response:
+    model = _holder().model
+    return json_response(
+        {
+            **model.describe(),
+            "source": model.source,
+            "origin": model.origin,
+            "loaded_at": model.loaded_at,
+            **model.metadata,
+        }
+    )
+
+
+# --- Batch scoring: thin routes over batch_jobs.py, which checks the request and runs the job ------------
+
+
+@api.post("/predict/batch")
+def submit_batch() -> Response:
+    """Start scoring a file in the background; 202 with the job to poll."""
+    model = _holder().model  # the job scores with the version this worker serves now
+    return json_response(batch_jobs.submit_job(_settings(), _read_json(), model), 202)
+
+
+@api.get("/predict/batch/<job_id>")
+def batch_job(job_id: str) -> Response:
+    job = batch_jobs.job_status(_settings(), job_id)
+    if job is None:
+        raise Refused(404, "RESOURCE_DOES_NOT_EXIST", f"no batch job {job_id!r}", field="job_id")
+    return json_response(job)
+
+
+# --- The API's description, built once per app in create_app ---------------------------------------
+
+
+@api.get("/openapi.json")
+def openapi_document() -> Response:
+    return Response(current_app.extensions["openapi_json"], mimetype=JSON_CONTENT_TYPE)
+
+
+@api.get("/docs")
+def docs() -> Response:
+    return Response(current_app.extensions["docs_html"], mimetype="text/html")
+
+
+# --- Operations ---------------------------------------------------------------------------------------
+
+
+@admin.post("/admin/reload")
+def reload_model() -> Response:
+    """Check the registry now and answer the version this worker serves; the other workers follow within a
+    second (ModelHolder.request_reload). Registered only when ADMIN_TOKEN is set."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = _settings().admin_token or ""
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Refused(
+            401, "UNAUTHENTICATED", "send Authorization: Bearer <ADMIN_TOKEN>", headers=[("WWW-Authenticate", "Bearer")]
+        )
+    holder = _holder()
+    swapped = holder.request_reload()
+    if holder.registry_error is not None:
+        message = f"the registry did not answer; still serving version {holder.model.version} (see GET /health)"
+        raise Refused(503, "TEMPORARILY_UNAVAILABLE", message)
+    return json_response({"reloaded": swapped, "model": holder.model.describe()})
+
+
+@api.get("/metrics")
+def prometheus_metrics() -> Response:
+    return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+def render_refusal(error: Refused) -> Response:
+    response = json_response(
+        {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
+        error.status,
+    )
+    response.headers.extend(error.headers)
+    return response
+
+
+def render_http_error(error: HTTPException) -> Response:
+    """Werkzeug's refusals (404, 405, ...) as JSON errors, keeping the headers they carry (`Allow` listing a
+    route's methods, `Retry-After`, `WWW-Authenticate`): only the body, and so its Content-Type, changes."""
+    code = (error.name or "error").upper().replace(" ", "_")
+    headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
+    return render_refusal(Refused(error.code or 500, code, error.description or error.name, headers=headers))
+
+
+def render_unexpected_error(error: Exception) -> Response:
+    request_id = request.environ.get(recorder.REQUEST_ID_ENVIRON)
+    log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+    return render_refusal(Refused(500, "INTERNAL_ERROR", "the service failed to answer; the error is logged"))
+
+
+def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> Flask:
+    """Build the service around a model holder: the given one, or one with the registry's Production version.
+
+    Raises ModelUnavailable when there is no model to serve.
+    """
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.extensions["settings"] = settings
+    app.extensions["model_holder"] = holder = holder or ModelHolder.from_settings(settings)
+    holder.on_refresh = metrics.model_refreshed
+    document = openapi.document(settings.max_trips_per_request, settings.max_body_bytes, bool(settings.admin_token))
+    app.extensions["openapi_json"] = orjson.dumps(document)
+    app.extensions["docs_html"] = openapi.docs_page(document)
+    app.register_blueprint(api)
+    if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
+        app.register_blueprint(admin)
+    app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]
+    app.register_error_handler(Refused, render_refusal)
+    app.register_error_handler(HTTPException, render_http_error)
+    app.register_error_handler(Exception, render_unexpected_error)
+    return app
+
+
+def serve_app() -> Flask:
+    """The app as a server process runs it: JSON logs, and a one-line exit when there is no model."""
+    jsonlog.configure()
+    try:
+        return create_app()
+    except ModelUnavailable as error:
+        raise SystemExit(f"bikeshare-membership: no model to serve: {error}") from None
+
+
+def start_serving(app: Flask) -> None:
+    """What each process that answers requests does first (a Gunicorn worker, after the fork): record the
+    model it serves (metrics are per process) and start checking for new versions (threads do not survive
+    a fork)."""
+    holder = app.extensions["model_holder"]
+    metrics.model_served(holder.model)
+    holder.start_refreshing(app.extensions["settings"].refresh_seconds)
+    app.extensions["recorder"].start_flushing()
+
+
+def stop_serving(app: Flask) -> None:
+    """What a worker does as it exits: write the request records it still holds."""
+    app.extensions["recorder"].flush()

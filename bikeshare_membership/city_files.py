@@ -1,0 +1,380 @@
+"""The City's trip files: every layout they have had, mapped onto the request schema, and read in chunks.
+
+A file is CSV (plain, gzip, or a zip of CSVs as the City publishes a year) or Parquet, in any layout that
+`detect_layout` knows; each CSV in a zip is read as a file of its own, with its own layout. Every chunk goes
+through `parse_frame`, so training, batch scoring and the Spark job read trips alike, and the date order one
+chunk showed is carried into the next (see schema.py). Rows that cannot be scored come back as rejects with
+the reason, CSV rows with the wrong number of fields included: none is dropped.
+
+CSV columns are read as bytes with pyarrow's multi-threaded reader and decoded per chunk: as UTF-8, or as
+cp1252 where a column is not valid UTF-8 (some of the City's monthly files are cp1252).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from bikeshare_membership.schema import (
+    LABELS,
+    MISSING_TEXT,
+    REQUIRED_FIELDS,
+    TRIP_FIELDS,
+    DateOrder,
+    arrow_text,
+    parse_timestamp_columns,
+)
+from bikeshare_membership.stations import station_index
+
+
+def resolve_station_ids(ids: pd.Series, names: pd.Series) -> pd.Series:
+    """Station ids as floats, looked up by name where the id is missing; NaN for an unknown station."""
+    resolved = pd.Series(parse_numbers(ids), index=ids.index)
+    missing = resolved.isna() & names.notna()
+    if missing.any():
+        index = station_index()
+        lookup = {name: index.id_for(name) for name in names[missing].unique()}
+        resolved[missing] = names[missing].map(lookup).astype("float64")
+    return resolved
+
+
+# --- File layouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One of the City's file layouts: how its columns map to the schema, and its default date order."""
+
+    name: str
+    columns: Mapping[str, str]
+    date_order: DateOrder
+
+
+_SCHEMA_NAMES = {field: field for field in TRIP_FIELDS}
+_CITY_2019_NAMES = {
+    "Trip Id": "trip_id",
+    "Trip  Duration": "trip_duration_seconds",
+    "Start Station Id": "from_station_id",
+    "Start Time": "trip_start_time",
+    "Start Station Name": "from_station_name",
+    "End Station Id": "to_station_id",
+    "End Time": "trip_stop_time",
+    "End Station Name": "to_station_name",
+    "User Type": "user_type",
+}
+_CITY_2025_NAMES = {name.replace("  ", " ").replace(" ", "_"): field for name, field in _CITY_2019_NAMES.items()}
+
+LAYOUTS = (
+    Layout("2017 Q1/Q2 (request schema)", _SCHEMA_NAMES, "DMY"),
+    Layout("2017 Q3/Q4 (no station ids)", _SCHEMA_NAMES, "MDY"),
+    Layout("2018 (reordered)", _SCHEMA_NAMES, "MDY"),
+    Layout("2019-2024", _CITY_2019_NAMES, "MDY"),
+    Layout("2025", _CITY_2025_NAMES, "MDY"),
+)
+
+
+def detect_layout(header: Sequence[str]) -> Layout:
+    """The layout of a file from its header; raises ValueError naming what is missing."""
+    names = [name.strip().lstrip("\ufeff") for name in header]
+    if "Trip  Duration" in names or "Trip Duration" in names:
+        return LAYOUTS[3]
+    if "Trip_Duration" in names:
+        return LAYOUTS[4]
+    missing = [field for field in REQUIRED_FIELDS if field not in names]
+    if missing:
+        raise ValueError(f"unknown file layout: no column {missing[0]!r} in header {names!r}")
+    if "from_station_id" not in names:
+        return LAYOUTS[1]
+    schema_order = [name for name in names if name in TRIP_FIELDS]
+    return LAYOUTS[0] if schema_order == list(TRIP_FIELDS[: len(schema_order)]) else LAYOUTS[2]
+
+
+@dataclass
+class ParsedTrips:
+    """Trips in the schema's types, and the rows that could not be parsed with the reason."""
+
+    trips: pd.DataFrame
+    rejects: pd.DataFrame
+    date_order: DateOrder
+
+
+_DECIMAL_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+
+
+def parse_numbers(values: pd.Series) -> np.ndarray:
+    """Finite decimal numbers as float64; NaN where a text is missing or not a number."""
+    text = pc.utf8_trim_whitespace(arrow_text(values))
+    numbers = pc.cast(pc.if_else(pc.match_substring_regex(text, _DECIMAL_NUMBER), text, None), pa.float64())
+    result = numbers.to_numpy(zero_copy_only=False)
+    return np.where(np.isfinite(result), result, np.nan)
+
+
+def _distinct_texts(values: pd.Series) -> tuple[np.ndarray, list[str | None]]:
+    """Each row's position in the column's distinct stripped texts; the last one, None, stands for missing.
+
+    `NULL`, `NULLNULL`, blanks and the like are missing. Files repeat a few hundred station names and two
+    labels over every row, so working on the distinct texts keeps a chunk's text handling cheap.
+    """
+    text = pc.utf8_trim_whitespace(arrow_text(values))
+    missing = pc.is_in(pc.utf8_lower(text), value_set=pa.array(sorted(MISSING_TEXT), pa.large_string()))
+    encoded = pc.dictionary_encode(pc.if_else(missing, None, text))
+    distinct = [*encoded.dictionary.to_pylist(), None]
+    return pc.fill_null(encoded.indices, len(distinct) - 1).to_numpy(), distinct
+
+
+def _text_column(values: pd.Series) -> pd.Series:
+    """Stripped text, None where the City wrote nothing, `NULL` or the like."""
+    codes, distinct = _distinct_texts(values)
+    return pd.Series(np.array(distinct, dtype=object)[codes], index=values.index, dtype=object)
+
+
+def _label_column(values: pd.Series) -> pd.Series:
+    """`Member` or `Casual` from any era's label, None where missing or unknown."""
+    codes, distinct = _distinct_texts(values)
+    labels = [None if text is None else LABELS.get(text.lower()) for text in distinct]
+    return pd.Series(np.array(labels, dtype=object)[codes], index=values.index, dtype="str")
+
+
+def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None = None) -> ParsedTrips:
+    """Map a raw City frame (all columns as read) to the schema, rejecting rows that cannot be scored.
+
+    `date_order` overrides the layout's default, for a chunk of a file whose earlier chunks showed it.
+    """
+    raw = raw.rename(columns=lambda name: name.strip().lstrip("\ufeff"))
+    frame = raw.rename(columns=layout.columns).reindex(columns=list(TRIP_FIELDS))
+    (start, stop), order = parse_timestamp_columns(
+        [frame["trip_start_time"], frame["trip_stop_time"]], date_order or layout.date_order
+    )
+    duration = pd.Series(parse_numbers(frame["trip_duration_seconds"]), index=frame.index)
+    from_name, to_name = _text_column(frame["from_station_name"]), _text_column(frame["to_station_name"])
+    user_type = _label_column(frame["user_type"])
+
+    reasons = pd.Series(None, index=frame.index, dtype=object)
+    checks = [
+        (stop < start, "trip_stop_time: before trip_start_time"),
+        (duration < 0, "trip_duration_seconds: negative"),
+        (duration.isna(), "trip_duration_seconds: missing or not a number"),
+        (stop.isna(), "trip_stop_time: missing or not a date-time"),
+        (start.isna(), "trip_start_time: missing or not a date-time"),
+    ]
+    for failed, reason in checks:  # the last check that fails names the row's reason
+        reasons[failed.to_numpy()] = reason
+    bad = reasons.notna()
+
+    trips = pd.DataFrame(
+        {
+            "trip_id": frame["trip_id"],
+            "trip_start_time": start,
+            "trip_stop_time": stop,
+            "trip_duration_seconds": duration,
+            "from_station_id": resolve_station_ids(frame["from_station_id"], from_name),
+            "from_station_name": from_name,
+            "to_station_id": resolve_station_ids(frame["to_station_id"], to_name),
+            "to_station_name": to_name,
+            "user_type": user_type,
+        }
+    )
+    rejects = pd.DataFrame({"trip_id": frame["trip_id"][bad], "reason": reasons[bad]})
+    return ParsedTrips(trips=trips[~bad], rejects=rejects, date_order=order)
+
+
+CHUNK_ROWS = 131_072  # trips parsed and scored at a time: large enough to be cheap per trip, small in memory
+# pyarrow's unit of reading (about 8,000 trips); it reads ahead several, so a larger one costs memory, not time.
+CSV_BLOCK_BYTES = 1 << 20
+INPUT_SUFFIXES = (".csv.gz", ".csv", ".zip", ".parquet")
+MAX_HEADER_BYTES = 1 << 20
+
+
+def input_suffix(name: str) -> str | None:
+    """The readable suffix `name` ends with (case aside), or None."""
+    return next((suffix for suffix in INPUT_SUFFIXES if name.lower().endswith(suffix)), None)
+
+
+@dataclass(frozen=True)
+class TripChunk:
+    source: str  # the file, or the CSV inside a zip, the rows come from
+    parsed: ParsedTrips
+    bytes_read: int  # how far into the input file reading has got, for a progress bar
+
+
+class _CountingReader(io.RawIOBase):
+    """A binary file that counts the bytes read through it: the progress of a pass over a file."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.bytes_read = file, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        count = self.file.readinto(buffer)
+        self.bytes_read += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[TripChunk]:
+    """The trips of a local file, chunk by chunk; raises ValueError for a file it cannot read at all."""
+    suffix = input_suffix(path.name)
+    if suffix is None:
+        raise ValueError(f"{path.name}: not a trip file (expected one of {', '.join(INPUT_SUFFIXES)})")
+    with open(path, "rb") as file:
+        counted = _CountingReader(file)
+        if suffix == ".parquet":
+            yield from _parquet_chunks(counted, path.name, chunk_rows)
+        elif suffix == ".zip":
+            yield from _zip_chunks(counted, chunk_rows)
+        else:
+            gzipped = suffix == ".csv.gz"
+            with gzip.open(path) if gzipped else open(path, "rb") as start:
+                header = _read_header(start)
+            data = pa.PythonFile(counted, mode="r")
+            stream = pa.CompressedInputStream(data, "gzip") if gzipped else data
+            yield from _csv_chunks(header, stream, path.name, counted, chunk_rows)
+
+
+def _zip_chunks(counted: _CountingReader, chunk_rows: int) -> Iterator[TripChunk]:
+    with zipfile.ZipFile(counted) as archive:
+        members = sorted(name for name in archive.namelist() if _is_zipped_csv(name))
+        if not members:
+            raise ValueError("the zip holds no CSV file")
+        for member in members:
+            with archive.open(member) as start:
+                header = _read_header(start)
+            with archive.open(member) as data:
+                yield from _csv_chunks(header, pa.PythonFile(data, mode="r"), member, counted, chunk_rows)
+
+
+def _is_zipped_csv(name: str) -> bool:
+    """A CSV in a zip, not a folder nor the metadata macOS adds (`__MACOSX/`, `._name`)."""
+    return name.lower().endswith(".csv") and not name.startswith("__MACOSX/") and not Path(name).name.startswith(".")
+
+
+def _read_header(stream: BinaryIO) -> list[str]:
+    line = stream.readline(MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
+    return next(csv.reader([line.rstrip("\r\n")]), [])
+
+
+def _csv_chunks(
+    header: list[str], data: pa.NativeFile, source: str, counted: _CountingReader, chunk_rows: int
+) -> Iterator[TripChunk]:
+    layout = detect_layout(header)
+    wanted = [name for name in header if name.strip() in layout.columns]
+    trip_id_at = next((i for i, name in enumerate(header) if layout.columns.get(name.strip()) == "trip_id"), None)
+    malformed: list[pa_csv.InvalidRow] = []
+
+    def skip_malformed(row: pa_csv.InvalidRow) -> str:
+        malformed.append(row)
+        return "skip"
+
+    reader = pa_csv.open_csv(
+        data,
+        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        parse_options=pa_csv.ParseOptions(invalid_row_handler=skip_malformed),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.large_binary() for name in header}, include_columns=wanted
+        ),
+    )
+    date_order = None
+    for table in _regrouped(reader, reader.schema, chunk_rows):
+        parsed = parse_frame(_text_frame(table), layout, date_order)
+        date_order = parsed.date_order
+        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), counted.bytes_read)
+    if malformed:  # rows of a last block that held nothing else
+        empty = pa.Table.from_batches([], schema=reader.schema)
+        parsed = parse_frame(_text_frame(empty), layout, date_order)
+        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), counted.bytes_read)
+
+
+def _regrouped(batches: Iterator[pa.RecordBatch], schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
+    """pyarrow's small batches as tables of `rows` rows (the last one shorter)."""
+    pending = pa.Table.from_batches([], schema=schema)
+    for batch in batches:
+        pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+        while pending.num_rows >= rows:
+            yield pending.slice(0, rows)
+            pending = pending.slice(rows)
+    if pending.num_rows:
+        yield pending
+
+
+def _with_malformed(parsed: ParsedTrips, malformed: list[pa_csv.InvalidRow], trip_id_at: int | None) -> ParsedTrips:
+    """Add the CSV rows pyarrow skipped since the last chunk to the chunk's rejects."""
+    if not malformed:
+        return parsed
+    rows, malformed[:] = list(malformed), []
+    trip_ids = []
+    for row in rows:
+        fields = next(csv.reader([row.text]), [])
+        trip_ids.append(fields[trip_id_at] if trip_id_at is not None and trip_id_at < len(fields) else None)
+    reasons = [f"malformed CSV row: {row.actual_columns} fields, expected {row.expected_columns}" for row in rows]
+    skipped = pd.DataFrame({"trip_id": pd.Series(trip_ids, dtype="str"), "reason": reasons})
+    return replace(parsed, rejects=pd.concat([parsed.rejects, skipped], ignore_index=True))
+
+
+def _parquet_chunks(counted: _CountingReader, source: str, chunk_rows: int) -> Iterator[TripChunk]:
+    parquet = pq.ParquetFile(counted)
+    header = parquet.schema_arrow.names
+    layout = detect_layout(header)
+    wanted = [name for name in header if name.strip() in layout.columns]
+    date_order = None
+    for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted):
+        parsed = parse_frame(_text_frame(pa.Table.from_batches([batch])), layout, date_order)
+        date_order = parsed.date_order
+        yield TripChunk(source, parsed, counted.bytes_read)
+
+
+def _text_frame(table: pa.Table) -> pd.DataFrame:
+    """A table as the all-text frame `parse_frame` reads."""
+    columns = [_as_text(column.combine_chunks()) for column in table.columns]
+    return pa.Table.from_arrays(columns, names=table.schema.names).to_pandas()
+
+
+def _as_text(column: pa.Array) -> pa.Array:
+    """A column as text: bytes decoded as UTF-8 (cp1252 if that fails), anything else formatted."""
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return column.cast(pa.large_string())
+    try:
+        return column.cast(pa.large_string())
+    except pa.ArrowInvalid:  # not UTF-8: decode value by value
+        return pa.array([_decode(value) for value in column.to_pylist()], pa.large_string())
+
+
+def _decode(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("cp1252", errors="replace")
+
+
+def read_trips(path: str | Path) -> ParsedTrips:
+    """A whole City trip file of any layout and format, through the chunked reader, as one ParsedTrips."""
+    chunks = [chunk.parsed for chunk in read_chunks(Path(path))]
+    return ParsedTrips(
+        trips=pd.concat([parsed.trips for parsed in chunks], ignore_index=True),
+        rejects=pd.concat([parsed.rejects for parsed in chunks], ignore_index=True),
+        date_order=chunks[-1].date_order,
+    )

@@ -1,0 +1,211 @@
+"""The model's features, defined once: `trip_features` computes them from the typed trip columns, and
+`TripFeatures`, the first step of every logged pipeline, applies them; the fast path (fast_pipeline.py)
+evaluates the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from datetime import date
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from bikeshare_membership.stations import station_index
+
+# --- Features ---------------------------------------------------------------------------------------
+
+MAX_DURATION_SECONDS = 7 * 24 * 3600
+# Every feature `trip_features` computes, in its order. A model uses the subset its `TripFeatures` names: the
+# first ten are the features of every model registered before that subset was a parameter (LEGACY_FEATURES).
+FEATURE_CATALOGUE = (
+    "duration_log",
+    "start_hour",
+    "weekday",
+    "month",
+    "round_trip",
+    "distance_km",
+    "speed_kmh",
+    "from_station",
+    "to_station",
+    "route",
+    "holiday",
+    "free_day",
+    "from_lat",
+    "from_lon",
+    "to_lat",
+    "to_lon",
+)
+LEGACY_FEATURES = FEATURE_CATALOGUE[:10]
+# Station ids and the route, which the pipeline target-encodes; every other feature is a number it passes on.
+STATION_FEATURES = ("from_station", "to_station", "route")
+# Weekday/weekend and Ontario's statutory holidays are the calendar a rider lives by; `month` is left out: a
+# month the model has not seen can only be mapped onto one it has (docs/model.md has the measurements).
+DEFAULT_FEATURES = tuple(name for name in FEATURE_CATALOGUE if name != "month")
+HOLIDAY_YEARS = range(2014, 2041)  # the City's trip data starts in 2014; a model is retrained long before 2041
+EARTH_RADIUS_KM = 6371.0
+UNIX_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _months_of_days(days: Any) -> Any:
+    """The calendar month (1-12) of day numbers since 1970-01-01."""
+    return np.asarray(days).astype("datetime64[D]").astype("datetime64[M]").astype("int64") % 12 + 1
+
+
+def _month_of_day(day: int) -> int:
+    return date.fromordinal(UNIX_EPOCH_ORDINAL + day).month
+
+
+def ontario_holidays(years: Iterable[int] = HOLIDAY_YEARS) -> np.ndarray:
+    """Ontario's statutory holidays (observed days included) as sorted day numbers since 1970-01-01.
+
+    Only fitting asks the library (imported here: a served model carries its calendar, and the service starts
+    without the import)."""
+    import holidays
+
+    calendar = holidays.country_holidays("CA", subdiv="ON", years=list(years))
+    return np.array(sorted(day.toordinal() - UNIX_EPOCH_ORDINAL for day in calendar), dtype="int64")
+
+
+# The functions `trip_features` calls, for columns and for one trip's Python numbers. Transcendental functions
+# are numpy's in both (libm's may differ in the last bit, enough to cross a split threshold); the exact ones
+# (sqrt, comparisons, calendar) are Python's for one trip, where a numpy call costs about a microsecond.
+# `is_in(days, holiday_days)` takes a sorted array of day numbers for columns and a set for one trip.
+ARRAY_MATH = SimpleNamespace(
+    sin=np.sin,
+    cos=np.cos,
+    arcsin=np.arcsin,
+    log1p=np.log1p,
+    sqrt=np.sqrt,
+    isnan=np.isnan,
+    maximum=np.maximum,
+    where=np.where,
+    month=_months_of_days,
+    is_in=np.isin,
+)
+SCALAR_MATH = SimpleNamespace(
+    **{
+        **vars(ARRAY_MATH),
+        "sqrt": math.sqrt,
+        "isnan": math.isnan,
+        "maximum": max,
+        "where": lambda condition, if_true, if_false: if_true if condition else if_false,
+        "month": _month_of_day,
+        "is_in": lambda day, days: day in days,
+    }
+)
+
+
+def trip_features(
+    seconds: Any,
+    duration: Any,
+    from_id: Any,
+    to_id: Any,
+    origin: Any,
+    destination: Any,
+    holiday_days: Any,
+    xp: Any = ARRAY_MATH,
+) -> tuple[Any, ...]:
+    """Every feature, in FEATURE_CATALOGUE order, of trips given as numpy arrays or of one trip given as numbers.
+
+    The one definition: arithmetic operators and the functions of `xp`, ARRAY_MATH for arrays and SCALAR_MATH
+    for one trip, so both give the same values. `seconds` is the start in seconds since 1970 (Toronto wall
+    clock), `duration` is clipped, `origin` and `destination` are (latitude, longitude) in radians, NaN when
+    unknown, and `holiday_days` are the holidays' day numbers (see `ARRAY_MATH`).
+    """
+    days, second_of_day = divmod(seconds, 86_400)
+    hour, minute = divmod(second_of_day // 60, 60)
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+    holiday = xp.is_in(days, holiday_days)
+    (origin_lat, origin_lon), (destination_lat, destination_lon) = origin, destination
+    half_lat, half_lon = xp.sin((destination_lat - origin_lat) / 2), xp.sin((destination_lon - origin_lon) / 2)
+    half_chord = half_lat * half_lat + xp.cos(origin_lat) * xp.cos(destination_lat) * (half_lon * half_lon)
+    distance_km = 2 * EARTH_RADIUS_KM * xp.arcsin(xp.sqrt(half_chord))
+    return (
+        xp.log1p(duration),  # duration_log
+        hour + minute / 60,  # start_hour
+        weekday,
+        xp.month(days),  # month
+        xp.where(xp.isnan(from_id) | xp.isnan(to_id), math.nan, from_id == to_id),  # round_trip
+        distance_km,
+        distance_km / (xp.maximum(duration, 60.0) / 3600),  # speed_kmh
+        from_id,  # from_station
+        to_id,  # to_station
+        from_id * 10000 + to_id,  # route
+        holiday,
+        (weekday >= 5) | holiday,  # free_day: a weekend or a holiday
+        origin_lat,  # from_lat (radians)
+        origin_lon,  # from_lon
+        destination_lat,  # to_lat
+        destination_lon,  # to_lon
+    )
+
+
+class TripFeatures(TransformerMixin, BaseEstimator):
+    """The features of a trip, computed column-wise from `MODEL_INPUT_COLUMNS`; `features` names which.
+
+    Fitting captures the station coordinates and the holiday calendar, so a logged pipeline carries the ones
+    it was trained with. Stations stay as ids (`route` is from * 10000 + to); the pipeline's encoder turns them
+    into numbers.
+    """
+
+    def __init__(self, features: tuple[str, ...] = DEFAULT_FEATURES) -> None:
+        self.features = features
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A model registered before `features` and the holiday calendar existed loads with what it used."""
+        state.setdefault("features", LEGACY_FEATURES)
+        state.setdefault("holiday_days_", np.empty(0, dtype="int64"))
+        super().__setstate__(state)
+
+    def fit(self, trips: pd.DataFrame, target: Any = None) -> TripFeatures:
+        unknown = sorted(set(self.features) - set(FEATURE_CATALOGUE))
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; known: {', '.join(FEATURE_CATALOGUE)}")
+        coordinates = station_index().coordinates
+        self.station_ids_ = np.array(sorted(coordinates), dtype="float64")
+        self.station_coordinates_ = np.radians(np.array([coordinates[int(i)] for i in self.station_ids_]))
+        self.holiday_days_ = ontario_holidays()
+        return self
+
+    def _coordinates(self, station_ids: np.ndarray) -> np.ndarray:
+        """(n, 2) latitude/longitude in radians; NaN for an unknown station."""
+        position = np.searchsorted(self.station_ids_, station_ids).clip(0, len(self.station_ids_) - 1)
+        known = self.station_ids_[position] == station_ids
+        return np.where(known[:, None], self.station_coordinates_[position], np.nan)
+
+    @property
+    def positions(self) -> list[int]:
+        """Where each of `features` stands in FEATURE_CATALOGUE."""
+        return [FEATURE_CATALOGUE.index(name) for name in self.features]
+
+    def catalogue_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
+        """The (n, len(FEATURE_CATALOGUE)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
+        seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
+        duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
+        from_id = np.asarray(trips["from_station_id"], dtype="float64")
+        to_id = np.asarray(trips["to_station_id"], dtype="float64")
+        ends = self._coordinates(np.concatenate([from_id, to_id]))
+        origin, destination = ends[: len(from_id)], ends[len(from_id) :]
+        values = trip_features(seconds, duration, from_id, to_id, origin.T, destination.T, self.holiday_days_)
+        return np.column_stack(values).astype("float64", copy=False)
+
+    def feature_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
+        """The (n, len(features)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
+        return self.catalogue_matrix(trips)[:, self.positions]
+
+    def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
+        index = trips.index if isinstance(trips, pd.DataFrame) else None
+        return pd.DataFrame(self.feature_matrix(trips), columns=list(self.features), index=index)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array(self.features, dtype=object)
+
+
+# Registered models name this class `preprocess.TripFeatures` (skops stores the module and the class name):
+# the root module `preprocess` re-exports it, so that name resolves to this class wherever the class lives.
+TripFeatures.__module__ = "preprocess"

@@ -1,0 +1,451 @@
+"""The request schema and its validation: the 2017 export's nine fields, their types and texts, and how a
+timestamp is read.
+
+`REQUEST_SCHEMA` is the one definition of a trip: the service validates requests against it
+(`parse_request_trip`), the API document describes it (openapi.py), and City files are mapped onto it
+(city_files.py). The model takes the typed columns in `MODEL_INPUT_COLUMNS` (features.py).
+
+How a slash date is read (`M/D/YYYY`, `D/M/YYYY`, `M/DD/YY ...`): the order a date shows is the order used.
+A date whose first number is over 12 is day-first and one whose second number is over 12 is month-first.
+For a trip, evidence from either of its two timestamps decides both; for a file, evidence from the whole
+column decides every row. Only when nothing shows the order is a default used: for a request, the
+`date_order` the client gives (`MDY` unless told `DMY`); for a file, its layout's (day-first for the 2017
+Q1/Q2 layout, month-first for every later one). ISO 8601 is never ambiguous; a timestamp with a UTC offset
+is converted to Toronto time, a naive one is taken as Toronto time already.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from datetime import datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bikeshare_membership.stations import station_index
+
+TORONTO = ZoneInfo("America/Toronto")
+
+JsonType = Literal["integer", "number", "string", "null"]
+_PYTHON_TYPES: Mapping[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "string": (str,),
+    "null": (type(None),),
+}
+_TYPE_PHRASES: Mapping[str, str] = {
+    "integer": "a whole number",
+    "number": "a number",
+    "string": "a string",
+    "null": "null",
+}
+
+
+MEMBER = "Member"
+CASUAL = "Casual"
+LABELS = {
+    "member": MEMBER,
+    "annual member": MEMBER,
+    "casual": CASUAL,
+    "casual member": CASUAL,
+}
+MISSING_TEXT = {"", "null", "nullnull", "nan", "none"}
+
+# --- The texts a request's strings may be, for the validator and for the API document ----------------
+
+# One pattern for both readers: Python's `re` for a request's two texts, Arrow's RE2 for a file's columns.
+_SLASH_TIMESTAMP_PATTERN = (
+    r"^\s*(?P<first>\d{1,2})/(?P<second>\d{1,2})/(?P<year>\d{4}|\d{2})"
+    r"[ T]+(?P<hour>\d{1,2}):(?P<minute>\d{2})(?::(?P<second_of_minute>\d{2}))?\s*$"
+)
+# The ISO 8601 forms the API document lists, all of which `datetime.fromisoformat` reads; it reads more (years
+# 1 to 9999, week dates, other separators), but from 1000 to 2999 no UTC offset takes a time out of range.
+_ISO_TIMESTAMP_PATTERN = (
+    r"[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?"
+)
+_STATION_ID_TEXT = re.compile(r"[0-9]{1,18}")
+_ASCII_SPACE = r"[ \t\n\v\f\r]"  # `\s` under re.ASCII; ECMA-262's `\s` is Unicode's
+# The whole numbers the service's JSON reader (orjson) reads as integers; it reads larger ones as floats.
+JSON_INTEGERS = (-(2**63), 2**64 - 1)
+
+
+def any_case(word: str) -> str:
+    """A pattern matching `word` (letters, spaces, dots) in any case, as `[Mm][Dd][Yy]`: JSON Schema's patterns
+    take no flags."""
+    return "".join(f"[{''.join(dict.fromkeys((character.upper(), character.lower())))}]" for character in word)
+
+
+def _json_schema_pattern(pattern: str) -> str:
+    r"""One of this module's patterns (Python's `re`, ASCII) in JSON Schema's dialect (ECMA-262), read alike
+    by both: its groups unnamed, `\d` and `\s` spelled as the ASCII classes they stand for here."""
+    return re.sub(r"\(\?P<\w+>", "(", pattern).replace(r"\d", "[0-9]").replace(r"\s", _ASCII_SPACE)
+
+
+def _whole_text(*alternatives: str) -> str:
+    """A JSON Schema pattern for a text that is one of `alternatives`, with spaces around it (stripped)."""
+    return f"^{_ASCII_SPACE}*({'|'.join(alternatives)}){_ASCII_SPACE}*$"
+
+
+_MISSING_WORDS = [any_case(text) for text in sorted(MISSING_TEXT)]
+TIMESTAMP_PATTERN = f"{_whole_text(_ISO_TIMESTAMP_PATTERN)}|{_json_schema_pattern(_SLASH_TIMESTAMP_PATTERN)}"
+STATION_ID_PATTERN = _whole_text(_STATION_ID_TEXT.pattern, *_MISSING_WORDS)
+LABEL_PATTERN = _whole_text(*(any_case(label) for label in LABELS), *_MISSING_WORDS)
+
+
+@dataclass(frozen=True)
+class TripField:
+    """One field of a request trip, declared once as data.
+
+    `parse_request_trip` checks presence, JSON type and sign from these objects and openapi.py describes the
+    request from them, so the validator and the API document cannot disagree. A required field is never
+    nullable and an optional one always is: a missing field and a null are the same thing to the service.
+    `pattern` and `min_length` show the document's readers the text a string value may be; they are built from
+    the patterns and words the validator reads that text with, so it does not check them a second time.
+    """
+
+    name: str
+    types: tuple[JsonType, ...]  # the JSON types accepted (booleans never are)
+    description: str
+    example: Any
+    required: bool = False
+    non_negative: bool = False
+    pattern: str | None = None  # in JSON Schema's dialect (ECMA-262)
+    min_length: int | None = None
+    python_types: tuple[type, ...] = dc_field(init=False, repr=False, compare=False)
+    type_error: str = dc_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.required == ("null" in self.types):
+            raise ValueError(f"{self.name}: a required field must not be nullable, an optional one must be")
+        phrases = [_TYPE_PHRASES[kind] for kind in self.types]
+        listed = phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} or {phrases[-1]}"
+        object.__setattr__(self, "python_types", tuple(t for kind in self.types for t in _PYTHON_TYPES[kind]))
+        object.__setattr__(self, "type_error", f"must be {listed}, such as {self.example!r}")
+
+    def json_schema(self) -> dict[str, Any]:
+        """The field as a JSON Schema (OpenAPI 3.1) property."""
+        schema: dict[str, Any] = {
+            "type": list(self.types) if len(self.types) > 1 else self.types[0],
+            "description": self.description,
+            "examples": [self.example],
+        }
+        if "integer" in self.types:
+            schema["minimum"], schema["maximum"] = JSON_INTEGERS
+        if self.non_negative:
+            schema["minimum"] = 0
+        if self.pattern is not None:
+            schema["pattern"] = self.pattern
+        if self.min_length is not None:
+            schema["minLength"] = self.min_length
+        return schema
+
+
+_MISSING_NOTE = "Blank, `NULL`, `NaN` or `None` text counts as missing."
+# The request schema: the 2017 export's nine fields, in its column order. Unknown fields are ignored.
+REQUEST_SCHEMA = (
+    TripField("trip_id", ("integer", "string", "null"), "The trip's id, echoed back in the answer.", 712382),
+    TripField(
+        "trip_start_time",
+        ("string",),
+        "When the trip started, Toronto time: ISO 8601 (`2017-01-01T00:00:00`; with an offset, converted to "
+        "Toronto time) or the City's slash forms `M/D/YYYY H:MM`, `D/M/YYYY H:MM`, `M/DD/YY HH:MM:SS`; a real "
+        "date and time, which the pattern alone cannot say (it lets `2/30/2017 0:00` through). An ambiguous "
+        "slash date follows what either timestamp of the trip shows, else `date_order`. The pattern lists ISO "
+        "dates from year 1000 to 2999; the service reads the others too.",
+        "1/1/2017 0:00",
+        required=True,
+        pattern=TIMESTAMP_PATTERN,
+        min_length=len("2017-01-01"),  # the shortest form: an ISO date alone
+    ),
+    TripField(
+        "trip_stop_time",
+        ("string",),
+        "When the trip ended, in the same forms as `trip_start_time`; not before it.",
+        "1/1/2017 0:03",
+        required=True,
+        pattern=TIMESTAMP_PATTERN,
+        min_length=len("2017-01-01"),
+    ),
+    TripField("trip_duration_seconds", ("number",), "The trip's length in seconds.", 223, True, True),
+    TripField(
+        "from_station_id",
+        ("integer", "string", "null"),
+        f"The start station's id (a whole number or a string of at most 18 digits); when missing, looked up by "
+        f"`from_station_name`. An unknown station is predicted as one, never refused. {_MISSING_NOTE}",
+        7051,
+        pattern=STATION_ID_PATTERN,
+    ),
+    TripField(
+        "from_station_name",
+        ("string", "null"),
+        f"The start station's name, forgiving doubled spaces and the City's spelling drifts. {_MISSING_NOTE}",
+        "Wellesley St E / Yonge St Green P",
+    ),
+    TripField(
+        "to_station_id",
+        ("integer", "string", "null"),
+        f"The end station's id, as `from_station_id`. {_MISSING_NOTE}",
+        7089,
+        pattern=STATION_ID_PATTERN,
+    ),
+    TripField(
+        "to_station_name", ("string", "null"), f"The end station's name. {_MISSING_NOTE}", "Church St  / Wood St"
+    ),
+    TripField(
+        "user_type",
+        ("string", "null"),
+        f"The rider's label if known: `Member`, `Casual`, `Annual Member` or `Casual Member` (any case); not "
+        f"used for the prediction. {_MISSING_NOTE}",
+        "Member",
+        pattern=LABEL_PATTERN,
+    ),
+)
+TRIP_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA)
+# The first trip of the 2017 Q1 export, as the City wrote it: the API document's example, test_pred.py's trip.
+EXAMPLE_TRIP = {trip_field.name: trip_field.example for trip_field in REQUEST_SCHEMA}
+REQUIRED_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA if trip_field.required)
+MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
+
+DateOrder = Literal["MDY", "DMY"]
+DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
+DEFAULT_REQUEST_DATE_ORDER: DateOrder = "MDY"
+
+
+class InvalidTrip(ValueError):
+    """A trip that cannot be scored, naming the field, the problem and (in a list) the item."""
+
+    def __init__(self, field: str | None, message: str, item: int | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.item = item
+
+
+# --- Timestamps -------------------------------------------------------------------------------------
+
+_SLASH_TIMESTAMP = re.compile(_SLASH_TIMESTAMP_PATTERN, re.ASCII)
+SlashParts = tuple[int, int, int, int, int, int]
+
+
+def _slash_parts(text: str) -> SlashParts | None:
+    """The six numbers of a slash timestamp, first and second date fields in the order written."""
+    match = _SLASH_TIMESTAMP.match(text)
+    if match is None:
+        return None
+    first, second, year, hour, minute, second_of_minute = match.groups()
+    full_year = int(year) + 2000 if len(year) == 2 else int(year)
+    return int(first), int(second), full_year, int(hour), int(minute), int(second_of_minute or 0)
+
+
+def evident_date_order(parts: Iterable[SlashParts]) -> DateOrder | None:
+    """The date order the timestamps show on their own, or None when they do not (or contradict)."""
+    day_first = month_first = False
+    for first, second, *_ in parts:
+        day_first |= first > 12
+        month_first |= second > 12
+    if day_first == month_first:
+        return None
+    return "DMY" if day_first else "MDY"
+
+
+def _from_parts(parts: SlashParts, order: DateOrder) -> datetime | None:
+    first, second, year, hour, minute, seconds = parts
+    month, day = (first, second) if order == "MDY" else (second, first)
+    try:
+        return datetime(year, month, day, hour, minute, seconds)
+    except ValueError:
+        return None
+
+
+def _from_iso(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        try:
+            moment = moment.astimezone(TORONTO).replace(tzinfo=None)
+        except OverflowError:  # year 1 or 9999 shifted out of range
+            return None
+    return moment
+
+
+def parse_timestamps(texts: Sequence[str | None], default_order: DateOrder) -> tuple[list[datetime | None], DateOrder]:
+    """Parse timestamps that belong together (one trip, or a file's columns) under one date order.
+
+    Returns the datetimes (None where a text is not a valid timestamp) and the date order used.
+    """
+    slash = {text: _slash_parts(text) for text in texts if text is not None}
+    order = evident_date_order(parts for parts in slash.values() if parts is not None) or default_order
+    parsed: list[datetime | None] = []
+    for text in texts:
+        parts = slash.get(text) if text is not None else None
+        if parts is not None:
+            parsed.append(_from_parts(parts, order))
+        elif text is not None and "-" in text:
+            parsed.append(_from_iso(text))
+        else:
+            parsed.append(None)
+    return parsed, order
+
+
+def arrow_text(values: pd.Series) -> pa.Array:
+    """A column as one Arrow text array (null where missing), sharing the memory of pandas' str columns."""
+    text = pa.array(values.astype("str"), type=pa.large_string(), from_pandas=True)
+    return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text  # a large file is read in chunks
+
+
+def _field_numbers(parts: pa.StructArray, name: str) -> np.ndarray:
+    """One captured group of `_SLASH_TIMESTAMP_PATTERN` as integers, 0 where it did not match."""
+    field = pc.fill_null(parts.field(name), "")
+    return pc.cast(pc.if_else(pc.equal(field, ""), "0", field), pa.int64()).to_numpy()
+
+
+def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tuple[np.ndarray, DateOrder]:
+    """`parse_timestamps` over distinct texts, in Arrow and numpy: datetime64[s], NaT where not valid."""
+    parts = pc.extract_regex(texts, _SLASH_TIMESTAMP_PATTERN)
+    slash = parts.is_valid().to_numpy(zero_copy_only=False)
+    first, second = _field_numbers(parts, "first"), _field_numbers(parts, "second")
+    hour, minute = _field_numbers(parts, "hour"), _field_numbers(parts, "minute")
+    seconds = _field_numbers(parts, "second_of_minute")
+    two_digit_year = pc.equal(pc.utf8_length(pc.fill_null(parts.field("year"), "")), 2).to_numpy(zero_copy_only=False)
+    year = _field_numbers(parts, "year") + np.where(two_digit_year, 2000, 0)
+
+    day_first, month_first = bool((first[slash] > 12).any()), bool((second[slash] > 12).any())
+    order = default_order if day_first == month_first else ("DMY" if day_first else "MDY")
+    month, day = (first, second) if order == "MDY" else (second, first)
+
+    valid = slash & (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60)
+    valid &= seconds < 60
+    month_start = ((np.where(valid, year, 1970) - 1970) * 12 + np.where(valid, month, 1) - 1).astype("datetime64[M]")
+    first_day = month_start.astype("datetime64[D]")
+    valid &= day <= ((month_start + 1).astype("datetime64[D]") - first_day).astype("int64")
+    moments = (first_day + (day - 1)).astype("datetime64[s]") + (hour * 3600 + minute * 60 + seconds)
+    moments[~valid] = np.datetime64("NaT")
+
+    iso = ~slash & pc.fill_null(pc.match_substring(texts, "-"), False).to_numpy(zero_copy_only=False)
+    if iso.any():
+        positions = np.flatnonzero(iso)
+        parsed = [_from_iso(text) for text in texts.take(positions).to_pylist()]
+        moments[positions] = np.array(parsed, dtype="datetime64[s]")
+    return moments, order
+
+
+def parse_timestamp_columns(
+    columns: Sequence[pd.Series], default_order: DateOrder
+) -> tuple[list[pd.Series], DateOrder]:
+    """`parse_timestamps` for file columns, vectorised: each distinct text is parsed once.
+
+    A file's chunk has a few thousand distinct minutes among a hundred thousand timestamps, so the texts
+    are dictionary-encoded in Arrow and only the dictionary is parsed.
+    """
+    encoded = pc.dictionary_encode(pa.concat_arrays([arrow_text(column) for column in columns]))
+    moments, order = _parse_distinct_timestamps(encoded.dictionary, default_order)
+    lookup = np.append(moments, np.datetime64("NaT"))  # a missing text picks the trailing NaT
+    values = lookup[pc.fill_null(encoded.indices, len(moments)).to_numpy()]
+    results, start = [], 0
+    for column in columns:
+        results.append(pd.Series(values[start : start + len(column)], index=column.index))
+        start += len(column)
+    return results, order
+
+
+def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:
+    """The values of REQUEST_SCHEMA's fields in its order, each present if required, of its JSON type."""
+    values = []
+    for trip_field in REQUEST_SCHEMA:
+        value = record.get(trip_field.name)
+        if value is None:
+            if trip_field.required:
+                raise InvalidTrip(trip_field.name, "is required", item)
+        elif (
+            type(value) is bool
+            or not isinstance(value, trip_field.python_types)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            if not ("integer" in trip_field.types and _is_whole_float(value)):
+                raise InvalidTrip(trip_field.name, trip_field.type_error, item)
+            value = int(value)
+        elif trip_field.non_negative and value < 0:
+            raise InvalidTrip(trip_field.name, "must not be negative", item)
+        values.append(value)
+    return values
+
+
+def _is_whole_float(value: Any) -> bool:
+    """Whether a float is an integer to JSON Schema (`7051.0`, as writers that know only floats send 7051) in the
+    JSON reader's range; strictly inside it, as an integer beyond either end is read as the float at that end."""
+    return isinstance(value, float) and value.is_integer() and JSON_INTEGERS[0] < value < JSON_INTEGERS[1]
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in MISSING_TEXT else value
+
+
+def _station_id(value: int | str | None, field: str, item: int | None) -> float:
+    if isinstance(value, int):
+        return float(value)
+    text = _text(value)
+    if text is None:
+        return math.nan
+    if not _STATION_ID_TEXT.fullmatch(text.strip()):
+        raise InvalidTrip(field, "must be a whole number, a string of at most 18 digits, or null", item)
+    return float(text)
+
+
+def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: int | None = None) -> dict[str, Any]:
+    """Validate one trip as sent to the service (REQUEST_SCHEMA) and return it in the schema's types.
+
+    Raises InvalidTrip naming the field (and `item`, its position in a list): first the schema's presence and
+    type checks in field order, then the values: dates, their order, labels and station ids.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidTrip(None, "a trip must be a JSON object", item)
+    trip_id, start_text, stop_text, duration, from_id, from_name, to_id, to_name, user_type = _checked_values(
+        record, item
+    )
+    (start, stop), _ = parse_timestamps([start_text, stop_text], date_order or DEFAULT_REQUEST_DATE_ORDER)
+    for field, moment in (("trip_start_time", start), ("trip_stop_time", stop)):
+        if moment is None:
+            raise InvalidTrip(field, "is not a valid date-time: use ISO 8601 or M/D/YYYY H:MM[:SS]", item)
+    if stop < start:
+        raise InvalidTrip("trip_stop_time", "is before trip_start_time", item)
+    user_type = _text(user_type)
+    if user_type is not None and user_type.strip().lower() not in LABELS:
+        raise InvalidTrip("user_type", "must be Member, Casual, Annual Member, Casual Member or null", item)
+
+    index = station_index()
+    ends = {}
+    for end, station_id, name in (("from", from_id, _text(from_name)), ("to", to_id, _text(to_name))):
+        resolved = _station_id(station_id, f"{end}_station_id", item)
+        if math.isnan(resolved) and name is not None:
+            found = index.id_for(name)
+            resolved = math.nan if found is None else float(found)
+        ends[f"{end}_station_id"], ends[f"{end}_station_name"] = resolved, name
+    return {
+        "trip_id": trip_id,
+        "trip_start_time": start,
+        "trip_stop_time": stop,
+        "trip_duration_seconds": float(duration),
+        **ends,
+        "user_type": LABELS[user_type.strip().lower()] if user_type else None,
+    }
+
+
+def model_input(trips: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Validated request trips as the columns the model takes (`MODEL_INPUT_COLUMNS`), without pandas."""
+    return {
+        "trip_start_time": np.array([trip["trip_start_time"] for trip in trips], dtype="datetime64[s]"),
+        "trip_duration_seconds": np.array([trip["trip_duration_seconds"] for trip in trips], dtype="float64"),
+        "from_station_id": np.array([trip["from_station_id"] for trip in trips], dtype="float64"),
+        "to_station_id": np.array([trip["to_station_id"] for trip in trips], dtype="float64"),
+    }
