@@ -11,7 +11,9 @@ Endpoints:
                                and a job scoring that file in the background (batch_jobs.py).
     GET  /predict/batch/<id>   the job's state: starting, running (with progress), succeeded (with the
                                summary) or failed (with the error).
-    GET  /openapi.json  the OpenAPI 3.1 document of these endpoints (openapi.py); GET /docs shows it as a page.
+    GET  /openapi.json  the OpenAPI 3.1 document of these endpoints (openapi.py).
+    GET  /docs      Swagger UI over that document, "Try it out" included, from files the service serves
+                    itself (docs_page.py).
     POST /admin/reload  only when ADMIN_TOKEN is set, with `Authorization: Bearer <ADMIN_TOKEN>`: check the
                         registry now, in this worker and (within a second) in every other one on the host.
     GET  /metrics   Prometheus metrics, summed over the Gunicorn workers (metrics.py).
@@ -38,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_content_length
 
-from bikeshare_membership import batch_jobs, jsonlog, metrics, openapi, recorder
+from bikeshare_membership import batch_jobs, docs_page, jsonlog, metrics, openapi, recorder
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import Refused
 from bikeshare_membership.model_holder import ModelHolder
@@ -200,11 +202,6 @@ def openapi_document() -> Response:
     return Response(current_app.extensions["openapi_json"], mimetype=JSON_CONTENT_TYPE)
 
 
-@api.get("/docs")
-def docs() -> Response:
-    return Response(current_app.extensions["docs_html"], mimetype="text/html")
-
-
 # --- Operations ---------------------------------------------------------------------------------------
 
 
@@ -266,8 +263,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     holder.on_refresh = metrics.model_refreshed
     document = openapi.document(settings.max_trips_per_request, settings.max_body_bytes, bool(settings.admin_token))
     app.extensions["openapi_json"] = orjson.dumps(document)
-    app.extensions["docs_html"] = openapi.docs_page(document)
     app.register_blueprint(api)
+    docs_page.register(app, "/openapi.json", f"{document['info']['title']} API")  # GET /docs: Swagger UI
     if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
         app.register_blueprint(admin)
     app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]

@@ -1,18 +1,14 @@
-"""The service's OpenAPI 3.1 document, and the page that shows it to people (`GET /docs`).
+"""The service's OpenAPI 3.1 document (`GET /openapi.json`; `GET /docs` shows it in Swagger UI, docs_page.py).
 
 The document is built from the declarations the service checks requests with: the trip from
 `REQUEST_SCHEMA`, the date orders from `DATE_ORDERS`, job ids and states from
-batch.py. So what the document says is what the validators do. The web layer passes its limits in and
-serves the result; this module imports nothing from it. The page is rendered on the server from the same
-document, with no script and nothing fetched from elsewhere, so it works offline.
+batch_jobs.py. So what the document says is what the validators do. The web layer passes its limits in and
+serves the result; this module imports nothing from it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
-
-import jinja2
 
 from bikeshare_membership import batch_jobs
 from bikeshare_membership.schema import (
@@ -399,10 +395,11 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
             "/docs": {
                 "get": {
                     "operationId": "docs",
-                    "summary": "This document as a page for people",
+                    "summary": "This document in Swagger UI, with Try it out",
                     "responses": {
                         "200": {
-                            "description": "An HTML page that needs nothing from elsewhere.",
+                            "description": "An HTML page whose scripts, styles and icons this service serves "
+                            "(under `/docs/swagger-ui-<version>/`): it fetches nothing from elsewhere.",
                             "content": {"text/html": {"schema": {"type": "string"}}},
                         }
                     },
@@ -417,106 +414,3 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
     if admin:
         result["paths"].update(_admin_paths())
     return result
-
-
-def type_text(schema: dict[str, Any]) -> str:
-    """A schema's type in a few words: `string | null`, `Trip`, `array of Trip`, `Prediction or Predictions`."""
-    if "$ref" in schema:
-        return schema["$ref"].rsplit("/", 1)[-1]
-    for combinator in ("anyOf", "oneOf"):
-        if combinator in schema:
-            return " or ".join(type_text(option) for option in schema[combinator])
-    kind = schema.get("type", "any")
-    if kind == "array":
-        return f"array of {type_text(schema.get('items', {}))}"
-    text = " | ".join(kind) if isinstance(kind, list) else kind
-    if "enum" in schema:
-        text += f" ({', '.join(map(str, schema['enum']))})"
-    elif "pattern" in schema:
-        text += f" matching {schema['pattern']}"
-    if "minimum" in schema:
-        text += f", at least {schema['minimum']}"
-    if "maximum" in schema:
-        text += f", at most {schema['maximum']}"
-    if "minLength" in schema:
-        text += f", {schema['minLength']} characters or more"
-    return text
-
-
-_PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(
-    """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{{ doc.info.title }} API</title>
-<style>
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-code, pre { background: #f4f4f4; } pre { padding: .5rem; overflow-x: auto; }
-table { border-collapse: collapse; margin: .5rem 0; } td, th { border: 1px solid #ccc; padding: .2rem .5rem;
-text-align: left; vertical-align: top; } h2 { border-top: 2px solid #333; padding-top: 1rem; }
-</style>
-</head>
-<body>
-<h1>{{ doc.info.title }} API</h1>
-<p>{{ doc.info.description }}</p>
-<p>OpenAPI {{ doc.openapi }} document: <a href="openapi.json">openapi.json</a>.</p>
-<ul>
-{% for path, item in doc.paths.items() %}{% for method, op in item.items() %}
-<li><a href="#{{ op.operationId }}"><code>{{ method | upper }} {{ path }}</code></a>: {{ op.summary }}</li>
-{% endfor %}{% endfor %}
-</ul>
-{% macro properties(schema) %}
-<table><tr><th>field</th><th>type</th><th>required</th><th>description</th><th>example</th></tr>
-{% for name, prop in schema.properties.items() %}
-<tr><td><code>{{ name }}</code></td><td>{{ type_text(prop) }}</td>
-<td>{{ "yes" if name in schema.get("required", []) else "no" }}</td><td>{{ prop.get("description", "") }}</td>
-<td>{% if "examples" in prop %}<code>{{ prop.examples[0] | tojson }}</code>{% endif %}</td></tr>
-{% endfor %}
-</table>
-{% endmacro %}
-{% for path, item in doc.paths.items() %}{% for method, op in item.items() %}
-<h2 id="{{ op.operationId }}"><code>{{ method | upper }} {{ path }}</code></h2>
-<p>{{ op.summary }}.</p>
-{% if op.parameters %}
-<h3>Parameters</h3>
-<table><tr><th>name</th><th>in</th><th>type</th><th>required</th><th>description</th></tr>
-{% for parameter in op.parameters %}
-<tr><td><code>{{ parameter.name }}</code></td><td>{{ parameter.in }}</td><td>{{ type_text(parameter.schema) }}</td>
-<td>{{ "yes" if parameter.required else "no" }}</td><td>{{ parameter.description }}</td></tr>
-{% endfor %}
-</table>
-{% endif %}
-{% if op.requestBody %}
-{% for media, body in op.requestBody.content.items() %}
-<h3>Request body ({{ media }})</h3>
-<p>{{ op.requestBody.get("description", "") }} Schema: {{ type_text(body.schema) }}.</p>
-{% for name, example in body.get("examples", {}).items() %}
-<p>Example: {{ example.summary }}</p>
-<pre>{{ pretty(example.value) }}</pre>
-{% endfor %}
-{% endfor %}
-{% endif %}
-<h3>Responses</h3>
-<table><tr><th>status</th><th>content</th><th>schema</th><th>when</th></tr>
-{% for status, response in op.responses.items() %}{% for media, content in response.get("content", {}).items() %}
-<tr><td>{{ status }}</td><td>{{ media }}</td><td>{{ type_text(content.schema) }}</td>
-<td>{{ response.description }}</td></tr>
-{% endfor %}{% endfor %}
-</table>
-{% endfor %}{% endfor %}
-<h2 id="schemas">Schemas</h2>
-{% for name, schema in doc.components.schemas.items() %}
-<h3 id="schema-{{ name }}">{{ name }}</h3>
-<p>{{ schema.get("description", "") }}{% if schema.type != "object" %} {{ type_text(schema) }}.{% endif %}</p>
-{% if schema.properties %}{{ properties(schema) }}{% endif %}
-{% for example in schema.get("examples", []) %}<pre>{{ pretty(example) }}</pre>{% endfor %}
-{% endfor %}
-</body>
-</html>
-"""
-)
-
-
-def docs_page(doc: dict[str, Any]) -> str:
-    """The document as one self-contained HTML page: operations, parameters, schemas and examples."""
-    return _PAGE.render(doc=doc, type_text=type_text, pretty=lambda value: json.dumps(value, indent=2))
