@@ -2,6 +2,8 @@
 #   make serve   install from Pipfile.lock, train and register a model if none is in Production, run Gunicorn
 #   make test    install the dev dependencies too and run the whole suite (what .ci/run does)
 #   make test-container   build the image and test the compose stack on a real Docker engine (.ci/run does it too)
+#   make test-browser     drive Swagger UI at /docs in headless Chromium against the service (.ci/run does it too);
+#                         installs Debian's chromium and chromium-driver with apt-get when they are missing
 #   make audit   pip-audit over every package Pipfile.lock pins (.ci/run does it too)
 
 PYTHON ?= python3
@@ -12,7 +14,7 @@ export PIPENV_NOSPIN := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 VENV := .venv
 
-.PHONY: serve train test test-container audit lint lint-docker format clean
+.PHONY: serve train test test-container test-browser audit lint lint-docker format clean
 
 $(VENV)/.synced: Pipfile.lock
 	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
@@ -39,11 +41,23 @@ lint-docker: $(VENV)/.synced-dev
 	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
 
 test: lint
-	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest --ignore=tests/container
+	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest --ignore=tests/container --ignore=tests/browser
 
 # Needs a Docker engine, docker compose or docker-compose, and python:3.11-slim (pulled, or the stand-in .ci/run builds).
 test-container: lint-docker
 	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest tests/container -o log_cli=true --log-cli-level=INFO
+
+# Chromium and its driver are Debian's (chromium, chromium-driver): apt-get installs them when either program is
+# missing (sudo when not root). Selenium downloads no browser or driver of its own.
+BROWSER_PROGRAMS := /usr/bin/chromium /usr/bin/chromedriver
+test-browser: $(VENV)/.synced-dev
+	@for program in $(BROWSER_PROGRAMS); do [ -x "$$program" ] || missing="$$missing $$program"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "missing:$$missing; installing chromium and chromium-driver"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest tests/browser
 
 # Known vulnerabilities in the locked packages, dev ones included. The exported lock carries every hash, so
 # nothing is resolved or installed (--disable-pip). --strict fails on a package the vulnerability service
