@@ -71,9 +71,9 @@ def _read_json() -> Any:
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
-    """The body, read from the WSGI input directly (Werkzeug's stream wrapper costs more than the read: ~15 us
-    a request). 413 over `limit` bytes, before reading when the Content-Length says so; 400 when the client
-    closed before sending what its Content-Length says."""
+    """The body, read from the WSGI input directly (Werkzeug's stream wrapper costs more than the read; see
+    docs/performance.md). 413 over `limit` bytes, before reading when the Content-Length says so; 400 when the
+    client closed before sending what its Content-Length says."""
     declared = get_content_length(environ)  # None for a chunked body
     if declared is not None and declared > limit:
         raise _body_too_large(limit)

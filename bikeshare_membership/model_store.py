@@ -120,7 +120,7 @@ class LoadedModel:
         return self.pipeline.predict_proba(frame[MODEL_INPUT_COLUMNS])[:, classes.index(1)]
 
     def request_probabilities(self, trips: Sequence[Mapping[str, Any]]) -> list[float]:
-        """P(Member) for validated request trips (`preprocess.parse_request_trip`); one trip through the fast
+        """P(Member) for validated request trips (`schema.parse_request_trip`); one trip through the fast
         form skips the columns and arrays (the same values)."""
         if self.fast is not None and len(trips) == 1:
             return [self.fast.trip_probability(*(trips[0][column] for column in MODEL_INPUT_COLUMNS))]

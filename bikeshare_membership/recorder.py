@@ -3,10 +3,10 @@
 Every request gets an id (a safe `X-Request-ID` it came with, else a new one), returned in `X-Request-ID`.
 Once its response is sent, the request is kept as a record: its metrics (metrics.py) and its JSON line
 (jsonlog.py) are written in batches, every FLUSH_SECONDS by a thread in each server process, or at once where
-no thread was started (in-process tests). Measured at 1 client on this 2-core machine: writing them per
-request cost the client ~60 us of a 0.4 ms answer, even after the answer was sent (the worker kept the core
-the client needed next); batched, the request path only appends a record, and a batch takes one metrics
-write per series and bucket and one write per 4 kB of lines.
+no thread was started (in-process tests). Written per request they delayed the client's next request even
+though they ran after the answer was sent: the worker kept the core the client needed next (the figures are in
+docs/performance.md). Batched, the request path only appends a record, and a batch takes one metrics write per
+series and bucket and one write per 4 kB of lines.
 
 A record not yet written when its process is killed (SIGKILL) is lost; a worker that exits (SIGTERM,
 max_requests) writes its records first (gunicorn.conf.py `worker_exit`).
@@ -39,7 +39,8 @@ MAX_LOGGED_PATH = 256
 # Beyond this many records waiting (the thread cannot write: stderr blocked, say), a request writes them itself
 # and waits as it would without batching, rather than the records growing without bound.
 MAX_PENDING = 10_000
-FLUSH_SECONDS = 0.02  # short: a batch holds the interpreter while it is written (~4 us a request)
+# Short: a batch holds the interpreter while it is written, and a request arriving meanwhile waits for it.
+FLUSH_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
 

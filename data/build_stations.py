@@ -1,4 +1,4 @@
-"""Rebuild `stations.csv`, the station list that `preprocess.py` resolves names and coordinates with.
+"""Rebuild `stations.csv`, the station list `bikeshare_membership/stations.py` resolves names and coordinates with.
 
 Rows come from three sources, in this order of precedence for a name:
 1. every (id, name) pair seen in the bundled 2023 trips, the model's own vocabulary of ids;
