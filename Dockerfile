@@ -7,6 +7,7 @@ ARG PIPENV_VERSION=2026.10.3
 WORKDIR /build
 RUN pip install --no-cache-dir --disable-pip-version-check "pipenv==${PIPENV_VERSION}"
 COPY Pipfile Pipfile.lock ./
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The venv gets no pip or setuptools of its own, and loses the packages' test suites (~130 MB never imported).
 # The project itself is not installed from the lock (it is `-e .` there): its code is copied below.
 RUN pipenv requirements --hash | grep -v '^-e ' > requirements.txt \

@@ -1,6 +1,7 @@
 """bikeshare-membership: whether a Toronto Bike Share trip was taken by an annual Member or a Casual rider.
 
-Modules, each with one job; imports point down this list's layers, never up:
+Modules, each with one job, by what they are for (docs/architecture.md orders them by level: a module imports
+only modules of lower levels, so imports point one way and tests/test_architecture.py keeps it so):
 
 - contract: `schema` (the request schema, its validation, timestamps), `stations` (the station reference),
   `city_files` (the City's file layouts, read in chunks), `features` (the model's features, `TripFeatures`);

@@ -1,0 +1,44 @@
+"""The package's imports point one way: no cycle, and nothing in it imports the web app or a command line."""
+
+from __future__ import annotations
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+
+from harness import ROOT
+
+PACKAGE = ROOT / "bikeshare_membership"
+ENTRY_MODULES = {"app", "batch_cli", "train_cli", "wait_cli"}  # what only root scripts and Gunicorn import
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (at any depth of its code)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == PACKAGE.name:
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{PACKAGE.name}."):
+                imported.add(node.module.split(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                imported |= {
+                    alias.name.split(".", 1)[1] for alias in node.names if alias.name.startswith(f"{PACKAGE.name}.")
+                }
+        graph[path.stem] = imported - {path.stem}
+    return graph
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = package_imports()
+    assert {"schema", "features", "model_store", "app"} <= set(graph)  # the walk found the modules
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        raise AssertionError(f"import cycle: {error.args[1]}") from None
+    assert set(order) == set(graph)
+
+
+def test_nothing_in_the_package_imports_the_app_or_a_command_line() -> None:
+    importers = {module: imported & ENTRY_MODULES for module, imported in package_imports().items()}
+    assert {module: found for module, found in importers.items() if found} == {}
