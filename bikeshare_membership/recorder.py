@@ -52,6 +52,9 @@ class RequestRecorder:
         self.wsgi_app, self.holder = wsgi_app, holder
         self.pending: deque[tuple[float, dict[str, Any], list[dict[str, Any]] | None]] = deque()
         self.flushing = False
+        # One batch written at a time: a worker exiting waits for the batch the thread has taken and is writing,
+        # which the exit would otherwise cut off, then writes what is left.
+        self.writing = threading.Lock()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -94,12 +97,18 @@ class RequestRecorder:
 
     def flush(self) -> None:
         """Write the records kept so far: metrics first, then the lines (a request's line means it is counted)."""
+        with self.writing:
+            self._write(self._taken())
+
+    def _taken(self) -> list[tuple[float, dict[str, Any], list[dict[str, Any]] | None]]:
         records = []
         try:
-            while True:  # popleft is atomic: requests append meanwhile, and an exiting worker flushes too
+            while True:  # popleft is atomic: requests append meanwhile
                 records.append(self.pending.popleft())
         except IndexError:
-            pass
+            return records
+
+    def _write(self, records: list[tuple[float, dict[str, Any], list[dict[str, Any]] | None]]) -> None:
         if not records:
             return
         metrics.requests_answered(

@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -296,3 +297,36 @@ def test_records_beyond_max_pending_are_written_by_the_request(
     assert not recorder_.pending
     written = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"predict.requests"' in line]
     assert len(written) == recorder.MAX_PENDING + 1
+
+
+def test_an_exiting_workers_flush_waits_for_the_batch_the_thread_is_writing(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """worker_exit's flush returns only once the batch the flushing thread took is written: the exit that
+    follows would otherwise cut that batch off (SIGTERM's log once missed a request line this way)."""
+    app = service_app.create_app(Settings(), ModelHolder(None, model))
+    recorder_ = app.extensions["recorder"]
+    recorder_.flushing = True  # records are kept for a thread, as in a worker
+    client = app.test_client()
+    for _ in range(3):
+        client.get("/health").close()
+    written: list[str] = []
+    thread_writing, release = threading.Event(), threading.Event()
+
+    def slow_write(logger: str, message: str, lines: list[tuple[float, dict[str, Any]]]) -> None:
+        thread_writing.set()
+        release.wait(10)
+        written.extend(line["request_id"] for _, line in lines)
+
+    monkeypatch.setattr(jsonlog, "write_info_lines", slow_write)
+    flushing_thread = threading.Thread(target=recorder_.flush)
+    flushing_thread.start()
+    assert thread_writing.wait(10)  # the thread has taken the three records and is writing them
+    exiting = threading.Thread(target=recorder_.flush)  # what worker_exit calls
+    exiting.start()
+    exiting.join(0.5)
+    assert exiting.is_alive()  # it waits for the batch in progress instead of returning at once
+    release.set()
+    exiting.join(10)
+    flushing_thread.join(10)
+    assert len(written) == 3 and not recorder_.pending
