@@ -12,18 +12,23 @@ objects directly:
 
 The registry's model stays the single source of truth: this is built from the loaded pipeline, and
 `from_pipeline` checks it against `pipeline.predict_proba` before it is used. Anything it cannot evaluate
-exactly raises `UnsupportedPipeline`, and the caller keeps the scikit-learn path.
+exactly raises `UnsupportedPipeline`, and the caller keeps the scikit-learn path. That includes a scikit-learn
+release whose fitted objects differ from what this module reads: the boosted trees' private `_predictors`,
+`_baseline_prediction` and node records, the encoders' fitted attributes. Reading them is wrapped (`reading`),
+so a renamed or reshaped attribute costs the speed, never the service.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn
 from scipy.special import expit
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -48,8 +53,29 @@ UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock t
 ONE_SECOND = timedelta(seconds=1)
 
 
+# What reading a fitted object's internals raises when they are not what this module expects: a missing or
+# renamed attribute or record field (AttributeError, KeyError, ValueError: numpy's "no field of name"), another
+# shape or type (IndexError, TypeError, ValueError).
+READING_ERRORS: tuple[type[Exception], ...] = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+
+
 class UnsupportedPipeline(ValueError):
     """The pipeline has a step this module cannot evaluate exactly."""
+
+
+@contextmanager
+def reading(what: str, *also: type[Exception]) -> Iterator[None]:
+    """Turn a failure to read `what` (READING_ERRORS, and `also`) into UnsupportedPipeline naming it; an
+    UnsupportedPipeline raised inside passes unchanged."""
+    caught = READING_ERRORS + also
+    try:
+        yield
+    except UnsupportedPipeline:
+        raise
+    except caught as error:
+        raise UnsupportedPipeline(
+            f"cannot read {what} of scikit-learn {sklearn.__version__}: {type(error).__name__}: {error}"
+        ) from error
 
 
 class StationEncoding:
@@ -80,21 +106,27 @@ def _tree_expression(nodes: np.ndarray, index: int) -> str:
 
 
 def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
-    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features."""
-    if list(classifier.classes_) != [0, 1] or classifier.n_trees_per_iteration_ != 1:
-        raise UnsupportedPipeline("only a binary classifier with classes [0, 1] is supported")
-    if getattr(classifier, "_preprocessor", None) is not None or classifier.is_categorical_ is not None:
-        raise UnsupportedPipeline("categorical features in the boosted trees are not supported")
-    trees = [predictors[0].nodes for predictors in classifier._predictors]
-    if any(tree["is_categorical"].any() for tree in trees):
-        raise UnsupportedPipeline("categorical splits are not supported")
-    arguments = ", ".join(f"x{i}" for i in range(n_features))
-    baseline = float(np.ravel(classifier._baseline_prediction)[0])
-    source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
-    source += "".join(f" raw += {_tree_expression(tree, 0)}\n" for tree in trees)
-    source += " return raw\n"
+    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features.
+
+    Raises UnsupportedPipeline for a model it cannot compile exactly, and for trees it cannot read (private
+    attributes of the boosted trees) or compile (deeper than Python's parser nests: SyntaxError, RecursionError).
+    """
+    with reading("the boosted trees", SyntaxError, RecursionError):
+        if list(classifier.classes_) != [0, 1] or classifier.n_trees_per_iteration_ != 1:
+            raise UnsupportedPipeline("only a binary classifier with classes [0, 1] is supported")
+        if getattr(classifier, "_preprocessor", None) is not None or classifier.is_categorical_ is not None:
+            raise UnsupportedPipeline("categorical features in the boosted trees are not supported")
+        trees = [predictors[0].nodes for predictors in classifier._predictors]
+        if any(tree["is_categorical"].any() for tree in trees):
+            raise UnsupportedPipeline("categorical splits are not supported")
+        arguments = ", ".join(f"x{i}" for i in range(n_features))
+        baseline = float(np.ravel(classifier._baseline_prediction)[0])
+        source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
+        source += "".join(f" raw += {_tree_expression(tree, 0)}\n" for tree in trees)
+        source += " return raw\n"
+        code = compile(source, f"<{len(trees)} boosted trees>", "exec")
     namespace: dict[str, Any] = {"INF": math.inf}
-    exec(compile(source, f"<{len(trees)} boosted trees>", "exec"), namespace)  # our own numbers, no input
+    exec(code, namespace)  # our own numbers, no input
     return namespace["raw_score"]
 
 
@@ -118,7 +150,12 @@ class FastPipeline:
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> FastPipeline:
-        """Build from a fitted pipeline and check it against the pipeline; raises UnsupportedPipeline."""
+        """Build from a fitted pipeline and check it against the pipeline; raises UnsupportedPipeline.
+
+        Reading the fitted steps and evaluating the check trips the fast way are wrapped (`reading`): a
+        failure there is an UnsupportedPipeline. `pipeline.predict_proba` is not: if scikit-learn itself
+        cannot score the check trips, the model cannot be served at all, and the caller's load fails.
+        """
         if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 3:
             raise UnsupportedPipeline("expected the pipeline TripFeatures -> ColumnTransformer -> classifier")
         features, encoder, classifier = (step for _, step in pipeline.steps)
@@ -126,35 +163,21 @@ class FastPipeline:
             raise UnsupportedPipeline("expected TripFeatures then a ColumnTransformer")
         if not isinstance(classifier, HistGradientBoostingClassifier):
             raise UnsupportedPipeline(f"no exact fast form for {type(classifier).__name__}")
-        columns: list[tuple[int, StationEncoding | None]] = []
-        for name, transformer, selected in encoder.transformers_:
-            positions = [FEATURE_CATALOGUE.index(column) for column in selected]
-            if transformer == "drop" or not positions:
-                continue
-            if transformer == "passthrough" or (
-                isinstance(transformer, FunctionTransformer) and transformer.func is None
-            ):
-                columns += [(position, None) for position in positions]
-            elif isinstance(transformer, TargetEncoder) and transformer.target_type_ == "binary":
-                for position, categories, encodings in zip(
-                    positions, transformer.categories_, transformer.encodings_, strict=True
-                ):
-                    encoding = StationEncoding(
-                        np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_
-                    )
-                    columns.append((position, encoding))
-            else:
-                raise UnsupportedPipeline(f"no exact fast form for the column step {name!r}")
-        fast = cls(features, columns, compile_trees(classifier, len(columns)))
-        check_trips = parity_check_trips(features, columns)
+        with reading("the fitted column steps"):
+            columns = model_columns(encoder)
+        raw_score = compile_trees(classifier, len(columns))
+        with reading("the features' fitted stations and holidays, or evaluating the check trips"):
+            fast = cls(features, columns, raw_score)
+            check_trips = parity_check_trips(features, columns)
+            singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
+            one_by_one = np.array([fast.trip_probability(*trip) for trip in zip(*singles, strict=True)])
+            in_arrays = fast.member_probability(check_trips)
         expected = pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1]
-        singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
-        one_by_one = [fast.trip_probability(*trip) for trip in zip(*singles, strict=True)]
         difference = max(
-            float(np.max(np.abs(fast.member_probability(check_trips) - expected))),
-            float(np.max(np.abs(np.array(one_by_one) - expected[:SINGLE_TRIP_CHECKS]))),
+            float(np.max(np.abs(in_arrays - expected))),
+            float(np.max(np.abs(one_by_one - expected[:SINGLE_TRIP_CHECKS]))),
         )
-        if difference > PARITY_TOLERANCE:
+        if not difference <= PARITY_TOLERANCE:  # NaN too
             raise UnsupportedPipeline(f"differs from scikit-learn by {difference:.3g} on the check trips")
         return fast
 
@@ -181,6 +204,27 @@ class FastPipeline:
         return self.raw_score(
             *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
         )
+
+
+def model_columns(encoder: ColumnTransformer) -> list[tuple[int, StationEncoding | None]]:
+    """Each column the classifier sees, in its order: its feature's place in FEATURE_CATALOGUE, and the fitted
+    encoding of a station column (None for a feature passed through). Raises UnsupportedPipeline."""
+    columns: list[tuple[int, StationEncoding | None]] = []
+    for name, transformer, selected in encoder.transformers_:
+        positions = [FEATURE_CATALOGUE.index(column) for column in selected]
+        if transformer == "drop" or not positions:
+            continue
+        if transformer == "passthrough" or (isinstance(transformer, FunctionTransformer) and transformer.func is None):
+            columns += [(position, None) for position in positions]
+        elif isinstance(transformer, TargetEncoder) and transformer.target_type_ == "binary":
+            for position, categories, encodings in zip(
+                positions, transformer.categories_, transformer.encodings_, strict=True
+            ):
+                encoding = StationEncoding(np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_)
+                columns.append((position, encoding))
+        else:
+            raise UnsupportedPipeline(f"no exact fast form for the column step {name!r}")
+    return columns
 
 
 def parity_check_trips(features: TripFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
+import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,9 +15,13 @@ import pytest
 from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import TargetEncoder
 
+from bikeshare_membership import app as service_app
 from bikeshare_membership import city_files, fast_pipeline, schema, stations
+from bikeshare_membership.config import Settings
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
+from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
 
 
@@ -126,3 +134,120 @@ def test_one_trip_link_is_expit_also_where_exp_overflows(model: LoadedModel, raw
     fast.raw_score = lambda *features: raw
     probability = fast.trip_probability(datetime(2017, 7, 1, 8), 600.0, 7000.0, 7001.0)
     assert probability == expit(raw)
+
+
+# --- a scikit-learn whose internals differ: the fast form falls back, the model still serves ------------------
+
+
+def rename_attribute(monkeypatch: pytest.MonkeyPatch, estimator: Any, old: str, new: str) -> None:
+    """Make `estimator` look fitted by a scikit-learn release that calls its attribute `old` `new`: the value
+    moves to `new`, and `old` answers only scikit-learn's own code (which such a release would have renamed
+    too), so the estimator still predicts while a reader of `old` from outside gets an AttributeError."""
+    monkeypatch.setattr(estimator, new, getattr(estimator, old), raising=False)
+    monkeypatch.delattr(estimator, old)
+
+    def for_scikit_learn_only(self: Any) -> Any:
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("sklearn."):
+            return getattr(self, new)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {old!r}")
+
+    release = type(type(estimator).__name__, (type(estimator),), {old: property(for_scikit_learn_only)})
+    monkeypatch.setattr(estimator, "__class__", release)
+
+
+def rename_node_field(monkeypatch: pytest.MonkeyPatch, classifier: Any, old: str, new: str) -> None:
+    """Every tree's node records under a dtype whose field `old` is called `new` (a view: the records' bytes,
+    and scikit-learn's compiled predictor that reads them by position, are unchanged)."""
+    for (predictor,) in classifier._predictors:
+        fields = predictor.nodes.dtype.fields
+        renamed = np.dtype(
+            {
+                "names": [new if name == old else name for name in fields],
+                "formats": [fields[name][0] for name in fields],
+                "offsets": [fields[name][1] for name in fields],
+                "itemsize": predictor.nodes.dtype.itemsize,
+            }
+        )
+        monkeypatch.setattr(predictor, "nodes", predictor.nodes.view(renamed))
+
+
+def station_encoder(pipeline: Pipeline) -> TargetEncoder:
+    return next(step for _, step, _ in pipeline.named_steps["columns"].transformers_ if isinstance(step, TargetEncoder))
+
+
+INTERNALS_CHANGED: dict[str, Callable[[pytest.MonkeyPatch, Pipeline], None]] = {
+    "trees' _predictors renamed": lambda patch, pipeline: rename_attribute(
+        patch, pipeline.named_steps["classifier"], "_predictors", "_predictors_by_iteration"
+    ),
+    "trees' _baseline_prediction renamed": lambda patch, pipeline: rename_attribute(
+        patch, pipeline.named_steps["classifier"], "_baseline_prediction", "_raw_baseline"
+    ),
+    "node field missing_go_to_left renamed": lambda patch, pipeline: rename_node_field(
+        patch, pipeline.named_steps["classifier"], "missing_go_to_left", "missing_goes_left"
+    ),
+    "node field is_leaf renamed": lambda patch, pipeline: rename_node_field(
+        patch, pipeline.named_steps["classifier"], "is_leaf", "leaf"
+    ),
+    "TargetEncoder encodings_ renamed": lambda patch, pipeline: rename_attribute(
+        patch, station_encoder(pipeline), "encodings_", "encodings_by_feature_"
+    ),
+    "TargetEncoder target_mean_ renamed": lambda patch, pipeline: rename_attribute(
+        patch, station_encoder(pipeline), "target_mean_", "target_means_"
+    ),
+}
+
+
+@pytest.mark.parametrize("change", INTERNALS_CHANGED)
+def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
+    change: str,
+    model: LoadedModel,
+    settings: Settings,
+    real_trips: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A renamed or reshaped private attribute costs the fast form, never the model: from_pipeline raises
+    UnsupportedPipeline naming what it could not read, fast_form logs it and gives None, and the model
+    answers through scikit-learn, the same probabilities as before the change, also through the service."""
+    pipeline = copy.deepcopy(model.pipeline)
+    INTERNALS_CHANGED[change](monkeypatch, pipeline)
+    sample = real_trips.sample(500, random_state=5)
+    expected = model.pipeline.predict_proba(sample)[:, 1]
+    np.testing.assert_array_equal(pipeline.predict_proba(sample)[:, 1], expected)  # scikit-learn still works
+
+    with pytest.raises(UnsupportedPipeline, match=r"^cannot read .* of scikit-learn .*: (AttributeError|ValueError)"):
+        FastPipeline.from_pipeline(pipeline)
+    with caplog.at_level(logging.WARNING, logger="bikeshare_membership.model_store"):
+        assert fast_form(pipeline) is None
+    assert "serving through scikit-learn only: cannot read" in caplog.text
+
+    served = LoadedModel(name=model.name, version="9", run_id="", pipeline=pipeline, source="", origin="path")
+    np.testing.assert_array_equal(served.member_probability(sample), expected)
+    client = service_app.create_app(settings, ModelHolder(None, served)).test_client()
+    response = client.post("/predict", json=schema.EXAMPLE_TRIP)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    trip = schema.model_input([schema.parse_request_trip(schema.EXAMPLE_TRIP)])
+    assert response.get_json()["proba"] == round(model.pipeline.predict_proba(pd.DataFrame(trip))[0, 1] * 100, 2)
+    assert response.get_json()["model"]["version"] == "9"
+
+
+def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree nested deeper than Python's parser allows (SyntaxError: too many nested parentheses) is no fast
+    form either: one more tree, a chain of 300 splits whose leaves add 0, so scikit-learn's answers do not move."""
+    pipeline = copy.deepcopy(model.pipeline)
+    classifier = pipeline.named_steps["classifier"]
+    depth = 300
+    chain = np.zeros(2 * depth + 1, dtype=classifier._predictors[0][0].nodes.dtype)
+    splits = chain[:depth]
+    splits["num_threshold"] = np.arange(depth, dtype="float64")
+    splits["left"] = np.arange(depth) + depth  # a leaf
+    splits["right"] = np.arange(1, depth + 1)  # the next split; the last one's right child is the leaf at 2 * depth
+    splits["right"][-1] = 2 * depth
+    chain["is_leaf"][depth:] = True
+    deep = copy.copy(classifier._predictors[0][0])
+    deep.nodes = chain
+    monkeypatch.setattr(classifier, "_predictors", [*classifier._predictors, [deep]])
+    trips = pd.DataFrame(schema.model_input([schema.parse_request_trip(schema.EXAMPLE_TRIP)]))
+    np.testing.assert_array_equal(pipeline.predict_proba(trips), model.pipeline.predict_proba(trips))
+    with pytest.raises(UnsupportedPipeline, match=r"cannot read the boosted trees .*SyntaxError"):
+        FastPipeline.from_pipeline(pipeline)
