@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,23 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def rename_attribute(monkeypatch: pytest.MonkeyPatch, owner: Any, old: str, new: str, package: str) -> None:
+    """Make `owner` look like an object of a release of `package` (its module name) that calls its attribute
+    `old` `new`: the value moves to `new`, and `old` answers only the package's own code (which such a release
+    would have renamed too), so the object still works while a reader of `old` from outside fails as it would:
+    AttributeError. For our code's fallbacks where it reads a library's private attributes."""
+    monkeypatch.setattr(owner, new, getattr(owner, old), raising=False)
+    monkeypatch.delattr(owner, old)
+
+    def for_the_package_only(self: Any) -> Any:
+        if sys._getframe(1).f_globals.get("__name__", "").startswith(f"{package}."):
+            return getattr(self, new)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {old!r}")
+
+    release = type(type(owner).__name__, (type(owner),), {old: property(for_the_package_only)})
+    monkeypatch.setattr(owner, "__class__", release)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import rename_attribute
 from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
@@ -139,22 +139,6 @@ def test_one_trip_link_is_expit_also_where_exp_overflows(model: LoadedModel, raw
 # --- a scikit-learn whose internals differ: the fast form falls back, the model still serves ------------------
 
 
-def rename_attribute(monkeypatch: pytest.MonkeyPatch, estimator: Any, old: str, new: str) -> None:
-    """Make `estimator` look fitted by a scikit-learn release that calls its attribute `old` `new`: the value
-    moves to `new`, and `old` answers only scikit-learn's own code (which such a release would have renamed
-    too), so the estimator still predicts while a reader of `old` from outside gets an AttributeError."""
-    monkeypatch.setattr(estimator, new, getattr(estimator, old), raising=False)
-    monkeypatch.delattr(estimator, old)
-
-    def for_scikit_learn_only(self: Any) -> Any:
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("sklearn."):
-            return getattr(self, new)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {old!r}")
-
-    release = type(type(estimator).__name__, (type(estimator),), {old: property(for_scikit_learn_only)})
-    monkeypatch.setattr(estimator, "__class__", release)
-
-
 def rename_node_field(monkeypatch: pytest.MonkeyPatch, classifier: Any, old: str, new: str) -> None:
     """Every tree's node records under a dtype whose field `old` is called `new` (a view: the records' bytes,
     and scikit-learn's compiled predictor that reads them by position, are unchanged)."""
@@ -177,10 +161,10 @@ def station_encoder(pipeline: Pipeline) -> TargetEncoder:
 
 INTERNALS_CHANGED: dict[str, Callable[[pytest.MonkeyPatch, Pipeline], None]] = {
     "trees' _predictors renamed": lambda patch, pipeline: rename_attribute(
-        patch, pipeline.named_steps["classifier"], "_predictors", "_predictors_by_iteration"
+        patch, pipeline.named_steps["classifier"], "_predictors", "_predictors_by_iteration", "sklearn"
     ),
     "trees' _baseline_prediction renamed": lambda patch, pipeline: rename_attribute(
-        patch, pipeline.named_steps["classifier"], "_baseline_prediction", "_raw_baseline"
+        patch, pipeline.named_steps["classifier"], "_baseline_prediction", "_raw_baseline", "sklearn"
     ),
     "node field missing_go_to_left renamed": lambda patch, pipeline: rename_node_field(
         patch, pipeline.named_steps["classifier"], "missing_go_to_left", "missing_goes_left"
@@ -189,10 +173,10 @@ INTERNALS_CHANGED: dict[str, Callable[[pytest.MonkeyPatch, Pipeline], None]] = {
         patch, pipeline.named_steps["classifier"], "is_leaf", "leaf"
     ),
     "TargetEncoder encodings_ renamed": lambda patch, pipeline: rename_attribute(
-        patch, station_encoder(pipeline), "encodings_", "encodings_by_feature_"
+        patch, station_encoder(pipeline), "encodings_", "encodings_by_feature_", "sklearn"
     ),
     "TargetEncoder target_mean_ renamed": lambda patch, pipeline: rename_attribute(
-        patch, station_encoder(pipeline), "target_mean_", "target_means_"
+        patch, station_encoder(pipeline), "target_mean_", "target_means_", "sklearn"
     ),
 }
 
