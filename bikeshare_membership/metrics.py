@@ -8,12 +8,19 @@ per process, so a forked worker starts from zero and records the model it serves
 the usual single-process registry is exposed.
 
 Labels are bounded: the endpoint is the route rule (`/predict/batch/<job_id>`), or `unmatched`.
+
+Histograms take a batch of values with one write per bucket touched (`observe_all`), through prometheus_client
+internals. If a release changes them, each value goes through the public `observe` instead: decided at a
+process's first batch, with one warning.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 import os
+import threading
 from collections import Counter as Tally
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +30,8 @@ from bikeshare_membership.schema import CASUAL, MEMBER
 
 if TYPE_CHECKING:
     from bikeshare_membership.model_store import LoadedModel
+
+log = logging.getLogger(__name__)
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_client decided when it was imported
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -76,11 +85,55 @@ def trips_predicted(answers: list[dict[str, Any]]) -> None:
     observe_all(PROBA, [answer["proba"] for answer in answers])
 
 
+# Whether prometheus_client's Histogram internals take batched writes (`observe_all`): None until the first batch.
+_batched_writes: bool | None = None
+_deciding = threading.Lock()
+
+
 def observe_all(histogram: Histogram, values: list[float]) -> None:
-    """`histogram.observe` of each value, with one write per bucket touched: prometheus_client observes one
-    value at a time. Its stored buckets are not cumulative: index i counts values in (bound i-1, bound i]."""
+    """`histogram.observe` of each value, with one write per bucket touched where prometheus_client's internals
+    allow it (`batched_writes_refused`), else by `observe` of each value: the batch is never lost."""
     if not values:
         return
+    if _batched_writes is None:
+        _decide(histogram)
+    if _batched_writes:
+        _observe_batched(histogram, values)
+    else:
+        for value in values:
+            histogram.observe(value)
+
+
+def _decide(histogram: Histogram) -> None:
+    global _batched_writes
+    with _deciding:
+        if _batched_writes is not None:  # another thread decided meanwhile
+            return
+        refused = batched_writes_refused(histogram)
+        if refused:
+            log.warning("histograms observe one value at a time (prometheus_client's internals changed: %s)", refused)
+        _batched_writes = not refused
+
+
+def batched_writes_refused(histogram: Histogram) -> str | None:
+    """Why `histogram`'s internals cannot take `_observe_batched`'s writes, or None if they can: its sorted upper
+    bounds ending with +Inf, one stored bucket per bound, and a sum and buckets that each take `inc(amount)`
+    (tried with 0, which changes no value)."""
+    try:
+        bounds, buckets, total = list(histogram._upper_bounds), list(histogram._buckets), histogram._sum
+        if not bounds or bounds != sorted(bounds) or bounds[-1] != math.inf or len(buckets) != len(bounds):
+            return f"{len(bounds)} upper bounds {bounds[-3:]} and {len(buckets)} buckets"
+        total.inc(0)
+        for bucket in buckets:
+            bucket.inc(0)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _observe_batched(histogram: Histogram, values: list[float]) -> None:
+    """What `observe` of each value writes, summed: its stored buckets are not cumulative, index i counts the
+    values in (bound i-1, bound i]."""
     histogram._sum.inc(sum(values))
     for bucket, count in Tally(bisect.bisect_left(histogram._upper_bounds, value) for value in values).items():
         histogram._buckets[bucket].inc(count)

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +22,17 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import service_env
+from conftest import rename_attribute, service_env
 from harness import start_gunicorn, stop
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import jsonlog, recorder
+from bikeshare_membership import jsonlog, metrics, recorder
 from bikeshare_membership.config import Settings
 from bikeshare_membership.metrics import PROBA_BUCKETS
 from bikeshare_membership.model_holder import ModelHolder
+from bikeshare_membership.schema import CASUAL, MEMBER
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 # A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
@@ -65,6 +69,14 @@ def service(settings: Settings, trained: Any, tmp_path_factory: pytest.TempPathF
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
+def parsed(exposition: bytes) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for sample in family.samples
+    }
+
+
 def scrape(service: Service) -> Samples:
     """The metrics with every request answered before counted, and this scrape too: each worker writes the
     requests it answered every FLUSH_SECONDS."""
@@ -72,11 +84,7 @@ def scrape(service: Service) -> Samples:
     response = requests.get(f"{service.url}/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
     request_lines(service, response.headers["X-Request-ID"])
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    return parsed(response.content)
 
 
 def values(samples: Samples, name: str, key: str) -> dict[str, float]:
@@ -330,3 +338,76 @@ def test_an_exiting_workers_flush_waits_for_the_batch_the_thread_is_writing(
     exiting.join(10)
     flushing_thread.join(10)
     assert len(written) == 3 and not recorder_.pending
+
+
+# --- histograms without prometheus_client's internals -------------------------------------------------------
+
+
+class IncWithExemplar:
+    """A stored histogram value whose `inc` takes another signature (an exemplar too) from any caller outside
+    prometheus_client, as in a release that changed it and its own callers."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def inc(self, amount: float, *exemplar: Any) -> None:
+        if not exemplar and not sys._getframe(1).f_globals.get("__name__", "").startswith("prometheus_client."):
+            raise TypeError("inc() missing 1 required positional argument: 'exemplar'")
+        self.value.inc(amount)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.value, name)
+
+
+PROMETHEUS_INTERNALS_CHANGED: dict[str, Callable[[pytest.MonkeyPatch, Histogram], None]] = {
+    "_upper_bounds renamed": lambda patch, histogram: rename_attribute(
+        patch, histogram, "_upper_bounds", "_bounds", "prometheus_client"
+    ),
+    "_buckets renamed": lambda patch, histogram: rename_attribute(
+        patch, histogram, "_buckets", "_bucket_values", "prometheus_client"
+    ),
+    "_sum renamed": lambda patch, histogram: rename_attribute(patch, histogram, "_sum", "_total", "prometheus_client"),
+    "bucket inc takes another signature": lambda patch, histogram: patch.setattr(
+        histogram, "_buckets", [IncWithExemplar(bucket) for bucket in histogram._buckets]
+    ),
+}
+
+
+@pytest.mark.parametrize("change", [None, *PROMETHEUS_INTERNALS_CHANGED])
+def test_histograms_count_every_value_also_without_prometheus_client_internals(
+    change: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batches of probabilities reach the exposition as `observe` of each value would write them, through
+    prometheus_client's internals or, if they changed, its public `observe`: decided at the first batch, with
+    one warning."""
+    monkeypatch.setattr(metrics, "_batched_writes", None)  # this process decides again, at its next batch
+    if change:
+        PROMETHEUS_INTERNALS_CHANGED[change](monkeypatch, metrics.PROBA)
+    probas = [0.0, 3.25, 10.0, 10.01, 49.99, 50.0, 73.2, 99.99, 100.0] * 5
+    answers = [{"membership": MEMBER if proba >= 50 else CASUAL, "proba": proba} for proba in probas]
+    public = CollectorRegistry()
+    reference = Histogram(
+        "bikeshare_prediction_proba_percent", "public observe", buckets=PROBA_BUCKETS, registry=public
+    )
+    for proba in probas:
+        reference.observe(proba)
+
+    before = parsed(metrics.exposition())
+    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
+        metrics.trips_predicted(answers[:7])
+        metrics.trips_predicted([])
+        metrics.trips_predicted(answers[7:])
+    after = parsed(metrics.exposition())
+
+    expected = parsed(generate_latest(public))
+    for sample in ("_count", "_sum", "_bucket"):
+        name = f"bikeshare_prediction_proba_percent{sample}"
+        grown = {key: pytest.approx(value) for key, value in delta(after, before, name).items()}
+        assert grown == {key: value for (found, key), value in expected.items() if found == name and value}
+    assert metrics._batched_writes is (change is None)
+    warnings = [record.getMessage() for record in caplog.records if record.name == metrics.__name__]
+    if change is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "observe one value at a time" in warnings[0], warnings
+        print(f"\n{change}: {warnings[0]}")
