@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -164,7 +165,8 @@ class ModelStore:
         self.settings = settings
         # MLflow's REST client reads its timeout and retry settings from the environment; bound them
         # (its defaults: 120 s timeout, 7 retries with backoff factor 2) unless the operator set them.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.fetch_timeout_seconds)))
+        # (whole seconds, at least 1: a fraction rounded down to 0 would fail every request)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(settings.fetch_timeout_seconds)))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.fetch_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
