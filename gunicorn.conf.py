@@ -25,7 +25,7 @@ from gunicorn.glogging import Logger
 os.environ["OMP_NUM_THREADS"] = "1"
 
 from bikeshare_membership import jsonlog
-from bikeshare_membership.config import Settings
+from bikeshare_membership.config import settings_from_env
 
 MASTER_PID = os.getpid()  # the process that reads this file
 
@@ -47,7 +47,9 @@ else:
 
 from prometheus_client import multiprocess  # noqa: E402
 
-service = Settings.from_env()  # not a Gunicorn setting name, so Gunicorn ignores it
+# Not a Gunicorn setting name, so Gunicorn ignores it. An invalid setting exits here with its one line: Gunicorn
+# would print an exception's traceback, a SystemExit passes through.
+service = settings_from_env("bikeshare-membership")
 # The app factory (predict.py); a command line naming another app overrides it (the benchmark's no-op floor).
 wsgi_app = "predict:app()"
 bind = f"0.0.0.0:{service.port}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,7 +42,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_content_length
 
 from bikeshare_membership import batch_jobs, docs_page, jsonlog, metrics, openapi, recorder
-from bikeshare_membership.config import Settings
+from bikeshare_membership.config import Settings, settings_from_env
 from bikeshare_membership.errors import Refused
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel, ModelUnavailable, trip_membership
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
 JSON_CONTENT_TYPE = "application/json"
+# How a server process that cannot serve exits: Gunicorn's "worker failed to boot", so that a worker loading the
+# app itself (without preload_app) stops its master instead of being forked again and again.
+CANNOT_SERVE_STATUS = 3
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
@@ -275,12 +279,15 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
 
 def serve_app() -> Flask:
-    """The app as a server process runs it: JSON logs, and a one-line exit when there is no model."""
+    """The app as a server process runs it: JSON logs, and a one-line exit when a setting is invalid or there is
+    no model."""
     jsonlog.configure()
+    settings = settings_from_env("bikeshare-membership", status=CANNOT_SERVE_STATUS)
     try:
-        return create_app()
+        return create_app(settings)
     except ModelUnavailable as error:
-        raise SystemExit(f"bikeshare-membership: no model to serve: {error}") from None
+        print(f"bikeshare-membership: no model to serve: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(CANNOT_SERVE_STATUS) from None
 
 
 def start_serving(app: Flask) -> None:

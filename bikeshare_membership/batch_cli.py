@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bikeshare_membership import jsonlog
 from bikeshare_membership.batch_jobs import JobStatusFile, now
 from bikeshare_membership.batch_scoring import score_file
-from bikeshare_membership.config import Settings
+from bikeshare_membership.config import Settings, settings_from_env
 from bikeshare_membership.model_store import (
     ModelUnavailable,
     load_model_version,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     jsonlog.configure()
     signal.signal(signal.SIGTERM, _stop)
-    settings = Settings.from_env()
+    settings = settings_from_env(f"batch.py {args.command}")
     commands = {"score": _score_command, "evaluate": _evaluate_command, "watch": _watch_command}
     try:
         return commands[args.command](settings, args)

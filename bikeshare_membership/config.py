@@ -1,17 +1,27 @@
 """Configuration, read from the environment in one place, with defaults that work on a laptop.
 
-Every entry point (the web service, `train.py`, `batch.py`) builds a `Settings` with `Settings.from_env()`;
-tests build their own.
+Every entry point (the web service, `train.py`, `batch.py`, `wait_for_model.py`) builds its `Settings` with
+`settings_from_env`: a value that cannot be used ends the process with one line naming the variable and the
+problem (`MODEL_PORT: 'abc' is not an integer`), not a traceback. Tests build their own `Settings`, which are
+not checked (a service that may run no batch job, `max_batch_jobs=0`, is one of them).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_PORT = 9696
+# The exit status of an entry point refusing a setting (as argparse's for a bad command line).
+INVALID_SETTING_STATUS = 2
+
+
+class InvalidSetting(ValueError):
+    """An environment variable whose value cannot be used: the message, one line, names it and the problem."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +63,12 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Each field from its variable (ENVIRONMENT), converted to the type of its default; an empty value
-        of a field whose default is None means None."""
+        """Each field from its variable (ENVIRONMENT), converted to the type of its default and checked against
+        its LIMITS; an empty value of a field whose default is None means None. Raises InvalidSetting."""
         values: dict[str, Any] = {}
         for name, variable in ENVIRONMENT.items():
-            if variable not in environ:
-                continue
-            default = getattr(cls, name)
-            text = environ[variable]
-            values[name] = (text or None) if default is None else type(default)(text)
+            if variable in environ:
+                values[name] = _value(name, variable, environ[variable], getattr(cls, name))
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
@@ -72,6 +79,60 @@ class Settings:
             for name, variable in ENVIRONMENT.items()
             if name != "admin_token"
         }
+
+
+def _value(name: str, variable: str, text: str, default: Any) -> Any:
+    if default is None:
+        return text or None
+    if isinstance(default, str):
+        return text
+    kind = "an integer" if isinstance(default, int) else "a number"
+    try:
+        value = type(default)(text)
+    except ValueError:
+        raise InvalidSetting(f"{variable}: {text!r} is not {kind}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidSetting(f"{variable}: {text!r} is not a finite number")
+    allowed, wanted = LIMITS[name]
+    if not allowed(value):
+        raise InvalidSetting(f"{variable}: {text!r} is not {wanted}")
+    return value
+
+
+def settings_from_env(
+    program: str, environ: Mapping[str, str] = os.environ, status: int = INVALID_SETTING_STATUS
+) -> Settings:
+    """`Settings.from_env` for an entry point: an InvalidSetting ends the process with its one line on stderr,
+    `<program>: <VARIABLE>: <problem>`, and exit `status`, instead of a traceback. (Raised from Gunicorn's
+    configuration file or its preloaded app factory, the SystemExit passes through Gunicorn too.)"""
+    try:
+        return Settings.from_env(environ)
+    except InvalidSetting as error:
+        print(f"{program}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None
+
+
+def _above_zero(value: float) -> bool:
+    return value > 0
+
+
+ABOVE_ZERO = (_above_zero, "above 0")
+# What each number may be: a test, and what it asks for ("VARIABLE: 'text' is not <that>"). Every int and float
+# field has an entry.
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "port": (lambda port: 1 <= port <= 65535, "a port number from 1 to 65535"),
+    # 0: only when a reload is requested (model_holder.start_refreshing).
+    "refresh_seconds": (lambda seconds: seconds >= 0, "0 or more (0: check only when a reload is requested)"),
+    "fetch_timeout_seconds": ABOVE_ZERO,
+    "fetch_retries": (lambda retries: retries >= 0, "0 or more"),  # 0: one attempt
+    "max_batch_jobs": ABOVE_ZERO,  # a service without jobs leaves BATCH_ROOT and BATCH_S3_PREFIX unset
+    "eval_min_roc_auc": (lambda auc: 0 <= auc <= 1, "between 0 and 1"),
+    "max_body_bytes": ABOVE_ZERO,
+    "max_trips_per_request": ABOVE_ZERO,
+    # Gunicorn reads a timeout of 0 as "never kill a silent worker", which no deployment of this service wants.
+    "worker_timeout_seconds": ABOVE_ZERO,
+    "graceful_timeout_seconds": ABOVE_ZERO,  # 0 would kill in-flight requests at once on SIGTERM
+}
 
 
 # Each setting's environment variable: the one table `from_env` reads and `to_env` writes.

@@ -12,8 +12,9 @@ registration.py, the gate, promotion and rollback in promotion.py. One MLflow ru
 figures beside the prior's, every validation month, the gate's comparison, the figures, the training feature
 profile (drift.py) and the fitted pipeline; the registered version carries the model card (description and
 tags) that `GET /model` returns. Exit status: 0 when the version is promoted (or, with --if-missing, one
-already is), 1 when the gate refuses it, 2 when the data cannot support a time-ordered evaluation or there
-is nothing to roll back to.
+already is), 1 when the gate refuses it, 2 when the data cannot support a time-ordered evaluation, there
+is nothing to roll back to or a setting is invalid (config.py). Logs are JSON lines on stderr; the summary
+is on stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from bikeshare_membership import jsonlog, promotion
-from bikeshare_membership.config import Settings
+from bikeshare_membership.config import settings_from_env
 from bikeshare_membership.registration import DEFAULT_DATA, train
 from bikeshare_membership.registry import NoProductionModel, has_production_model
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollback", action="store_true", help="move Production back to the `previous` version")
     args = parser.parse_args(argv)
     jsonlog.configure()
-    settings = Settings.from_env()
+    settings = settings_from_env("train.py")
     name = settings.registered_model
 
     if args.rollback:

@@ -4,7 +4,7 @@
 
 docker-compose.yml runs it before the web service, which refuses to start without a Production model: with
 `--profile local` the tracking server is still starting and the trainer still training. An unreachable
-registry counts as "not yet".
+registry counts as "not yet". Exit status 2 for an invalid setting (config.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 from mlflow.exceptions import MlflowException
 
-from bikeshare_membership.config import Settings
+from bikeshare_membership.config import Settings, settings_from_env
 from bikeshare_membership.registry import has_production_model
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # This loop is the retry: one quick attempt per look instead of MLflow's minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    settings = Settings.from_env()
+    settings = settings_from_env("wait_for_model.py")
     if not wait_for_model(settings, args.timeout, args.interval):
         return 1
     print(f"{settings.registered_model} has a Production version at {settings.tracking_uri}")

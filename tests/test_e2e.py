@@ -1,4 +1,5 @@
-"""End to end with real processes: Gunicorn serving the registry's model, `test_pred.py` as the client."""
+"""End to end with real processes: Gunicorn serving the registry's model, `test_pred.py` as the client; every
+entry point refusing a bad setting in one line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import service_env
 from harness import ROOT, free_port, start, stop, wait_for_http
@@ -72,3 +74,98 @@ def test_default_ports_agree(monkeypatch) -> None:
     client = runpy.run_path(str(ROOT / "test_pred.py"))  # a script, like gunicorn.conf.py: run it, not imported
     assert client["build_parser"]().parse_args([]).port == Settings.from_env({}).port == 9696
     assert gunicorn_settings["bind"] == "0.0.0.0:9696"
+
+
+# --- every entry point: a bad setting is one line and a non-zero status ------------------------------------
+
+# (command after `python`, the bad setting, the line, the exit status). The service's line comes from
+# gunicorn.conf.py, which reads the settings before Gunicorn loads the app, or from the app factory
+# (app.serve_app) under another configuration and in `python predict.py`.
+REFUSING_ENTRY_POINTS = {
+    "train.py": (
+        ["train.py"],
+        {"MODEL_FETCH_RETRIES": "-1"},
+        "train.py: MODEL_FETCH_RETRIES: '-1' is not 0 or more",
+        2,
+    ),
+    "batch.py": (
+        ["batch.py", "score", "x.csv"],
+        {"MAX_TRIPS_PER_REQUEST": "0"},
+        "batch.py score: MAX_TRIPS_PER_REQUEST: '0' is not above 0",
+        2,
+    ),
+    "wait_for_model.py": (
+        ["wait_for_model.py", "--timeout", "1"],
+        {"MODEL_FETCH_TIMEOUT": "soon"},
+        "wait_for_model.py: MODEL_FETCH_TIMEOUT: 'soon' is not a number",
+        2,
+    ),
+    "gunicorn.conf.py": (
+        ["-m", "gunicorn", "--config", "gunicorn.conf.py"],
+        {"MODEL_PORT": "abc"},
+        "bikeshare-membership: MODEL_PORT: 'abc' is not an integer",
+        2,
+    ),
+    "gunicorn.conf.py, a limit": (
+        ["-m", "gunicorn", "--config", "gunicorn.conf.py"],
+        {"MAX_BODY_BYTES": "0"},
+        "bikeshare-membership: MAX_BODY_BYTES: '0' is not above 0",
+        2,
+    ),
+    "predict:app() preloaded": (
+        ["-m", "gunicorn", "--config", "{bare_config}", "--preload", "predict:app()"],
+        {"MAX_BODY_BYTES": "0"},
+        "bikeshare-membership: MAX_BODY_BYTES: '0' is not above 0",
+        3,
+    ),
+    "predict.py": (
+        ["predict.py"],
+        {"GRACEFUL_TIMEOUT": "-5"},
+        "bikeshare-membership: GRACEFUL_TIMEOUT: '-5' is not above 0",
+        3,
+    ),
+}
+
+
+def bare_gunicorn_config(directory: Path) -> Path:
+    """A Gunicorn configuration that reads no setting itself, so the app factory is the first to."""
+    config = directory / "bare.conf.py"
+    config.write_text(f"bind = '127.0.0.1:{free_port()}'\nworkers = 1\ncontrol_socket_disable = True\n")
+    return config
+
+
+@pytest.mark.parametrize("entry_point", REFUSING_ENTRY_POINTS)
+def test_every_entry_point_refuses_a_bad_setting_in_one_line(
+    entry_point: str, settings: Settings, tmp_path: Path
+) -> None:
+    arguments, bad, line, status = REFUSING_ENTRY_POINTS[entry_point]
+    arguments = [argument.format(bare_config=bare_gunicorn_config(tmp_path)) for argument in arguments]
+    temporary = tmp_path / "tmp"  # where gunicorn.conf.py makes its metrics folder
+    temporary.mkdir()
+    result = subprocess.run(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env=service_env(settings, TMPDIR=str(temporary), **bad),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr) == (status, f"{line}\n"), result.stderr[-3000:]
+    assert result.stdout == ""
+    assert not list(temporary.iterdir())  # the master removed the metrics folder it made
+
+
+def test_a_worker_loading_the_app_stops_gunicorn_on_a_bad_setting(settings: Settings, tmp_path: Path) -> None:
+    """Without preload_app each worker calls the factory: its exit status is Gunicorn's "worker failed to boot",
+    so the master stops instead of forking a new worker again and again."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--config", str(bare_gunicorn_config(tmp_path)), "predict:app()"],
+        cwd=ROOT,
+        env=service_env(settings, MAX_TRIPS_PER_REQUEST="-3"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.count("bikeshare-membership: MAX_TRIPS_PER_REQUEST: '-3' is not above 0\n") == 1
+    assert "Worker failed to boot" in result.stderr and "Traceback" not in result.stderr
