@@ -1,4 +1,5 @@
-"""Log records as JSON lines on stderr, one object per line, for the service's own logs and Gunicorn's.
+"""Log records as JSON lines on stderr, one object per line: the service's own logs, Gunicorn's and MLflow's, in
+every entry point (`configure`).
 
 A record's `fields` (passed as `extra={"fields": {...}}`) become top-level keys. The line logged for every
 request (recorder.py) is written by `write_info_lines`, in the same shape, without logging's machinery.
@@ -25,6 +26,8 @@ LOGGING: dict[str, Any] = {
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {"gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False}},
 }
+# Loggers that MLflow, when imported, gives a handler of its own (its text format on stderr, not propagated).
+MLFLOW_LOGGERS = ("mlflow", "alembic", "sqlalchemy.engine", "huey")
 
 
 def entry(created: float, level: str, logger: str, message: str, pid: int | None) -> dict[str, Any]:
@@ -73,6 +76,10 @@ def _write_all(data: bytes | bytearray) -> None:
 
 
 def configure() -> None:
-    """JSON lines for every logger, Python's warnings included (as records of `py.warnings`)."""
+    """JSON lines for every logger, Python's warnings included (as records of `py.warnings`). MLflow's handlers
+    (imported before this runs, in every entry point) keep their levels and filters and write JSON lines too."""
     logging.config.dictConfig(LOGGING)
     logging.captureWarnings(True)
+    for name in MLFLOW_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            handler.setFormatter(JsonFormatter())

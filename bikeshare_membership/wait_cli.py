@@ -4,7 +4,7 @@
 
 docker-compose.yml runs it before the web service, which refuses to start without a Production model: with
 `--profile local` the tracking server is still starting and the trainer still training. An unreachable
-registry counts as "not yet". Exit status 2 for an invalid setting (config.py).
+registry counts as "not yet". Exit status 2 for an invalid setting (config.py). Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 from mlflow.exceptions import MlflowException
 
+from bikeshare_membership import jsonlog
 from bikeshare_membership.config import Settings, settings_from_env
 from bikeshare_membership.registry import has_production_model
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between two looks (default 3)")
     args = parser.parse_args(argv)
+    jsonlog.configure()
     # This loop is the retry: one quick attempt per look instead of MLflow's minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     settings = settings_from_env("wait_for_model.py")

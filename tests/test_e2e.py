@@ -1,5 +1,5 @@
 """End to end with real processes: Gunicorn serving the registry's model, `test_pred.py` as the client; every
-entry point refusing a bad setting in one line."""
+entry point refusing a bad setting in one line, and logging JSON."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_default_ports_agree(monkeypatch) -> None:
     assert gunicorn_settings["bind"] == "0.0.0.0:9696"
 
 
-# --- every entry point: a bad setting is one line and a non-zero status ------------------------------------
+# --- every entry point: a bad setting is one line and a non-zero status, logs are JSON -------------------------
 
 # (command after `python`, the bad setting, the line, the exit status). The service's line comes from
 # gunicorn.conf.py, which reads the settings before Gunicorn loads the app, or from the app factory
@@ -169,3 +169,38 @@ def test_a_worker_loading_the_app_stops_gunicorn_on_a_bad_setting(settings: Sett
     assert result.returncode == 3, result.stderr[-3000:]
     assert result.stderr.count("bikeshare-membership: MAX_TRIPS_PER_REQUEST: '-3' is not above 0\n") == 1
     assert "Worker failed to boot" in result.stderr and "Traceback" not in result.stderr
+
+
+# Started with every Python process that has it on its path: at exit, after the entry point has set up its logs,
+# a Python warning and a record of an MLflow logger (which MLflow gives a plain-text handler of its own).
+AT_EXIT_LOGGING = """
+import atexit, logging, warnings
+atexit.register(lambda: logging.getLogger("mlflow.tracking.probe").warning("an MLflow record at exit"))
+atexit.register(lambda: warnings.warn("a Python warning at exit", UserWarning))
+"""
+
+
+def test_train_if_missing_logs_only_json_lines(
+    settings: Settings, trained: subprocess.CompletedProcess, registry_dir: Path, tmp_path: Path
+) -> None:
+    """Like the service, `train.py` logs JSON lines on stderr, Python's warnings and MLflow's loggers included; its
+    summary stays a human line on stdout."""
+    (tmp_path / "sitecustomize.py").write_text(AT_EXIT_LOGGING)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--if-missing"],
+        cwd=registry_dir,
+        env=service_env(settings, PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == (
+        f"{settings.registered_model} already has a Production version at {settings.tracking_uri}; not training\n"
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # each line a JSON object, or this fails
+    assert {(line["logger"], line["level"]) for line in lines} >= {
+        ("py.warnings", "WARNING"),
+        ("mlflow.tracking.probe", "WARNING"),
+    }, result.stderr
+    assert all(isinstance(line, dict) and {"time", "message", "pid"} <= line.keys() for line in lines)
