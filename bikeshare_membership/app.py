@@ -33,11 +33,13 @@ from __future__ import annotations
 import hmac
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import Field, WithJsonSchema
+from typing_extensions import TypedDict
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_content_length
 
@@ -45,8 +47,23 @@ from bikeshare_membership import batch_jobs, docs_page, jsonlog, metrics, openap
 from bikeshare_membership.config import Settings, settings_from_env
 from bikeshare_membership.errors import Refused
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import LoadedModel, ModelUnavailable, trip_membership
-from bikeshare_membership.schema import DATE_ORDERS, DateOrder, InvalidTrip, parse_request_trip
+from bikeshare_membership.model_store import (
+    LoadedModel,
+    ModelMetadata,
+    ModelRef,
+    ModelUnavailable,
+    ServedModel,
+    trip_membership,
+)
+from bikeshare_membership.schema import (
+    DATE_ORDERS,
+    TRIP_ID,
+    DateOrder,
+    InvalidTrip,
+    Membership,
+    closed,
+    parse_request_trip,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -59,6 +76,54 @@ CANNOT_SERVE_STATUS = 3
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
 admin = Blueprint("admin", __name__)
+
+
+# --- The answers this module builds; openapi.py documents them from these declarations (`ANSWERS`) -------
+
+
+@closed
+class TripPrediction(TypedDict):
+    """The prediction for one trip."""
+
+    trip_id: Annotated[
+        int | str | None, WithJsonSchema({**TRIP_ID.json_schema(), "description": "The request's trip_id, as sent."})
+    ]
+    membership: Annotated[Membership, Field(description="`Member` when `proba` is 50 or more.")]
+    proba: Annotated[
+        float, Field(ge=0, le=100, description="The probability, in percent (2 decimals), that the rider is a Member.")
+    ]
+
+
+@closed
+class Prediction(TripPrediction):
+    """The answer for one trip."""
+
+    model: ModelRef
+
+
+@closed
+class Predictions(TypedDict):
+    """The answer for a list: one prediction per trip, in order."""
+
+    predictions: list[TripPrediction]
+    model: ModelRef
+
+
+@closed
+class ModelInfo(ServedModel, ModelMetadata):
+    """The model being served: its version, where it came from, the registry's facts, its signature and the
+    training run's metrics."""
+
+
+@closed
+class Reloaded(TypedDict):
+    """The version this worker serves after checking the registry."""
+
+    reloaded: Annotated[bool, Field(description="Whether this worker swapped to another version.")]
+    model: ModelRef
+
+
+ANSWERS = openapi.WebAnswers(prediction=Prediction, predictions=Predictions, model_info=ModelInfo, reloaded=Reloaded)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -149,10 +214,10 @@ def predictions(
     model: LoadedModel,
     date_order: DateOrder | None = None,
     max_trips: int = Settings.max_trips_per_request,
-) -> dict[str, Any]:
+) -> Prediction | Predictions:
     """The answer to a parsed /predict body: validation, features and model, without HTTP."""
     trips = _validated_trips(body, date_order, max_trips)
-    answers = [
+    answers: list[TripPrediction] = [
         {"trip_id": trip["trip_id"], "membership": trip_membership(proba), "proba": round(proba * 100, 2)}
         for trip, proba in zip(trips, model.request_probabilities(trips), strict=True)
     ]
@@ -169,15 +234,8 @@ def health() -> Response:
 @api.get("/model")
 def model_info() -> Response:
     model = _holder().model
-    return json_response(
-        {
-            **model.describe(),
-            "source": model.source,
-            "origin": model.origin,
-            "loaded_at": model.loaded_at,
-            **model.metadata,
-        }
-    )
+    info: ModelInfo = {**model.served(), **model.metadata}
+    return json_response(info)
 
 
 # --- Batch scoring: thin routes over batch_jobs.py, which checks the request and runs the job ------------
@@ -224,7 +282,8 @@ def reload_model() -> Response:
     if holder.registry_error is not None:
         message = f"the registry did not answer; still serving version {holder.model.version} (see GET /health)"
         raise Refused(503, "TEMPORARILY_UNAVAILABLE", message)
-    return json_response({"reloaded": swapped, "model": holder.model.describe()})
+    answer: Reloaded = {"reloaded": swapped, "model": holder.model.describe()}
+    return json_response(answer)
 
 
 @api.get("/metrics")
@@ -233,10 +292,7 @@ def prometheus_metrics() -> Response:
 
 
 def render_refusal(error: Refused) -> Response:
-    response = json_response(
-        {"error": {"code": error.code, "message": error.message, "field": error.field, "item": error.item}},
-        error.status,
-    )
+    response = json_response(error.body(), error.status)
     response.headers.extend(error.headers)
     return response
 
@@ -265,7 +321,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     app.extensions["settings"] = settings
     app.extensions["model_holder"] = holder = holder or ModelHolder.from_settings(settings)
     holder.on_refresh = metrics.model_refreshed
-    document = openapi.document(settings.max_trips_per_request, settings.max_body_bytes, bool(settings.admin_token))
+    limits = settings.max_trips_per_request, settings.max_body_bytes
+    document = openapi.document(*limits, ANSWERS, bool(settings.admin_token))
     app.extensions["openapi_json"] = orjson.dumps(document)
     app.register_blueprint(api)
     docs_page.register(app, "/openapi.json", f"{document['info']['title']} API")  # GET /docs: Swagger UI

@@ -17,21 +17,29 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, cast
+
+from pydantic import ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from bikeshare_membership import city_files, storage
-from bikeshare_membership.batch_scoring import OUTPUT_RULE, OUTPUT_SUFFIXES, rejects_location, resolve_output
+from bikeshare_membership.batch_scoring import (
+    OUTPUT_RULE,
+    OUTPUT_SUFFIXES,
+    BatchSummary,
+    rejects_location,
+    resolve_output,
+)
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import Refused
-from bikeshare_membership.model_store import (
-    LoadedModel,
-)
-from bikeshare_membership.schema import any_case
+from bikeshare_membership.model_store import LoadedModel, ModelRef
+from bikeshare_membership.schema import Timestamp, any_case, closed
 
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-FINISHED = ("succeeded", "failed")
+JobState = Literal["starting", "running", "succeeded", "failed"]
+FINISHED: tuple[JobState, ...] = ("succeeded", "failed")
 JOB_NICENESS = 10  # a job yields the CPU to the web workers, so /predict keeps answering
 BATCH_BODY = '{"input": "<path under BATCH_ROOT, or s3:// URI under BATCH_S3_PREFIX>", "output": "<optional, alike>"}'
 
@@ -89,9 +97,60 @@ def location_pattern(suffixes: Sequence[str], folders: bool = False) -> str:
 
 INPUT_PATTERN = location_pattern(city_files.INPUT_SUFFIXES)
 OUTPUT_PATTERN = location_pattern(OUTPUT_SUFFIXES, folders=True)
+LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
+LOCATION_PATTERN_NOTE = (
+    "The pattern leaves out paths with a `:` and S3 folders starting with `.`; the service refuses only `://` "
+    "in a path and `.` or `..` folders."
+)
 
 
-def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid", json_schema_extra={"examples": [{"input": "trips.csv"}]}))
+class BatchRequest(TypedDict):
+    """A file of trips to score in the background, and where its predictions go."""
+
+    input: Annotated[
+        str,
+        Field(
+            pattern=INPUT_PATTERN,
+            description="A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative paths start "
+            f"there) or an s3:// URI under BATCH_S3_PREFIX. {LOCATION_PATTERN_NOTE}",
+        ),
+    ]
+    output: NotRequired[
+        Annotated[
+            Annotated[str, Field(pattern=OUTPUT_PATTERN)] | None,
+            Field(
+                description="Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); by default "
+                f"beside the input as `<name>.predictions.csv`; not the input itself. {LOCATION_PATTERN_NOTE}"
+            ),
+        ]
+    ]
+
+
+@closed
+class BatchJob(TypedDict):
+    """A batch job: `starting`, `running` (with progress), `succeeded` (with the summary) or `failed` (with the
+    error)."""
+
+    job_id: Annotated[str, Field(pattern=f"^{JOB_ID.pattern}$")]
+    status: JobState
+    input: Annotated[str, Field(description=LOCATION)]
+    output: Annotated[str, Field(description=LOCATION)]
+    rejects: Annotated[str, Field(description=f"Where the rows that could not be read go. {LOCATION}")]
+    model: ModelRef
+    submitted_at: Timestamp
+    started_at: NotRequired[Timestamp]
+    finished_at: NotRequired[Timestamp]
+    pid: NotRequired[int]
+    host: NotRequired[str]
+    rows_done: NotRequired[int]
+    progress: NotRequired[Annotated[float, Field(ge=0, le=1)] | None]
+    error: NotRequired[Annotated[str, Field(description="Why a failed job failed.")]]
+    summary: NotRequired[BatchSummary]
+    peak_rss_mb: NotRequired[float | None]
+
+
+def submit_job(settings: Settings, body: Any, model: LoadedModel) -> BatchJob:
     """Check a `POST /predict/batch` body and start its job: a detached `batch.py score` process.
 
     The process scores with the model version this worker serves and keeps the job's state in
@@ -99,7 +158,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     """
     if not isinstance(body, Mapping):
         raise Refused(400, "BAD_REQUEST", f"the body must be {BATCH_BODY}")
-    unknown = sorted(set(body) - {"input", "output"})
+    unknown = sorted(set(body) - BatchRequest.__annotations__.keys())
     if unknown:
         raise Refused(400, "INVALID_PARAMETER_VALUE", f"unknown field; the body is {BATCH_BODY}", unknown[0])
     input_location = checked_location(settings, body.get("input"), "input")
@@ -119,7 +178,7 @@ def submit_job(settings: Settings, body: Any, model: LoadedModel) -> dict[str, A
     job_id = uuid.uuid4().hex
     folder = jobs_dir(settings)
     status_path = folder / f"{job_id}.json"
-    status = {
+    status: BatchJob = {
         "job_id": job_id,
         "status": "starting",
         "input": input_location,
@@ -196,7 +255,7 @@ def _supervise(process: subprocess.Popen, status_path: Path) -> None:
         write_json(status_path, {**status, "status": "failed", "finished_at": now(), "error": error})
 
 
-def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
+def job_status(settings: Settings, job_id: str) -> BatchJob | None:
     """The state of a job, or None if there is no such job."""
     if not JOB_ID.fullmatch(job_id):
         return None
@@ -206,7 +265,7 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
         return None
 
 
-def _as_shown(settings: Settings, document: dict[str, Any]) -> dict[str, Any]:
+def _as_shown(settings: Settings, document: BatchJob) -> BatchJob:
     """A job's state as the API shows it: local paths relative to BATCH_ROOT, as requests give them, in every
     field and message. The job works with resolved paths; where BATCH_ROOT is on the server is not the
     client's business."""
@@ -223,7 +282,7 @@ def _as_shown(settings: Settings, document: dict[str, Any]) -> dict[str, Any]:
             return [relative(item) for item in value]
         return value
 
-    return relative(document)
+    return cast(BatchJob, relative(document))
 
 
 def now() -> str:

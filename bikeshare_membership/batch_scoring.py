@@ -17,24 +17,23 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from pydantic import Field
 from threadpoolctl import threadpool_limits
+from typing_extensions import TypedDict
 
 from bikeshare_membership import city_files, storage
 from bikeshare_membership.config import Settings
-from bikeshare_membership.model_store import (
-    LoadedModel,
-    membership,
-)
-from bikeshare_membership.schema import MEMBER
+from bikeshare_membership.model_store import LoadedModel, ModelRef, membership
+from bikeshare_membership.schema import MEMBER, closed
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +95,27 @@ def is_batch_output(name: str) -> bool:
     return PREDICTIONS_TAG + "." in name or name.endswith(REJECTS_SUFFIX)
 
 
+@closed
+class BatchSummary(TypedDict):
+    """A scored file: where its predictions and rejects went, and how many of each."""
+
+    input: str
+    output: str
+    rejects: str
+    rows: int
+    scored: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    member_share: Annotated[float, Field(description="The share of scored trips predicted Member.")]
+    seconds: float
+    model: ModelRef
+    rows_per_s: float
+
+
 @dataclass(frozen=True)
 class ScoreSummary:
+    """What `score_file` did: `as_dict` is its JSON form (a job's `summary`), `line` its line for a person."""
+
     input: str
     output: str
     rejects: str
@@ -107,7 +125,7 @@ class ScoreSummary:
     rejected_by_reason: dict[str, int]
     member_share: float  # of the scored trips, predicted Member at the shared threshold
     seconds: float
-    model: dict[str, str]
+    model: ModelRef
 
     @property
     def rows_per_s(self) -> float:
@@ -123,8 +141,20 @@ class ScoreSummary:
             f"model {self.model['name']} version {self.model['version']}"
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
+    def as_dict(self) -> BatchSummary:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "rejects": self.rejects,
+            "rows": self.rows,
+            "scored": self.scored,
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "member_share": self.member_share,
+            "seconds": self.seconds,
+            "model": ModelRef(**self.model),
+            "rows_per_s": round(self.rows_per_s, 1),
+        }
 
 
 Progress = Callable[[int, int, int], None]  # (rows so far, input bytes read, input size)

@@ -14,12 +14,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Literal
+
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
-from bikeshare_membership.model_store import FETCH_ERRORS, LoadedModel, ModelStore, load_model_path
+from bikeshare_membership.model_store import FETCH_ERRORS, LoadedModel, ModelStore, ServedModel, load_model_path
 from bikeshare_membership.registry import NoProductionModel
+from bikeshare_membership.schema import Timestamp, closed
 
 RELOAD_POLL_SECONDS = 1.0  # how often every worker's refresh thread looks at the reload marker
 
@@ -28,6 +32,24 @@ log = logging.getLogger(__name__)
 # Told the outcome of a registry check that changed or failed something ("swapped", "registry_failed",
 # "load_failed"), the model served after it and, on a swap, the one it replaced (metrics.model_refreshed).
 RefreshListener = Callable[[str, LoadedModel, LoadedModel | None], None]
+
+
+@closed
+class RegistryCheck(TypedDict):
+    """The last registry check: whether it answered, and why not."""
+
+    reachable: Annotated[bool, Field(description="Whether the last registry check answered.")]
+    error: str | None
+    checked_at: Timestamp | None
+
+
+@closed
+class Health(TypedDict):
+    """The service is up and has a model: the one it serves, and the registry's last answer."""
+
+    status: Literal["ok"]
+    model: ServedModel
+    registry: RegistryCheck
 
 
 class ModelHolder:
@@ -138,11 +160,10 @@ class ModelHolder:
         self._thread = threading.Thread(target=run, name="model-refresh", daemon=True)
         self._thread.start()
 
-    def health(self) -> dict[str, Any]:
-        model = self.model
+    def health(self) -> Health:
         return {
             "status": "ok",
-            "model": {**model.describe(), "loaded_at": model.loaded_at, "source": model.source, "origin": model.origin},
+            "model": self.model.served(),
             "registry": {
                 "reachable": self.registry_error is None,
                 "error": self.registry_error,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired
 from urllib.parse import urlparse
 
 import mlflow
@@ -43,6 +43,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from pydantic import Field
+from typing_extensions import TypedDict
 
 import preprocess  # noqa: F401  unpickling resolves `preprocess.TripFeatures` to this release's class, never to
 
@@ -51,7 +53,15 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.registry import NoProductionModel, production_version
-from bikeshare_membership.schema import CASUAL, MEMBER, MODEL_INPUT_COLUMNS, model_input
+from bikeshare_membership.schema import (
+    CASUAL,
+    MEMBER,
+    MODEL_INPUT_COLUMNS,
+    Membership,
+    Timestamp,
+    closed,
+    model_input,
+)
 from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_client
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
@@ -72,7 +82,7 @@ def membership(member_probability: np.ndarray) -> np.ndarray:
     return np.where(member_probability >= DECISION_THRESHOLD, MEMBER, CASUAL)
 
 
-def trip_membership(member_probability: float) -> str:
+def trip_membership(member_probability: float) -> Membership:
     """`membership` of one probability, without an array."""
     return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
 
@@ -94,6 +104,60 @@ def fast_form(pipeline: Any) -> FastPipeline | None:
         return None
 
 
+Origin = Literal["downloaded", "cache", "path"]  # how a process got a model's files
+
+
+@closed
+class ModelRef(TypedDict):
+    """The model version that answered."""
+
+    name: Annotated[str, Field(description="The registered model.")]
+    version: Annotated[str, Field(description="Its version (`local` for a MODEL_PATH folder).")]
+    run_id: Annotated[str, Field(description="The MLflow run that trained it.")]
+
+
+@closed
+class ServedModel(ModelRef):
+    """The model version a process serves, and where and when it loaded it."""
+
+    loaded_at: Timestamp
+    source: Annotated[str, Field(description="Where the artifacts came from.")]
+    origin: Origin
+
+
+@closed
+class RegistryFacts(TypedDict, total=False):
+    """The registry's facts about the version (empty for a MODEL_PATH folder)."""
+
+    current_stage: str | None
+    aliases: list[str]
+    creation_timestamp: int | None
+    description: Annotated[str | None, Field(description="The model card, in words.")]
+    tags: Annotated[
+        dict[str, str],
+        Field(
+            description="The model card train.py writes: data files and span, rows, Member share, the time-ordered "
+            "test month and figures beside the prior's, the gate's verdict and reason, the candidate and its features."
+        ),
+    ]
+
+
+@closed
+class ModelMetadata(TypedDict):
+    """What a loaded model carries beside its name: the registry's facts and the training run's figures."""
+
+    registry: RegistryFacts
+    metrics: Annotated[dict[str, float | None], Field(description="The training run's metrics.")]
+    signature: Annotated[dict[str, Any] | None, Field(description="The MLflow model signature.")]
+    bytes: Annotated[int | None, Field(description="The size of the model's files.")]
+    fetch_error: NotRequired[Annotated[str, Field(description="Why a cached version is served, if it is.")]]
+
+
+def no_metadata() -> ModelMetadata:
+    """The metadata of a model with no registry facts, run metrics nor manifest."""
+    return {"registry": {}, "metrics": {}, "signature": None, "bytes": None}
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A fitted pipeline with the registry facts that identify it in every answer."""
@@ -103,8 +167,8 @@ class LoadedModel:
     run_id: str
     pipeline: Any
     source: str  # where the artifacts came from
-    origin: str  # how this process got them: downloaded, cache, path
-    metadata: dict[str, Any] = field(default_factory=dict)
+    origin: Origin
+    metadata: ModelMetadata = field(default_factory=no_metadata)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     fast: FastPipeline | None = None
 
@@ -127,8 +191,11 @@ class LoadedModel:
             return [self.fast.trip_probability(*(trips[0][column] for column in MODEL_INPUT_COLUMNS))]
         return self.member_probability(model_input(trips)).tolist()
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> ModelRef:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
+
+    def served(self) -> ServedModel:
+        return {**self.describe(), "loaded_at": self.loaded_at, "source": self.source, "origin": self.origin}
 
 
 def _sha256(path: Path) -> str:
@@ -296,7 +363,7 @@ class ModelStore:
         return manifest
 
 
-def load_directory(directory: Path, manifest: dict[str, Any], origin: str) -> LoadedModel:
+def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) -> LoadedModel:
     """Load the MLflow model in `directory`, identified by its manifest; builds its fast form too."""
     started = time.monotonic()
     pipeline = mlflow.sklearn.load_model(str(directory))
@@ -309,7 +376,7 @@ def load_directory(directory: Path, manifest: dict[str, Any], origin: str) -> Lo
         directory,
         time.monotonic() - started,
     )
-    metadata = {
+    metadata: ModelMetadata = {
         "registry": manifest["registry"],
         "metrics": manifest["metrics"],
         "signature": signature.to_dict() if signature else None,

@@ -1,81 +1,101 @@
 """The service's OpenAPI 3.1 document (`GET /openapi.json`; `GET /docs` shows it in Swagger UI, docs_page.py).
 
-The document is built from the declarations the service checks requests with: the trip from
-`REQUEST_SCHEMA`, the date orders from `DATE_ORDERS`, job ids and states from
-batch_jobs.py. So what the document says is what the validators do. The web layer passes its limits in and
-serves the result; this module imports nothing from it.
+The document is built from the declarations the service works with, so what it says is what the service does:
+- the request: the trip from `REQUEST_SCHEMA`, the date orders from `DATE_ORDERS`, job ids from batch_jobs.py;
+- the answers: each JSON object the service answers with is a TypedDict declared where it is built
+  (`ModelRef` in model_store.py, `Health` in model_holder.py, `Error` in errors.py, `BatchRequest` and
+  `BatchJob` in batch_jobs.py, `BatchSummary` in batch_scoring.py, the web layer's own in app.py), and its
+  component schema is generated from that declaration by pydantic (`component_schemas`).
+The web layer passes its limits and its own answers' declarations in (`WebAnswers`) and serves the result;
+this module imports nothing from it.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
 from bikeshare_membership import batch_jobs
+from bikeshare_membership.batch_jobs import BatchJob, BatchRequest
+from bikeshare_membership.errors import Error
+from bikeshare_membership.model_holder import Health
 from bikeshare_membership.schema import (
-    CASUAL,
     DATE_ORDERS,
     EXAMPLE_TRIP,
-    MEMBER,
     REQUEST_SCHEMA,
     REQUIRED_FIELDS,
     any_case,
 )
 
 OPENAPI_VERSION = "3.1.0"
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True)
+class WebAnswers:
+    """The declarations of the answers the web layer (app.py) builds itself."""
+
+    prediction: type[Any]  # POST /predict, a trip object
+    predictions: type[Any]  # POST /predict, a list
+    model_info: type[Any]  # GET /model
+    reloaded: type[Any]  # POST /admin/reload
 
 
-def _nullable(kind: str) -> list[str]:
-    return [kind, "null"]
+def _ref(shape: type[Any] | str) -> dict[str, str]:
+    return {"$ref": REF_TEMPLATE.format(model=shape if isinstance(shape, str) else shape.__name__)}
 
 
-def _object(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    """A closed object: every property the service writes is listed, and nothing else appears."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties) if required is None else required,
-        "additionalProperties": False,
-        **extra,
-    }
+class _DocumentSchemas(GenerateJsonSchema):
+    """pydantic's JSON Schema as the document writes it: no titles (a component's title would be its name, a
+    property's its key), and a declaration's docstring as one line of description, however the code wraps it."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def typed_dict_schema(self, schema: core_schema.TypedDictSchema) -> JsonSchemaValue:
+        json_schema = super().typed_dict_schema(schema)
+        json_schema.pop("title", None)
+        if "description" in json_schema:
+            json_schema["description"] = " ".join(json_schema["description"].split())
+        return json_schema
 
 
-TIMESTAMP = {"type": "string", "format": "date-time"}
-LOCATION = "A path relative to BATCH_ROOT, or an s3:// URI."
-LOCATION_PATTERN_NOTE = (
-    "The pattern leaves out paths with a `:` and S3 folders starting with `.`; the service refuses only `://` "
-    "in a path and `.` or `..` folders."
-)
+def component_schemas(*shapes: type[Any]) -> dict[str, Any]:
+    """The component schemas of `shapes` (TypedDicts) and of every declaration they contain, by class name: the
+    JSON Schema (2020-12, as OpenAPI 3.1's) pydantic generates for them as the service writes them."""
+    schemas: dict[str, Any] = {}
+    for shape in shapes:
+        schema = TypeAdapter(shape).json_schema(
+            ref_template=REF_TEMPLATE, schema_generator=_DocumentSchemas, mode="serialization"
+        )
+        definitions = schema.pop("$defs", {})
+        if schema != _ref(shape):  # pydantic answers a shape that contains itself with a $ref to its definition
+            definitions[shape.__name__] = schema
+        for name, definition in definitions.items():
+            if schemas.setdefault(name, definition) != definition:
+                raise ValueError(f"two declarations are named {name}: rename one")
+    return schemas
 
 
-def _schemas(max_trips: int) -> dict[str, Any]:
-    trip_id = next(trip_field for trip_field in REQUEST_SCHEMA if trip_field.name == "trip_id")
-    model_ref = _object(
-        {
-            "name": {"type": "string", "description": "The registered model."},
-            "version": {"type": "string", "description": "Its version (`local` for a MODEL_PATH folder)."},
-            "run_id": {"type": "string", "description": "The MLflow run that trained it."},
-        },
-        description="The model version that answered.",
-    )
-    prediction = {
-        "trip_id": {**trip_id.json_schema(), "description": "The request's trip_id, as sent."},
-        "membership": {
-            "type": "string",
-            "enum": [MEMBER, CASUAL],
-            "description": "`Member` when `proba` is 50 or more.",
-        },
-        "proba": {
-            "type": "number",
-            "minimum": 0,
-            "maximum": 100,
-            "description": "The probability, in percent (2 decimals), that the rider is a Member.",
-        },
-    }
-    job_states = ["starting", "running", *batch_jobs.FINISHED]
+def answer_shapes(answers: WebAnswers, admin: bool) -> tuple[type[Any], ...]:
+    """The declarations of the bodies the document describes beside the trip: the answers, and a batch request."""
+    shapes = (answers.prediction, answers.predictions, Error, Health, answers.model_info, BatchRequest, BatchJob)
+    return (*shapes, answers.reloaded) if admin else shapes
+
+
+@functools.cache
+def _answer_schemas(answers: WebAnswers, admin: bool) -> dict[str, Any]:
+    """Built once per process: pydantic takes a few milliseconds a declaration."""
+    return component_schemas(*answer_shapes(answers, admin))
+
+
+def _schemas(max_trips: int, answers: WebAnswers, admin: bool) -> dict[str, Any]:
     return {
         "Trip": {
             "type": "object",
@@ -92,139 +112,7 @@ def _schemas(max_trips: int) -> dict[str, Any]:
             "maxItems": max_trips,
             "description": f"Up to {max_trips:,} trips, answered in order.",
         },
-        "ModelRef": model_ref,
-        "Prediction": _object({**prediction, "model": _ref("ModelRef")}, description="The answer for one trip."),
-        "Predictions": _object(
-            {"predictions": {"type": "array", "items": _object(prediction)}, "model": _ref("ModelRef")},
-            description="The answer for a list: one prediction per trip, in order.",
-        ),
-        "Error": _object(
-            {
-                "error": _object(
-                    {
-                        "code": {"type": "string", "examples": ["INVALID_PARAMETER_VALUE"]},
-                        "message": {"type": "string", "description": "What is wrong, for a person."},
-                        "field": {"type": _nullable("string"), "description": "The field at fault, if one is."},
-                        "item": {"type": _nullable("integer"), "description": "The trip's position in a list."},
-                    }
-                )
-            },
-            description="Every error, in the shape of MLflow's scoring server plus the field and the item.",
-        ),
-        "Health": _object(
-            {
-                "status": {"type": "string", "enum": ["ok"]},
-                "model": _object(
-                    {
-                        **model_ref["properties"],
-                        "loaded_at": TIMESTAMP,
-                        "source": {"type": "string", "description": "Where the artifacts came from."},
-                        "origin": {"type": "string", "enum": ["downloaded", "cache", "path"]},
-                    }
-                ),
-                "registry": _object(
-                    {
-                        "reachable": {"type": "boolean", "description": "Whether the last registry check answered."},
-                        "error": {"type": _nullable("string")},
-                        "checked_at": {**TIMESTAMP, "type": _nullable("string")},
-                    }
-                ),
-            }
-        ),
-        "ModelInfo": _object(
-            {
-                **model_ref["properties"],
-                "source": {"type": "string"},
-                "origin": {"type": "string", "enum": ["downloaded", "cache", "path"]},
-                "loaded_at": TIMESTAMP,
-                "registry": _object(
-                    {
-                        "current_stage": {"type": _nullable("string")},
-                        "aliases": {"type": "array", "items": {"type": "string"}},
-                        "creation_timestamp": {"type": _nullable("integer")},
-                        "description": {"type": _nullable("string"), "description": "The model card, in words."},
-                        "tags": {
-                            "type": "object",
-                            "additionalProperties": {"type": "string"},
-                            "description": "The model card train.py writes: data files and span, rows, Member "
-                            "share, the time-ordered test month and figures beside the prior's, the gate's verdict "
-                            "and reason, the candidate and its features.",
-                        },
-                    },
-                    required=[],
-                    description="The registry's facts about the version (empty for a MODEL_PATH folder).",
-                ),
-                "metrics": {
-                    "type": "object",
-                    "additionalProperties": {"type": _nullable("number")},
-                    "description": "The training run's metrics.",
-                },
-                "signature": {"type": _nullable("object"), "description": "The MLflow model signature."},
-                "bytes": {"type": _nullable("integer"), "description": "The size of the model's files."},
-                "fetch_error": {"type": "string", "description": "Why a cached version is served, if it is."},
-            },
-            required=[
-                *model_ref["properties"],
-                *("source", "origin", "loaded_at", "registry", "metrics", "signature", "bytes"),
-            ],
-        ),
-        "BatchRequest": _object(
-            {
-                "input": {
-                    "type": "string",
-                    "pattern": batch_jobs.INPUT_PATTERN,
-                    "description": "A trip file (CSV, gzip, zip or Parquet): a path under BATCH_ROOT (relative "
-                    f"paths start there) or an s3:// URI under BATCH_S3_PREFIX. {LOCATION_PATTERN_NOTE}",
-                },
-                "output": {
-                    "type": _nullable("string"),
-                    "pattern": batch_jobs.OUTPUT_PATTERN,
-                    "description": "Where the predictions go (.csv, .csv.gz, .parquet, or a folder ending in /); "
-                    f"by default beside the input as `<name>.predictions.csv`; not the input itself. "
-                    f"{LOCATION_PATTERN_NOTE}",
-                },
-            },
-            required=["input"],
-            examples=[{"input": "trips.csv"}],
-        ),
-        "BatchSummary": _object(
-            {
-                "input": {"type": "string"},
-                "output": {"type": "string"},
-                "rejects": {"type": "string"},
-                "rows": {"type": "integer"},
-                "scored": {"type": "integer"},
-                "rejected": {"type": "integer"},
-                "rejected_by_reason": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "member_share": {"type": "number", "description": "The share of scored trips predicted Member."},
-                "seconds": {"type": "number"},
-                "model": _ref("ModelRef"),
-                "rows_per_s": {"type": "number"},
-            }
-        ),
-        "BatchJob": _object(
-            {
-                "job_id": {"type": "string", "pattern": f"^{batch_jobs.JOB_ID.pattern}$"},
-                "status": {"type": "string", "enum": job_states},
-                "input": {"type": "string", "description": LOCATION},
-                "output": {"type": "string", "description": LOCATION},
-                "rejects": {"type": "string", "description": f"Where the rows that could not be read go. {LOCATION}"},
-                "model": _ref("ModelRef"),
-                "submitted_at": TIMESTAMP,
-                "started_at": TIMESTAMP,
-                "finished_at": TIMESTAMP,
-                "pid": {"type": "integer"},
-                "host": {"type": "string"},
-                "rows_done": {"type": "integer"},
-                "progress": {"type": _nullable("number"), "minimum": 0, "maximum": 1},
-                "error": {"type": "string", "description": "Why a failed job failed."},
-                "summary": _ref("BatchSummary"),
-                "peak_rss_mb": {"type": _nullable("number")},
-            },
-            required=["job_id", "status", "input", "output", "rejects", "model", "submitted_at"],
-            description="A batch job: `starting`, `running` (with progress), `succeeded` (with the summary) "
-            "or `failed` (with the error).",
-        ),
+        **copy.deepcopy(_answer_schemas(answers, admin)),
     }
 
 
@@ -242,17 +130,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "No `Content-Type: application/json`.",
         503: "MAX_BATCH_JOBS jobs are running already, or jobs cannot be recorded (BATCH_STATE_DIR not writable).",
     }
-    return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+    return {str(status): _json(_ref(Error), reasons[status]) for status in statuses}
 
 
-def _admin_paths() -> dict[str, Any]:
+def _admin_paths(answers: WebAnswers) -> dict[str, Any]:
     """The operations that exist only when ADMIN_TOKEN is set."""
-    reloaded = _object(
-        {
-            "reloaded": {"type": "boolean", "description": "Whether this worker swapped to another version."},
-            "model": _ref("ModelRef"),
-        }
-    )
     return {
         "/admin/reload": {
             "post": {
@@ -260,18 +142,18 @@ def _admin_paths() -> dict[str, Any]:
                 "summary": "Check the registry now; every worker loads a newly promoted version",
                 "security": [{"adminToken": []}],
                 "responses": {
-                    "200": _json(reloaded, "The version this worker now serves."),
+                    "200": _json(_ref(answers.reloaded), "The version this worker now serves."),
                     **_errors(401),
-                    "503": _json(_ref("Error"), "The registry did not answer; the loaded version keeps serving."),
+                    "503": _json(_ref(Error), "The registry did not answer; the loaded version keeps serving."),
                 },
             }
         }
     }
 
 
-def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the service, given the web layer's request limits and whether the admin
-    operations are on (ADMIN_TOKEN set)."""
+def document(max_trips: int, max_body_bytes: int, answers: WebAnswers, admin: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the service, given the web layer's request limits, its answers' declarations
+    and whether the admin operations are on (ADMIN_TOKEN set)."""
     date_order = {
         "name": "date_order",
         "in": "query",
@@ -321,7 +203,7 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
                     },
                     "responses": {
                         "200": _json(
-                            {"oneOf": [_ref("Prediction"), _ref("Predictions")]},
+                            {"oneOf": [_ref(answers.prediction), _ref(answers.predictions)]},
                             "The prediction for a trip object; `predictions` for a list.",
                         ),
                         **_errors(400, 413, 415),
@@ -332,14 +214,14 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
                 "get": {
                     "operationId": "health",
                     "summary": "The loaded model and the registry's last answer",
-                    "responses": {"200": _json(_ref("Health"), "The service is up and has a model.")},
+                    "responses": {"200": _json(_ref(Health), "The service is up and has a model.")},
                 }
             },
             "/model": {
                 "get": {
                     "operationId": "modelInfo",
                     "summary": "The loaded model's registry metadata, signature and training metrics",
-                    "responses": {"200": _json(_ref("ModelInfo"), "The model being served.")},
+                    "responses": {"200": _json(_ref(answers.model_info), "The model being served.")},
                 }
             },
             "/predict/batch": {
@@ -348,11 +230,11 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
                     "summary": "Score a file of trips in the background",
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _ref("BatchRequest")}},
+                        "content": {"application/json": {"schema": _ref(BatchRequest)}},
                     },
                     "responses": {
                         "202": {
-                            **_json(_ref("BatchJob"), "The job started; poll it."),
+                            **_json(_ref(BatchJob), "The job started; poll it."),
                             "links": {
                                 "GetBatchJob": {
                                     "operationId": "getBatchJob",
@@ -369,7 +251,7 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
                     "operationId": "getBatchJob",
                     "summary": "A batch job's state",
                     "parameters": [job_id],
-                    "responses": {"200": _json(_ref("BatchJob"), "The job's state."), **_errors(404)},
+                    "responses": {"200": _json(_ref(BatchJob), "The job's state."), **_errors(404)},
                 }
             },
             "/metrics": {
@@ -407,10 +289,10 @@ def document(max_trips: int, max_body_bytes: int, admin: bool = False) -> dict[s
             },
         },
         "components": {
-            "schemas": _schemas(max_trips),
+            "schemas": _schemas(max_trips, answers, admin),
             **({"securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}}} if admin else {}),
         },
     }
     if admin:
-        result["paths"].update(_admin_paths())
+        result["paths"].update(_admin_paths(answers))
     return result

@@ -22,13 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import ConfigDict, Field, with_config
 
 from bikeshare_membership.stations import station_index
 
@@ -49,8 +50,9 @@ _TYPE_PHRASES: Mapping[str, str] = {
 }
 
 
-MEMBER = "Member"
-CASUAL = "Casual"
+MEMBER: Final = "Member"
+CASUAL: Final = "Casual"
+Membership = Literal["Member", "Casual"]  # a prediction's answer
 LABELS = {
     "member": MEMBER,
     "annual member": MEMBER,
@@ -218,6 +220,18 @@ MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station
 DateOrder = Literal["MDY", "DMY"]
 DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
 DEFAULT_REQUEST_DATE_ORDER: DateOrder = "MDY"
+
+# --- How an answer's shape is declared -------------------------------------------------------------------
+# Every JSON object the service answers with is declared once, as a TypedDict where it is built, and openapi.py
+# generates its schema in the API document from that declaration (with pydantic): `Annotated[T, Field(...)]`
+# gives a key its description and constraints, `NotRequired` marks a key that may be left out, and `@closed`
+# says that no other key appears (`additionalProperties: false`). TypedDict comes from typing_extensions: pydantic
+# refuses typing's before Python 3.12. A TypedDict's `__required_keys__` is wrong here (Python 3.11 cannot see
+# `NotRequired` in the string annotations `from __future__ import annotations` makes); pydantic and mypy are not.
+
+closed = with_config(ConfigDict(extra="forbid"))
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # ISO 8601 with the offset, UTC
+TRIP_ID = next(trip_field for trip_field in REQUEST_SCHEMA if trip_field.name == "trip_id")
 
 
 class InvalidTrip(ValueError):

@@ -8,9 +8,10 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, Required
 
 import jsonschema_rs
 import orjson
@@ -19,9 +20,10 @@ import requests
 from conftest import service_env
 from harness import start_gunicorn, stop
 from test_preprocess import Y2023
+from typing_extensions import is_typeddict
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import batch_jobs, docs_page, schema
+from bikeshare_membership import batch_jobs, docs_page, openapi, schema
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.schema import EXAMPLE_TRIP
@@ -286,6 +288,47 @@ def test_a_field_cannot_be_required_and_nullable() -> None:
         schema.TripField("trip_id", ("integer", "null"), "an id", 1, required=True)
     with pytest.raises(ValueError, match="optional"):
         schema.TripField("user_type", ("string",), "a label", "Member")
+
+
+def _declarations(shape: Any, found: dict[str, Any]) -> dict[str, Any]:
+    """`shape` and every TypedDict its keys hold (inside lists, dicts and unions too), by name."""
+    if is_typeddict(shape):
+        found[shape.__name__] = shape
+        for value in typing.get_type_hints(shape).values():
+            _declarations(value, found)
+    for argument in typing.get_args(shape):
+        _declarations(argument, found)
+    return found
+
+
+def _required_keys(shape: Any) -> set[str]:
+    """The keys a TypedDict requires, read from its annotations (its `__required_keys__` takes a `NotRequired`
+    written under `from __future__ import annotations` for required on Python 3.11). No declaration here mixes
+    total and non-total bases, so the class's own totality holds for every key."""
+    hints = typing.get_type_hints(shape, include_extras=True)
+    origins = {name: typing.get_origin(hint) for name, hint in hints.items()}
+    return {
+        name
+        for name, origin in origins.items()
+        if origin is Required or (shape.__total__ and origin is not NotRequired)
+    }
+
+
+@pytest.mark.parametrize("admin", [False, True])
+def test_every_answer_schema_has_the_keys_of_its_declaration(admin: bool) -> None:
+    """The document's schemas are the TypedDicts', key for key: changing an answer is one edit, where it is built."""
+    components = openapi.document(100, 1 << 20, service_app.ANSWERS, admin)["components"]["schemas"]
+    declared: dict[str, Any] = {}
+    for shape in openapi.answer_shapes(service_app.ANSWERS, admin):
+        _declarations(shape, declared)
+    assert set(components) == {"Trip", "Trips", *declared}
+    assert {"Prediction", "Predictions", "ModelRef", "Error", "Health", "ModelInfo", "BatchRequest"} <= set(declared)
+    assert {"BatchJob", "BatchSummary"} <= set(declared) and ("Reloaded" in declared) == admin
+    for name, shape in declared.items():
+        component = components[name]
+        assert list(component["properties"]) == list(typing.get_type_hints(shape)), name
+        assert set(component.get("required", [])) == _required_keys(shape), name
+        assert component["additionalProperties"] is False, name
 
 
 @pytest.mark.parametrize("admin_token", ["", "a-token"])
