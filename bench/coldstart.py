@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -59,11 +60,11 @@ def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:
         stop(process)
 
 
-def timed(action: object, repeats: int) -> float:
+def timed(action: Callable[[], object], repeats: int) -> float:
     durations = []
     for _ in range(repeats):
         started = time.monotonic()
-        action()  # type: ignore[operator]
+        action()
         durations.append(time.monotonic() - started)
     return statistics.median(durations)
 

@@ -58,8 +58,16 @@ def body_for(server: str, trips: int) -> bytes:
 
 
 def milliseconds(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    value, unit = found(r"^([\d.]+)(us|ms|s)$", text)
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def found(pattern: str, text: str) -> tuple[str, ...]:
+    """The groups of `pattern`'s first match in wrk's output; an error showing both if there is none."""
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"wrk's output has no {pattern!r}:\n{text}")
+    return match.groups()
 
 
 def run_wrk(url: str, body: bytes, connections: int, duration: int, work: Path) -> Result:
@@ -84,9 +92,9 @@ def run_wrk(url: str, body: bytes, connections: int, duration: int, work: Path) 
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return Result(
-        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-        p50_ms=milliseconds(re.search(r"\s50%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
-        p99_ms=milliseconds(re.search(r"\s99%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        requests_per_s=float(found(r"Requests/sec:\s+([\d.]+)", output)[0]),
+        p50_ms=milliseconds(found(r"\s50%\s+(\S+)", output)[0]),
+        p99_ms=milliseconds(found(r"\s99%\s+(\S+)", output)[0]),
         errors=(sum(int(count) for count in socket_errors.groups()) if socket_errors else 0)
         + (int(non_2xx.group(1)) if non_2xx else 0),
     )

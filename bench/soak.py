@@ -527,9 +527,12 @@ def predicted_versions(url: str, count: int = 20) -> Counter[str]:
     )
 
 
-def stopped_under_load(stack: Stack, args: argparse.Namespace, process: Popen) -> tuple[Load, HealthWatch, float]:
+def stopped_under_load(
+    stack: Stack, args: argparse.Namespace, process: Popen | None
+) -> tuple[Load, HealthWatch, float]:
     """An outage phase's start: load and a /health watch running, then `process` stopped a quarter into the
     phase. Returns the load, the watch and when the stop began."""
+    assert process is not None, "the stack's processes run during every phase"
     load = Load(stack.url, args.clients, args.phase_seconds, args.load_processes)
     watch = HealthWatch(stack.url)
     time.sleep(args.phase_seconds / 4)

@@ -168,9 +168,10 @@ def _date_order() -> DateOrder | None:
     value = request.args.get("date_order")
     if value is None:
         return None
-    if value.upper() not in DATE_ORDERS:
-        raise Refused(400, "INVALID_PARAMETER_VALUE", "must be MDY or DMY", field="date_order")
-    return value.upper()  # type: ignore[return-value]
+    for order in DATE_ORDERS:
+        if value.upper() == order:
+            return order
+    raise Refused(400, "INVALID_PARAMETER_VALUE", "must be MDY or DMY", field="date_order")
 
 
 def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) -> list[dict[str, Any]]:
@@ -328,6 +329,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     docs_page.register(app, "/openapi.json", f"{document['info']['title']} API")  # GET /docs: Swagger UI
     if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
         app.register_blueprint(admin)
+    # Flask's documented way to wrap its WSGI app in middleware, which its types declare as a method.
     app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]
     app.register_error_handler(Refused, render_refusal)
     app.register_error_handler(HTTPException, render_http_error)

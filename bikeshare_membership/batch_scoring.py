@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -191,7 +191,7 @@ def score_file(
             rows += len(trips) + len(rejected)
             scored += len(trips)
             members += int((labels == MEMBER).sum())
-            reasons.update(rejected["reason"].value_counts().to_dict())
+            reasons.update({str(reason): int(count) for reason, count in rejected["reason"].value_counts().items()})
             if on_progress is not None:
                 on_progress(rows, chunk.bytes_read, size)
     return ScoreSummary(
@@ -234,7 +234,7 @@ def _scored(
             yield done, future.result()
 
 
-def _read_ahead(chunks: Iterator[city_files.TripChunk]) -> Iterator[city_files.TripChunk]:
+def _read_ahead(chunks: Generator[city_files.TripChunk, None, None]) -> Iterator[city_files.TripChunk]:
     """Yield chunks while a thread reads and parses the next one, so reading overlaps the model's work."""
     with closing(chunks), ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
         upcoming = reader.submit(next, chunks, None)

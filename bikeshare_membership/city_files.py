@@ -16,10 +16,10 @@ import csv
 import gzip
 import io
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from bikeshare_membership.schema import (
     parse_timestamp_columns,
 )
 from bikeshare_membership.stations import station_index
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 def resolve_station_ids(ids: pd.Series, names: pd.Series) -> pd.Series:
@@ -213,7 +216,7 @@ class TripChunk:
 class _CountingReader(io.RawIOBase):
     """A binary file that counts the bytes read through it: the progress of a pass over a file."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: io.BufferedIOBase) -> None:
         self.file, self.bytes_read = file, 0
 
     def readable(self) -> bool:
@@ -222,7 +225,7 @@ class _CountingReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         count = self.file.readinto(buffer)
         self.bytes_read += count
         return count
@@ -234,7 +237,7 @@ class _CountingReader(io.RawIOBase):
         return self.file.tell()
 
 
-def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[TripChunk]:
+def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Generator[TripChunk, None, None]:
     """The trips of a local file, chunk by chunk; raises ValueError for a file it cannot read at all."""
     suffix = input_suffix(path.name)
     if suffix is None:
@@ -271,7 +274,7 @@ def _is_zipped_csv(name: str) -> bool:
     return name.lower().endswith(".csv") and not name.startswith("__MACOSX/") and not Path(name).name.startswith(".")
 
 
-def _read_header(stream: BinaryIO) -> list[str]:
+def _read_header(stream: IO[bytes] | io.BufferedIOBase) -> list[str]:
     line = stream.readline(MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
     return next(csv.reader([line.rstrip("\r\n")]), [])
 

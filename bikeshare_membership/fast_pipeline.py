@@ -194,7 +194,7 @@ class FastPipeline:
         except OverflowError:  # exp(-raw) beyond the largest float, where expit answers 0
             return 0.0
 
-    def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
+    def member_probability(self, trips: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
         """P(Member) for trips given as columns (a DataFrame, or arrays)."""
         raw = [self.row_score(row) for row in self.features.catalogue_matrix(trips).tolist()]
         return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses

@@ -19,6 +19,9 @@ from bikeshare_membership.stations import station_index
 
 # --- Features ---------------------------------------------------------------------------------------
 
+# Trips as the model takes them: `MODEL_INPUT_COLUMNS` as a DataFrame's columns, or as arrays by name.
+TripColumns = pd.DataFrame | Mapping[str, Any]
+
 MAX_DURATION_SECONDS = 7 * 24 * 3600
 # Every feature `trip_features` computes, in its order. A model uses the subset its `TripFeatures` names: the
 # first ten are the features of every model registered before that subset was a parameter (LEGACY_FEATURES).
@@ -162,7 +165,7 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         state.setdefault("holiday_days_", np.empty(0, dtype="int64"))
         super().__setstate__(state)
 
-    def fit(self, trips: pd.DataFrame, target: Any = None) -> TripFeatures:
+    def fit(self, trips: TripColumns, target: Any = None) -> TripFeatures:
         unknown = sorted(set(self.features) - set(FEATURE_CATALOGUE))
         if unknown:
             raise ValueError(f"unknown features {unknown}; known: {', '.join(FEATURE_CATALOGUE)}")
@@ -183,7 +186,7 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         """Where each of `features` stands in FEATURE_CATALOGUE."""
         return [FEATURE_CATALOGUE.index(name) for name in self.features]
 
-    def catalogue_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
+    def catalogue_matrix(self, trips: TripColumns) -> np.ndarray:
         """The (n, len(FEATURE_CATALOGUE)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
         seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
         duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
@@ -194,11 +197,11 @@ class TripFeatures(TransformerMixin, BaseEstimator):
         values = trip_features(seconds, duration, from_id, to_id, origin.T, destination.T, self.holiday_days_)
         return np.column_stack(values).astype("float64", copy=False)
 
-    def feature_matrix(self, trips: Mapping[str, Any]) -> np.ndarray:
+    def feature_matrix(self, trips: TripColumns) -> np.ndarray:
         """The (n, len(features)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
         return self.catalogue_matrix(trips)[:, self.positions]
 
-    def transform(self, trips: Mapping[str, Any]) -> pd.DataFrame:
+    def transform(self, trips: TripColumns) -> pd.DataFrame:
         index = trips.index if isinstance(trips, pd.DataFrame) else None
         return pd.DataFrame(self.feature_matrix(trips), columns=list(self.features), index=index)
 

@@ -52,6 +52,7 @@ import preprocess  # noqa: F401  unpickling resolves `preprocess.TripFeatures` t
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
+from bikeshare_membership.features import TripColumns
 from bikeshare_membership.registry import NoProductionModel, production_version
 from bikeshare_membership.schema import (
     CASUAL,
@@ -172,7 +173,7 @@ class LoadedModel:
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     fast: FastPipeline | None = None
 
-    def member_probability(self, trips: Mapping[str, Any]) -> np.ndarray:
+    def member_probability(self, trips: TripColumns) -> np.ndarray:
         """P(Member) for each trip (a DataFrame, or columns as arrays), equal to the pipeline's `predict_proba`.
 
         Up to FAST_PATH_MAX_ROWS trips go through the exact fast form; more, through scikit-learn, whose
@@ -401,7 +402,14 @@ def load_model_path(path: str) -> LoadedModel:
     """
     directory = Path(path)
     manifest_path = directory / MANIFEST
-    manifest = {"name": directory.name, "version": "local", "run_id": "", "registry": {}, "metrics": {}, "bytes": None}
+    manifest: dict[str, Any] = {
+        "name": directory.name,
+        "version": "local",
+        "run_id": "",
+        "registry": {},
+        "metrics": {},
+        "bytes": None,
+    }
     if manifest_path.exists():
         manifest |= json.loads(manifest_path.read_text())
     return load_directory(directory, manifest | {"source": str(directory)}, origin="path")

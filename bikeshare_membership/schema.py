@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -389,7 +389,7 @@ def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:
             if not ("integer" in trip_field.types and _is_whole_float(value)):
                 raise InvalidTrip(trip_field.name, trip_field.type_error, item)
             value = int(value)
-        elif trip_field.non_negative and value < 0:
+        elif trip_field.non_negative and cast(float, value) < 0:  # a number: its type was checked
             raise InvalidTrip(trip_field.name, "must not be negative", item)
         values.append(value)
     return values
@@ -428,17 +428,17 @@ def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: i
         record, item
     )
     (start, stop), _ = parse_timestamps([start_text, stop_text], date_order or DEFAULT_REQUEST_DATE_ORDER)
-    for field, moment in (("trip_start_time", start), ("trip_stop_time", stop)):
-        if moment is None:
-            raise InvalidTrip(field, "is not a valid date-time: use ISO 8601 or M/D/YYYY H:MM[:SS]", item)
+    if start is None or stop is None:
+        field = "trip_start_time" if start is None else "trip_stop_time"
+        raise InvalidTrip(field, "is not a valid date-time: use ISO 8601 or M/D/YYYY H:MM[:SS]", item)
     if stop < start:
         raise InvalidTrip("trip_stop_time", "is before trip_start_time", item)
-    user_type = _text(user_type)
-    if user_type is not None and user_type.strip().lower() not in LABELS:
+    label = _text(user_type)
+    if label is not None and label.strip().lower() not in LABELS:
         raise InvalidTrip("user_type", "must be Member, Casual, Annual Member, Casual Member or null", item)
 
     index = station_index()
-    ends = {}
+    ends: dict[str, float | str | None] = {}
     for end, station_id, name in (("from", from_id, _text(from_name)), ("to", to_id, _text(to_name))):
         resolved = _station_id(station_id, f"{end}_station_id", item)
         if math.isnan(resolved) and name is not None:
@@ -451,7 +451,7 @@ def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: i
         "trip_stop_time": stop,
         "trip_duration_seconds": float(duration),
         **ends,
-        "user_type": LABELS[user_type.strip().lower()] if user_type else None,
+        "user_type": LABELS[label.strip().lower()] if label else None,
     }
 
 

@@ -63,5 +63,8 @@ def station_index(path: Path = STATIONS_FILE) -> StationIndex:
     return StationIndex(
         ids_by_name=ids_by_name,
         ids_by_loose_name={key: ids.pop() for key, ids in loose.items() if len(ids) == 1},
-        coordinates={int(row.station_id): (float(row.lat), float(row.lon)) for row in located.itertuples()},
+        coordinates={
+            int(station_id): (float(lat), float(lon))
+            for station_id, lat, lon in zip(located["station_id"], located["lat"], located["lon"], strict=True)
+        },
     )

@@ -19,8 +19,8 @@ def package_imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == PACKAGE.name:
                 imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{PACKAGE.name}."):
-                imported.add(node.module.split(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and (module := node.module or "").startswith(f"{PACKAGE.name}."):
+                imported.add(module.split(".", 1)[1])
             elif isinstance(node, ast.Import):
                 imported |= {
                     alias.name.split(".", 1)[1] for alias in node.names if alias.name.startswith(f"{PACKAGE.name}.")

@@ -52,9 +52,7 @@ TRIP = {
 }
 
 
-def run_batch(
-    settings: Settings, cwd: Path, *args: str, timeout: float = 300, **env: str
-) -> subprocess.CompletedProcess:
+def run_batch(settings: Settings, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`python batch_scoring.py ...` as a real process, against the test registry (a new experiment's artifacts go
     to `cwd`/mlruns, as MLflow does with a local store)."""
     return subprocess.run(
@@ -63,7 +61,7 @@ def run_batch(
         env=service_env(settings, **env),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=300,
     )
 
 
@@ -244,6 +242,11 @@ def batch_settings(settings: Settings, tmp_path: Path) -> Settings:
     return replace(settings, batch_root=str(root), batch_state_dir=str(tmp_path / "state"))
 
 
+def batch_root(settings: Settings) -> Path:
+    assert settings.batch_root is not None
+    return Path(settings.batch_root)
+
+
 @pytest.fixture
 def client(batch_settings: Settings, model: LoadedModel):
     return service_app.create_app(batch_settings, ModelHolder(None, model)).test_client()
@@ -272,7 +275,7 @@ def client(batch_settings: Settings, model: LoadedModel):
 def test_batch_requests_outside_the_root_or_malformed_get_a_4xx(
     client, batch_settings: Settings, tmp_path: Path, body, status: int, code: str, field: str | None
 ) -> None:
-    root = Path(batch_settings.batch_root)
+    root = batch_root(batch_settings)
     (root / "trips.csv").write_text(Y2023)
     (root / "notes.txt").write_text("not trips")
     (tmp_path / "outside.csv").write_text(Y2023)
@@ -289,7 +292,7 @@ def test_batch_requests_outside_the_root_or_malformed_get_a_4xx(
 def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
     batch_settings: Settings, model: LoadedModel, tmp_path: Path
 ) -> None:
-    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+    (batch_root(batch_settings) / "trips.csv").write_text(Y2023)
     (tmp_path / "not-a-folder").write_text("")
     broken = replace(batch_settings, batch_state_dir=str(tmp_path / "not-a-folder"))
     client = service_app.create_app(broken, ModelHolder(None, model)).test_client()
@@ -300,7 +303,7 @@ def test_a_state_folder_that_cannot_be_written_is_a_503_not_a_crash(
 def test_a_job_whose_process_cannot_start_is_a_503_and_recorded_as_failed(
     client, batch_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+    (batch_root(batch_settings) / "trips.csv").write_text(Y2023)
 
     def out_of_processes(*args: Any, **kwargs: Any) -> None:
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
@@ -320,7 +323,7 @@ def test_a_job_whose_process_cannot_start_is_a_503_and_recorded_as_failed(
 def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Settings, model: LoadedModel) -> None:
     """With MAX_BATCH_JOBS=1 a second job is refused with 503 while the first one's process runs (it takes
     seconds to import its libraries alone), and accepted once the first has finished."""
-    (Path(batch_settings.batch_root) / "trips.csv").write_text(Y2023)
+    (batch_root(batch_settings) / "trips.csv").write_text(Y2023)
     one_at_a_time = replace(batch_settings, max_batch_jobs=1)
     client = service_app.create_app(one_at_a_time, ModelHolder(None, model)).test_client()
     first = client.post("/predict/batch", json={"input": "trips.csv", "output": "first.csv"})
@@ -333,7 +336,7 @@ def test_jobs_beyond_max_batch_jobs_wait_for_a_free_slot(batch_settings: Setting
     third = client.post("/predict/batch", json={"input": "trips.csv", "output": "third.csv"})
     assert third.status_code == 202
     assert poll(lambda: client.get(f"/predict/batch/{third.get_json()['job_id']}").get_json())["status"] == "succeeded"
-    assert not (Path(batch_settings.batch_root) / "second.csv").exists()
+    assert not (batch_root(batch_settings) / "second.csv").exists()
 
 
 def test_a_service_without_batch_root_reads_no_local_file(settings: Settings, model: LoadedModel) -> None:
@@ -366,14 +369,14 @@ def poll(get_status, until: tuple[str, ...] = batch_jobs.FINISHED, timeout: floa
 
 
 def test_a_failing_job_reports_its_error(client, batch_settings: Settings) -> None:
-    (Path(batch_settings.batch_root) / "other.csv").write_text("id,start,stop\n1,2,3\n")
+    (batch_root(batch_settings) / "other.csv").write_text("id,start,stop\n1,2,3\n")
     started = client.post("/predict/batch", json={"input": "other.csv"})
     assert started.status_code == 202
     job = started.get_json()
     status = poll(lambda: client.get(f"/predict/batch/{job['job_id']}").get_json())
     assert status["status"] == "failed" and "unknown file layout" in status["error"]
     print(f"\nfailed job as shown: {status}")
-    assert str(Path(batch_settings.batch_root).resolve()) not in json.dumps([job, status])
+    assert str(batch_root(batch_settings).resolve()) not in json.dumps([job, status])
 
 
 def test_s3_jobs_only_under_the_configured_prefix(
@@ -433,7 +436,7 @@ def batch_service(batch_settings: Settings, trained, tmp_path: Path):
 def test_a_large_job_through_gunicorn_completes_while_predict_keeps_answering(
     batch_service: str, batch_settings: Settings
 ) -> None:
-    rows = write_big_csv(Path(batch_settings.batch_root) / "big.csv", copies=8)
+    rows = write_big_csv(batch_root(batch_settings) / "big.csv", copies=8)
 
     submitted = requests.post(f"{batch_service}/predict/batch", json={"input": "big.csv"}, timeout=10)
     assert submitted.status_code == 202, submitted.text
@@ -459,7 +462,7 @@ def test_a_large_job_through_gunicorn_completes_while_predict_keeps_answering(
     assert answered_while_running >= 1 and max(latencies) < 5.0  # /predict kept answering while the job ran
     assert status["summary"]["rows"] == status["summary"]["scored"] == status["rows_done"] == rows
     assert status["model"]["version"] == requests.get(f"{batch_service}/health", timeout=10).json()["model"]["version"]
-    root = Path(batch_settings.batch_root).resolve()
+    root = batch_root(batch_settings).resolve()
     assert str(root) not in json.dumps([job, status])  # paths as requests give them: relative to BATCH_ROOT
     assert (job["input"], status["output"]) == ("big.csv", "big.predictions.csv")
     output = root / status["output"]
@@ -488,6 +491,7 @@ def test_evaluate_logs_metrics_images_and_drift_and_fails_below_the_floor(
 
     client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name(f"{settings.experiment_name}-monitoring")
+    assert experiment is not None
     run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
     metrics = run.data.metrics
     for name in ("eval_roc_auc", "eval_log_loss", "eval_brier", "eval_precision", "eval_recall"):

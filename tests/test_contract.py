@@ -339,7 +339,7 @@ def test_every_route_is_documented(settings: Settings, model, admin_token: str) 
         (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         if rule.endpoint.rpartition(".")[2] != "static"  # files: Flask's, Swagger UI's (docs_page.py)
-        for method in rule.methods - {"HEAD", "OPTIONS"}
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
     }
     served = app.test_client().get("/openapi.json").get_json()
     assert routes == {(path, method) for path, item in served["paths"].items() for method in item}

@@ -6,7 +6,7 @@ import copy
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,7 @@ def test_large_lists_take_the_scikit_learn_path_with_the_same_answers(
     model: LoadedModel, real_trips: pd.DataFrame
 ) -> None:
     many = real_trips.head(FAST_PATH_MAX_ROWS + 1)
+    assert model.fast is not None
     np.testing.assert_allclose(model.member_probability(many), model.fast.member_probability(many), rtol=0, atol=1e-5)
 
 
@@ -114,7 +115,8 @@ def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_
     path trip by trip, with the types `parse_request_trip` gives, bit for bit."""
     sample = real_trips.sample(2000, random_state=4)
     expected = model.pipeline.predict_proba(sample)[:, 1]
-    trips = [{**trip, "trip_start_time": trip["trip_start_time"].to_pydatetime()} for trip in sample.to_dict("records")]
+    records = cast(list[dict[str, Any]], sample.to_dict("records"))  # the frame's column names are strings
+    trips = [{**trip, "trip_start_time": trip["trip_start_time"].to_pydatetime()} for trip in records]
     assert all(type(trip["trip_start_time"]) is datetime for trip in trips)
     one_by_one = [model.request_probabilities([trip])[0] for trip in trips]
     np.testing.assert_allclose(one_by_one, expected, rtol=0, atol=1e-5)
@@ -130,6 +132,7 @@ def test_a_one_row_frame_cut_from_a_file_is_scored(model: LoadedModel, real_trip
 
 @pytest.mark.parametrize("raw", [-1000.0, -30.0, 0.0, 30.0, 1000.0])
 def test_one_trip_link_is_expit_also_where_exp_overflows(model: LoadedModel, raw: float) -> None:
+    assert model.fast is not None
     fast = copy.copy(model.fast)
     fast.raw_score = lambda *features: raw
     probability = fast.trip_probability(datetime(2017, 7, 1, 8), 600.0, 7000.0, 7001.0)

@@ -90,7 +90,7 @@ def test_an_earlier_releases_model_answers_requests(registered: Registered) -> N
         for end in ("from", "to"):
             body[f"{end}_station_id"] = None if body[f"{end}_station_id"] is None else int(body[f"{end}_station_id"])
         answer = client.post("/predict", json=body)
-        assert answer.status_code == 200, answer.json
+        assert answer.status_code == 200 and answer.json is not None, answer.json
         assert answer.json["proba"] == round(probability * 100, 2)
         assert answer.json["model"] == {"name": settings.registered_model, "version": "1", "run_id": ""}
 

@@ -315,7 +315,7 @@ def test_a_version_whose_artifacts_are_incomplete_is_never_cached(
 
     assert holder.refresh() is False and holder.model.version == "1"
     health = holder.health()["registry"]
-    assert health["reachable"] is False and "FileNotFoundError" in health["error"]
+    assert health["reachable"] is False and health["error"] is not None and "FileNotFoundError" in health["error"]
     assert not (tmp_path / name / "2").exists()
     restarted = ModelStore(settings).load_production()  # a restart now: version 1, intact, from the cache
     assert (restarted.version, restarted.origin) == ("1", "cache")

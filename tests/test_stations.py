@@ -11,13 +11,14 @@ from bikeshare_membership import stations
 from bikeshare_membership.city_files import read_trips
 
 _spec = importlib.util.spec_from_file_location("build_stations", stations.DATA_DIR / "build_stations.py")
+assert _spec is not None and _spec.loader is not None
 build_stations = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_stations)
 
 
 def snapshot_place(file_name: str, station_id: int) -> tuple[float, float]:
     snapshot = pd.read_csv(stations.DATA_DIR / file_name, index_col="station_id")
-    return float(snapshot.at[station_id, "lat"]), float(snapshot.at[station_id, "lon"])
+    return float(snapshot["lat"][station_id]), float(snapshot["lon"][station_id])
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,7 @@ def test_the_time_ordered_test_beats_the_prior_and_everything_is_logged(
 ) -> None:
     client = client_for(settings)
     version = production_version(client, settings.registered_model)
+    assert version.run_id is not None
     run = client.get_run(version.run_id)
     metrics, params = run.data.metrics, run.data.params
     assert params["test_month"] == "2023-05" and params["months"] == "2023-01,2023-02,2023-03,2023-05"
@@ -171,12 +172,15 @@ def test_the_model_card_describes_data_figures_gate_and_features(
     assert tags["features"].split(",") == list(
         next(c for c in training.CANDIDATES if c.name == tags["candidate"]).features
     )
+    assert version.description is not None
     assert "refitted on every month, 2023-05 included" in version.description
     assert f"ROC AUC {float(tags['test_roc_auc']):.4f}" in version.description
 
 
 def test_logged_model_is_the_fitted_pipeline_with_signature(model: LoadedModel) -> None:
-    inputs = json.loads(model.metadata["signature"]["inputs"])
+    signature = model.metadata["signature"]
+    assert signature is not None
+    inputs = json.loads(signature["inputs"])
     assert [column["name"] for column in inputs] == schema.MODEL_INPUT_COLUMNS
     assert model.pipeline.named_steps["classifier"].n_iter_ > 0  # fitted, not a clone
     features = model.pipeline.named_steps["features"]
@@ -243,6 +247,7 @@ def test_a_challenger_trained_on_shuffled_labels_is_refused_and_production_stays
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         assert client.get_model_version(gated.registered_model, challenger.version).current_stage == "None"
+    assert challenger.run_id is not None
     run_record = client.get_run(challenger.run_id)
     assert run_record.data.tags["gate"] == "refused"
     mlflow.set_tracking_uri(gated.tracking_uri)
@@ -260,7 +265,7 @@ def test_force_promotes_a_refused_challenger_and_says_so_then_rollback_restores_
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "gate: forced past the gate: does not beat the prior" in forced.stdout
     promoted = production_version(client, gated.registered_model)
-    assert str(promoted.version) != champion and promoted.tags["gate"] == "forced"
+    assert str(promoted.version) != champion and promoted.tags["gate"] == "forced" and promoted.run_id is not None
     assert client.get_run(promoted.run_id).data.tags["gate"] == "forced"
     assert str(client.get_model_version_by_alias(gated.registered_model, promotion.PREVIOUS_ALIAS).version) == champion
 
