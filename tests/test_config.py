@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_a_value_that_would_break_the_line_stays_on_it() -> None:
         Settings.from_env({"MAX_BODY_BYTES": "1\n2"})
 
 
-ACCEPTED = {
+ACCEPTED: dict[str, dict[str, Any]] = {
     "MODEL_PORT": {"1": 1, "65535": 65535, " 8080 ": 8080},
     "MODEL_FETCH_RETRIES": {"0": 0},  # one attempt
     "MODEL_REFRESH_SECONDS": {"0": 0.0, "0.5": 0.5},  # 0: only when a reload is requested
