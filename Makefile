@@ -33,9 +33,12 @@ serve: $(VENV)/.synced
 train: $(VENV)/.synced
 	$(PIPENV) run python train.py
 
+# mypy twice: bench/ has scripts named like the root's (batch.py, train.py), so it is checked on its own.
 lint: lint-docker
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench
 
 lint-docker: $(VENV)/.synced-dev
 	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
