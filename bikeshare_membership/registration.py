@@ -7,6 +7,8 @@ promotion.py's; the command line train_cli.py's.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,16 +76,20 @@ def train(
     with mlflow.start_run() as run:
         metrics = _log_evaluation(trips, time_ordered, pipeline)
         example = trips.inputs.head(5)
-        model_info = mlflow.sklearn.log_model(
-            pipeline,
-            name="model",
-            signature=infer_signature(example, pipeline.predict_proba(example)),
-            input_example=example,
-            code_paths=CODE_PATHS,
-            skops_trusted_types=SKOPS_TRUSTED_TYPES,
-            pyfunc_predict_fn="predict_proba",
-            registered_model_name=name,
-        )
+        printed = io.StringIO()  # MLflow prints registration notices to stderr: they go to the JSON log instead
+        with contextlib.redirect_stderr(printed):
+            model_info = mlflow.sklearn.log_model(
+                pipeline,
+                name="model",
+                signature=infer_signature(example, pipeline.predict_proba(example)),
+                input_example=example,
+                code_paths=CODE_PATHS,
+                skops_trusted_types=SKOPS_TRUSTED_TYPES,
+                pyfunc_predict_fn="predict_proba",
+                registered_model_name=name,
+            )
+        for line in filter(None, printed.getvalue().splitlines()):
+            log.info("%s", line)
         version = str(model_info.registered_model_version)
         client.set_registered_model_alias(name, promotion.CHALLENGER_ALIAS, version)
         challenger = {metric: metrics[f"test_{metric}"] for metric in promotion.GATED_METRICS}
