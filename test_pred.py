@@ -14,8 +14,6 @@ import requests
 from bikeshare_membership.config import DEFAULT_PORT
 from bikeshare_membership.schema import EXAMPLE_TRIP
 
-TRIP = EXAMPLE_TRIP  # the first trip of the 2017 Q1 export, as the City wrote it (day-first dates)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = f"http://{args.host}:{args.port}/predict"
     try:
-        response = requests.post(url, json=TRIP, timeout=args.timeout)
+        response = requests.post(url, json=EXAMPLE_TRIP, timeout=args.timeout)
         answer = response.json()
     except (requests.RequestException, ValueError) as error:
         print(f"FAILED: {url}: {error}", file=sys.stderr)

@@ -602,7 +602,8 @@ def s3_outage(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     tried = wait_until(lambda: f"failed to load version {new}" in stack.log_text(), NOTICE_LIMIT_SECONDS)
     result = load.result()
     stack.start_moto()
-    bucket = s3_client(Settings())  # a new client: the old one's connections went with the old server
+    s3_client.cache_clear()  # a new client: the old one's connections went with the old server
+    bucket = s3_client(Settings())
     bucket.create_bucket(Bucket=BUCKET)
     for key in keys:
         bucket.upload_file(str(snapshot / key), BUCKET, key)

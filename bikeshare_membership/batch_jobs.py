@@ -6,7 +6,6 @@ reads (`job_status`). Locations are checked against BATCH_ROOT and BATCH_S3_PREF
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -34,8 +33,6 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import Refused
 from bikeshare_membership.model_store import LoadedModel, ModelRef
 from bikeshare_membership.schema import Timestamp, any_case, closed
-
-log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 JobState = Literal["starting", "running", "succeeded", "failed"]

@@ -10,7 +10,6 @@ the file's size and both cores stay busy.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import Counter, deque
@@ -35,8 +34,6 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.model_store import LoadedModel, ModelRef, membership
 from bikeshare_membership.schema import MEMBER, closed
 
-log = logging.getLogger(__name__)
-
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
 OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
 PREDICTIONS_TAG = ".predictions"
@@ -51,8 +48,6 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("trip_id", pa.large_string()), ("reason", pa.string())])
-
-log = logging.getLogger(__name__)
 
 
 # --- Scoring a file ---------------------------------------------------------------------------------

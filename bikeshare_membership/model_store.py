@@ -29,7 +29,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 from urllib.parse import urlparse
@@ -69,9 +68,8 @@ from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_
 DECISION_THRESHOLD = 0.5
 FAST_PATH_MAX_ROWS = 1000
 MANIFEST = "manifest.json"
-# Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime this often.
+# Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime (model_holder.py).
 RELOAD_MARKER = "reload-requested"
-RELOAD_POLL_SECONDS = 1.0
 # What "cannot reach the registry or the bucket" looks like from the clients we use.
 FETCH_ERRORS = (MlflowException, requests.RequestException, BotoCoreError, ClientError, OSError)
 
@@ -243,11 +241,6 @@ class ModelStore:
         self.cache_dir = Path(settings.model_cache_dir) / settings.registered_model.replace(os.sep, "_")
         self.reload_marker = self.cache_dir / RELOAD_MARKER
 
-    @cached_property
-    def s3(self) -> Any:
-        """One S3 client for the life of the store: credentials and endpoint are resolved once."""
-        return s3_client(self.settings)
-
     def production_version(self) -> ModelVersion:
         return production_version(self.client, self.settings.registered_model)
 
@@ -324,7 +317,7 @@ class ModelStore:
         staging = staging_root / "model"
         try:
             if urlparse(source).scheme == "s3":
-                download_s3_prefix(source, staging, self.s3)
+                download_s3_prefix(source, staging, s3_client(self.settings))
             else:
                 downloaded = mlflow.artifacts.download_artifacts(
                     artifact_uri=source, dst_path=str(staging_root), tracking_uri=self.settings.tracking_uri
