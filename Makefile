@@ -1,6 +1,6 @@
 # The two commands a new machine needs:
 #   make serve   install from Pipfile.lock, train and register a model if none is in Production, run Gunicorn
-#   make test    install the dev dependencies too and run the whole suite (what .ci/run does)
+#   make test    install the dev (and spark) dependencies too and run the whole suite (what .ci/run does)
 #   make test-container   build the image and test the compose stack on a real Docker engine (.ci/run does it too)
 #   make test-browser     drive Swagger UI at /docs in headless Chromium against the service (.ci/run does it too);
 #                         installs Debian's chromium and chromium-driver with apt-get when they are missing
@@ -21,9 +21,12 @@ $(VENV)/.synced: Pipfile.lock
 	$(PIPENV) sync
 	touch $@
 
+# The dev sync adds the `spark` category (pyspark and a Java runtime, for spark_scoring.py and its tests); the plain
+# sync, `make serve` and the image install [packages] only.
+DEV_CATEGORIES := packages dev-packages spark
 $(VENV)/.synced-dev: Pipfile.lock
 	$(PYTHON) -m pipenv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet pipenv
-	$(PIPENV) sync --dev
+	$(PIPENV) sync --categories="$(DEV_CATEGORIES)"
 	touch $(VENV)/.synced $@
 
 serve: $(VENV)/.synced
@@ -62,13 +65,13 @@ test-browser: $(VENV)/.synced-dev
 	fi
 	PIPENV_DONT_LOAD_ENV=1 $(VENV)/bin/python -m pytest tests/browser
 
-# Known vulnerabilities in the locked packages, dev ones included. The exported lock carries every hash, so
+# Known vulnerabilities in the locked packages, dev and spark ones included. The exported lock carries every hash, so
 # nothing is resolved or installed (--disable-pip). --strict fails on a package the vulnerability service
 # cannot answer for: without it, an unreachable service reads "No known vulnerabilities found".
 # A finding that cannot be fixed by upgrading the package in Pipfile.lock goes here as --ignore-vuln ID, with why.
 AUDIT_IGNORE :=
 audit: $(VENV)/.synced-dev
-	$(PIPENV) requirements --dev --hash | grep -v '^-e ' > $(VENV)/audit-requirements.txt  # not the project itself
+	$(PIPENV) requirements --categories="$(DEV_CATEGORIES)" --hash | grep -v '^-e ' > $(VENV)/audit-requirements.txt  # not the project itself
 	$(VENV)/bin/pip-audit --strict --require-hashes --disable-pip --progress-spinner off $(AUDIT_IGNORE) \
 		-r $(VENV)/audit-requirements.txt
 
