@@ -6,6 +6,9 @@ through `parse_frame`, so training, batch scoring and the Spark job read trips a
 chunk showed is carried into the next (see schema.py). Rows that cannot be scored come back as rejects with
 the reason, CSV rows with the wrong number of fields included: none is dropped.
 
+A Spark job reads a file in parts (spark_scoring.py): `read_csv_bytes` and `read_parquet_bytes` read a part held in
+memory with the same code, under the date order `DateEvidence` gathered over the whole file decides.
+
 CSV columns are read as bytes with pyarrow's multi-threaded reader and decoded per chunk: as UTF-8, or as
 cp1252 where a column is not valid UTF-8 (some of the City's monthly files are cp1252).
 """
@@ -35,7 +38,9 @@ from bikeshare_membership.schema import (
     TRIP_FIELDS,
     DateOrder,
     arrow_text,
+    order_from_evidence,
     parse_timestamp_columns,
+    slash_date_evidence,
 )
 from bikeshare_membership.stations import station_index
 
@@ -151,13 +156,36 @@ def _label_column(values: pd.Series) -> pd.Series:
     return pd.Series(np.array(labels, dtype=object)[codes], index=values.index, dtype="str")
 
 
+def _schema_frame(raw: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    """A raw City frame's columns under the schema's names, in its order (missing ones empty)."""
+    raw = raw.rename(columns=lambda name: name.strip().lstrip("\ufeff"))
+    return raw.rename(columns=layout.columns).reindex(columns=list(TRIP_FIELDS))
+
+
+@dataclass(frozen=True)
+class DateEvidence:
+    """What a file's slash dates show: some first number over 12 (day-first), some second one (month-first).
+
+    Gathered over the parts of a file and or-ed, it decides the file's date order as one chunk's dates decide the
+    chunk's (schema.py's rule): the order shown, or the layout's when the dates show neither or both.
+    """
+
+    day_first: bool = False
+    month_first: bool = False
+
+    def __or__(self, other: DateEvidence) -> DateEvidence:
+        return DateEvidence(self.day_first or other.day_first, self.month_first or other.month_first)
+
+    def order(self, layout: Layout) -> DateOrder:
+        return order_from_evidence(self.day_first, self.month_first, layout.date_order)
+
+
 def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None = None) -> ParsedTrips:
     """Map a raw City frame (all columns as read) to the schema, rejecting rows that cannot be scored.
 
     `date_order` overrides the layout's default, for a chunk of a file whose earlier chunks showed it.
     """
-    raw = raw.rename(columns=lambda name: name.strip().lstrip("\ufeff"))
-    frame = raw.rename(columns=layout.columns).reindex(columns=list(TRIP_FIELDS))
+    frame = _schema_frame(raw, layout)
     (start, stop), order = parse_timestamp_columns(
         [frame["trip_start_time"], frame["trip_stop_time"]], date_order or layout.date_order
     )
@@ -275,39 +303,59 @@ def _is_zipped_csv(name: str) -> bool:
 
 
 def _read_header(stream: IO[bytes] | io.BufferedIOBase) -> list[str]:
-    line = stream.readline(MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
-    return next(csv.reader([line.rstrip("\r\n")]), [])
+    return header_names(stream.readline(MAX_HEADER_BYTES))
 
 
-def _csv_chunks(
-    header: list[str], data: pa.NativeFile, source: str, counted: _CountingReader, chunk_rows: int
-) -> Iterator[TripChunk]:
-    layout = detect_layout(header)
-    wanted = [name for name in header if name.strip() in layout.columns]
-    trip_id_at = next((i for i, name in enumerate(header) if layout.columns.get(name.strip()) == "trip_id"), None)
-    malformed: list[pa_csv.InvalidRow] = []
+def header_names(line: bytes) -> list[str]:
+    """The column names of a CSV header line (a UTF-8 byte order mark and the line's end left out)."""
+    text = line.decode("utf-8-sig", errors="replace")
+    return next(csv.reader([text.rstrip("\r\n")]), [])
+
+
+def _open_csv(
+    header: list[str], data: pa.NativeFile, columns: list[str], malformed: list[pa_csv.InvalidRow]
+) -> pa_csv.CSVStreamingReader:
+    """pyarrow's reader of `columns` as bytes; rows with the wrong number of fields go to `malformed`."""
 
     def skip_malformed(row: pa_csv.InvalidRow) -> str:
         malformed.append(row)
         return "skip"
 
-    reader = pa_csv.open_csv(
+    return pa_csv.open_csv(
         data,
         read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
         parse_options=pa_csv.ParseOptions(invalid_row_handler=skip_malformed),
         convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.large_binary() for name in header}, include_columns=wanted
+            column_types={name: pa.large_binary() for name in header}, include_columns=columns
         ),
     )
-    date_order = None
+
+
+def _csv_chunks(
+    header: list[str],
+    data: pa.NativeFile,
+    source: str,
+    counted: _CountingReader | None,
+    chunk_rows: int,
+    date_order: DateOrder | None = None,
+) -> Iterator[TripChunk]:
+    layout = detect_layout(header)
+    wanted = [name for name in header if name.strip() in layout.columns]
+    trip_id_at = next((i for i, name in enumerate(header) if layout.columns.get(name.strip()) == "trip_id"), None)
+    malformed: list[pa_csv.InvalidRow] = []
+    reader = _open_csv(header, data, wanted, malformed)
     for table in _regrouped(reader, reader.schema, chunk_rows):
         parsed = parse_frame(_text_frame(table), layout, date_order)
         date_order = parsed.date_order
-        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), counted.bytes_read)
+        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), _bytes_read(counted))
     if malformed:  # rows of a last block that held nothing else
         empty = pa.Table.from_batches([], schema=reader.schema)
         parsed = parse_frame(_text_frame(empty), layout, date_order)
-        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), counted.bytes_read)
+        yield TripChunk(source, _with_malformed(parsed, malformed, trip_id_at), _bytes_read(counted))
+
+
+def _bytes_read(counted: _CountingReader | None) -> int:
+    return counted.bytes_read if counted is not None else 0
 
 
 def _regrouped(batches: Iterator[pa.RecordBatch], schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
@@ -336,16 +384,28 @@ def _with_malformed(parsed: ParsedTrips, malformed: list[pa_csv.InvalidRow], tri
     return replace(parsed, rejects=pd.concat([parsed.rejects, skipped], ignore_index=True))
 
 
-def _parquet_chunks(counted: _CountingReader, source: str, chunk_rows: int) -> Iterator[TripChunk]:
+def _parquet_chunks(
+    counted: _CountingReader | pa.NativeFile,
+    source: str,
+    chunk_rows: int,
+    date_order: DateOrder | None = None,
+    whole_file_order: bool = False,
+) -> Iterator[TripChunk]:
+    """A Parquet file's trips; with `whole_file_order`, under the date order its two timestamp columns show over
+    the whole file (read first, alone), as a Spark job decides a file's order."""
     parquet = pq.ParquetFile(counted)
     header = parquet.schema_arrow.names
     layout = detect_layout(header)
     wanted = [name for name in header if name.strip() in layout.columns]
-    date_order = None
+    if whole_file_order:
+        evidence = DateEvidence()
+        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=_timestamp_columns(header, layout)):
+            evidence |= _evidence(batch)
+        date_order = evidence.order(layout)
     for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted):
         parsed = parse_frame(_text_frame(pa.Table.from_batches([batch])), layout, date_order)
         date_order = parsed.date_order
-        yield TripChunk(source, parsed, counted.bytes_read)
+        yield TripChunk(source, parsed, counted.bytes_read if isinstance(counted, _CountingReader) else 0)
 
 
 def _text_frame(table: pa.Table) -> pd.DataFrame:
@@ -371,6 +431,44 @@ def _decode(value: bytes | None) -> str | None:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("cp1252", errors="replace")
+
+
+# --- Parts of a file held in memory (a Spark job's) ------------------------------------------------------
+
+
+def read_csv_bytes(
+    data: bytes, source: str, date_order: DateOrder | None = None, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[ParsedTrips]:
+    """The trips of CSV text in memory, its header line first (a Spark task's lines of one file with the file's
+    header put back), read as `read_chunks` reads a file, under `date_order` (the file's) from the first row."""
+    header = header_names(data[: data.find(b"\n") + 1 or len(data)])
+    for chunk in _csv_chunks(header, pa.BufferReader(data), source, None, chunk_rows, date_order):
+        yield chunk.parsed
+
+
+def csv_bytes_evidence(data: bytes) -> DateEvidence:
+    """The date evidence of CSV text in memory, header line first: its two timestamp columns alone are read."""
+    header = header_names(data[: data.find(b"\n") + 1 or len(data)])
+    reader = _open_csv(header, pa.BufferReader(data), _timestamp_columns(header, detect_layout(header)), [])
+    evidence = DateEvidence()
+    for batch in reader:
+        evidence |= _evidence(batch)
+    return evidence
+
+
+def _timestamp_columns(header: Sequence[str], layout: Layout) -> list[str]:
+    return [name for name in header if layout.columns.get(name.strip()) in ("trip_start_time", "trip_stop_time")]
+
+
+def _evidence(batch: pa.RecordBatch) -> DateEvidence:
+    """The date evidence of a batch of a file's timestamp columns, as read (text, bytes, or typed)."""
+    return DateEvidence(*slash_date_evidence([_as_text(column) for column in batch.columns]))
+
+
+def read_parquet_bytes(content: bytes, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[ParsedTrips]:
+    """The trips of a whole Parquet file in memory, under the date order the whole file shows."""
+    for chunk in _parquet_chunks(pa.BufferReader(content), source, chunk_rows, whole_file_order=True):
+        yield chunk.parsed
 
 
 def read_trips(path: str | Path) -> ParsedTrips:

@@ -271,6 +271,14 @@ def evident_date_order(parts: Iterable[SlashParts]) -> DateOrder | None:
     return "DMY" if day_first else "MDY"
 
 
+def order_from_evidence(day_first: bool, month_first: bool, default_order: DateOrder) -> DateOrder:
+    """The order slash dates show (some first number over 12: day-first; some second one: month-first), or
+    `default_order` when they show neither or both: the rule for a trip, a chunk and a whole file alike."""
+    if day_first == month_first:
+        return default_order
+    return "DMY" if day_first else "MDY"
+
+
 def _from_parts(parts: SlashParts, order: DateOrder) -> datetime | None:
     first, second, year, hour, minute, seconds = parts
     month, day = (first, second) if order == "MDY" else (second, first)
@@ -324,6 +332,21 @@ def _field_numbers(parts: pa.StructArray, name: str) -> np.ndarray:
     return pc.cast(pc.if_else(pc.equal(field, ""), "0", field), pa.int64()).to_numpy()
 
 
+def _slash_evidence(first: np.ndarray, second: np.ndarray, slash: np.ndarray) -> tuple[bool, bool]:
+    """(day_first, month_first) of slash timestamps' first and second date numbers."""
+    return bool((first[slash] > 12).any()), bool((second[slash] > 12).any())
+
+
+def slash_date_evidence(columns: Sequence[pa.Array]) -> tuple[bool, bool]:
+    """(day_first, month_first): whether any slash date in the text columns has its first, or its second, number
+    over 12. What a file's date order is decided from (`order_from_evidence`) when its rows are read in parts, as
+    a Spark job reads a file: the evidence of the parts, or-ed, is the file's. Each distinct text is read once."""
+    texts = pc.unique(pa.concat_arrays([column.cast(pa.large_string()) for column in columns]))
+    parts = pc.extract_regex(texts, _SLASH_TIMESTAMP_PATTERN)
+    slash = parts.is_valid().to_numpy(zero_copy_only=False)
+    return _slash_evidence(_field_numbers(parts, "first"), _field_numbers(parts, "second"), slash)
+
+
 def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tuple[np.ndarray, DateOrder]:
     """`parse_timestamps` over distinct texts, in Arrow and numpy: datetime64[s], NaT where not valid."""
     parts = pc.extract_regex(texts, _SLASH_TIMESTAMP_PATTERN)
@@ -334,8 +357,7 @@ def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tup
     two_digit_year = pc.equal(pc.utf8_length(pc.fill_null(parts.field("year"), "")), 2).to_numpy(zero_copy_only=False)
     year = _field_numbers(parts, "year") + np.where(two_digit_year, 2000, 0)
 
-    day_first, month_first = bool((first[slash] > 12).any()), bool((second[slash] > 12).any())
-    order = default_order if day_first == month_first else ("DMY" if day_first else "MDY")
+    order = order_from_evidence(*_slash_evidence(first, second, slash), default_order)
     month, day = (first, second) if order == "MDY" else (second, first)
 
     valid = slash & (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60)
