@@ -9,12 +9,13 @@ only modules of lower levels, so imports point one way and tests/test_architectu
   `model_store` (the verified local cache, loading), `model_holder` (hot reload), `evaluation` (metrics and
   figures), `drift` (feature profiles);
 - work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
-  run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file);
+  run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file),
+  `spark_scoring` (the same scoring as a Spark job, for files of any size);
 - service: `errors` (the one refusal type), `openapi` (the API document), `app` (the Flask app);
 - observability: `jsonlog`, `metrics`, `recorder`;
 - shared by all: `config` (settings from the environment), `storage` (local paths and S3, atomic writes);
-- command lines: `train_cli`, `batch_cli`, `wait_cli`, behind the root scripts train.py, batch.py and
-  wait_for_model.py.
+- command lines: `train_cli`, `batch_cli`, `wait_cli`, `spark_cli`, behind the root scripts train.py, batch.py,
+  wait_for_model.py and spark_score.py.
 
 One module lives outside the package: the root `preprocess.py`, which keeps the name every registered
 model gives its feature step, `preprocess.TripFeatures`.

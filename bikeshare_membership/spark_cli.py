@@ -1,0 +1,128 @@
+"""Batch scoring on Spark from the command line (spark_scoring.py): City trip files of any size in, Parquet
+partitioned by trip start date out.
+
+    python spark_score.py INPUT [INPUT ...] --output DIR [--master local[2]]   # Spark in this process
+    spark-submit [options] spark_score.py INPUT [INPUT ...] --output DIR      # a cluster: docs/spark.md
+
+INPUT is a file, a folder or a glob (.csv, .csv.gz, .parquet), local or on any file system Spark's Hadoop has
+(`s3a://` with hadoop-aws on the cluster). The version scored is the registry's Production one (alias, else
+stage), or `--model-version`; without one the command fails in one line before Spark starts. Logs go to
+stderr; a one-line summary ends the run on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bikeshare_membership import jsonlog
+from bikeshare_membership.config import Settings
+from bikeshare_membership.errors import first_line
+from bikeshare_membership.spark_scoring import (
+    FetchedModel,
+    fetch_model,
+    resolve_version,
+    score_files,
+    start_session,
+    under_spark_submit,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from pyspark.sql import SparkSession
+
+PROGRAM = "spark_score.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="a file, folder or glob: .csv, .csv.gz, .parquet")
+    parser.add_argument("--output", required=True, help="the predictions' folder (Parquet, partitioned by trip_date)")
+    parser.add_argument("--rejects", help="the rejects' folder (CSV; default: OUTPUT.rejects)")
+    parser.add_argument("--model-version", help="score with this version, not the Production one")
+    parser.add_argument("--master", help="Spark's master when run by hand (default local[*]); spark-submit's own")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT and the rejects if they exist")
+    parser.add_argument("--probability", action="store_true", help="also write P(Member) unrounded, `probability`")
+    parser.add_argument("--summary-file", type=Path, help="also write the run's summary here as JSON")
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: a Python worker's error by its own last line, not Spark's pages around it."""
+    text = str(error).strip()
+    java = getattr(error, "java_exception", None)  # py4j's Py4JJavaError
+    if java is not None:
+        text = str(java.toString())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:  # pyspark's PythonException carries the worker's traceback
+        lines = [line for line in lines if not line.startswith(("at ", "File ", "^"))]
+        return lines[-1][:500]
+    return lines[0][:500] if lines else first_line(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.master and under_spark_submit():
+        print(f"{PROGRAM}: --master is spark-submit's under spark-submit", file=sys.stderr)
+        return 2
+    jsonlog.configure()
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per call to the JVM at INFO
+    settings = Settings.from_env()
+    try:
+        version = resolve_version(settings, args.model_version)  # before Spark starts, so a failure is quick
+    except Exception as error:  # no Production version, or no registry: either way one line
+        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:
+        spark, model, start_seconds = start_with_model(settings, version, args.master)
+    except Exception as error:  # the model does not fetch or load, or Spark does not start
+        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:
+        summary = score_files(
+            spark,
+            model,
+            args.inputs,
+            args.output,
+            rejects=args.rejects,
+            overwrite=args.overwrite,
+            with_probability=args.probability,
+            spark_start_seconds=start_seconds,
+        )
+    except Exception as error:  # an input missing or unreadable, an output that exists, a worker's error
+        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
+        return 2
+    finally:
+        spark.stop()
+    if args.summary_file:
+        args.summary_file.write_text(json.dumps(summary.as_dict(), indent=1))
+    print(summary.line())
+    return 0
+
+
+def start_with_model(
+    settings: Settings, version: ModelVersion, master: str | None
+) -> tuple[SparkSession, FetchedModel, float]:
+    """Spark's session, started in a thread while this one fetches and loads the model (Java starts in a
+    process of its own, so the two overlap); and the seconds the session took to start."""
+
+    def start() -> tuple[SparkSession, float]:
+        started = time.monotonic()
+        return start_session(master), time.monotonic() - started
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-start") as pool:
+        starting = pool.submit(start)
+        try:
+            model = fetch_model(settings, version)
+        except BaseException:
+            if starting.exception() is None:
+                starting.result()[0].stop()
+            raise
+        spark, start_seconds = starting.result()
+    return spark, model, start_seconds
