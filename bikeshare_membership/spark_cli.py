@@ -6,8 +6,8 @@ partitioned by trip start date out.
 
 INPUT is a file, a folder or a glob (.csv, .csv.gz, .parquet), local or on any file system Spark's Hadoop has
 (`s3a://` with hadoop-aws on the cluster). The version scored is the registry's Production one (alias, else
-stage), or `--model-version`; without one the command fails in one line before Spark starts. Logs go to
-stderr; a one-line summary ends the run on stdout.
+stage), or `--model-version`; without one the command fails in one line. Spark starts while the driver
+resolves and fetches the version. Logs go to stderr; a one-line summary ends the run on stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from bikeshare_membership import jsonlog
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.spark_scoring import (
-    FetchedModel,
     fetch_model,
     resolve_version,
     score_files,
@@ -75,27 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per call to the JVM at INFO
     settings = Settings.from_env()
     try:
-        version = resolve_version(settings, args.model_version)  # before Spark starts, so a failure is quick
-    except Exception as error:  # no Production version, or no registry: either way one line
+        spark, version, start_seconds = start_with_version(settings, args.model_version, args.master)
+    except Exception as error:  # no Production version, no registry, no Spark: one line
         print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
         return 2
     try:
-        spark, model, start_seconds = start_with_model(settings, version, args.master)
-    except Exception as error:  # the model does not fetch or load, or Spark does not start
-        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
-        return 2
-    try:
-        summary = score_files(
-            spark,
-            model,
-            args.inputs,
-            args.output,
-            rejects=args.rejects,
-            overwrite=args.overwrite,
-            with_probability=args.probability,
-            spark_start_seconds=start_seconds,
-        )
-    except Exception as error:  # an input missing or unreadable, an output that exists, a worker's error
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-model") as pool:
+            # The driver fetches and loads the version while Spark lists the inputs and reads their date order.
+            model = pool.submit(fetch_model, settings, version)
+            summary = score_files(
+                spark,
+                model,
+                args.inputs,
+                args.output,
+                rejects=args.rejects,
+                overwrite=args.overwrite,
+                with_probability=args.probability,
+                spark_start_seconds=start_seconds,
+            )
+    except Exception as error:  # an input missing or unreadable, an output that exists, a model or worker error
         print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
@@ -106,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_with_model(
-    settings: Settings, version: ModelVersion, master: str | None
-) -> tuple[SparkSession, FetchedModel, float]:
-    """Spark's session, started in a thread while this one fetches and loads the model (Java starts in a
-    process of its own, so the two overlap); and the seconds the session took to start."""
+def start_with_version(
+    settings: Settings, version: str | None, master: str | None
+) -> tuple[SparkSession, ModelVersion, float]:
+    """Spark's session, started in a thread while this one resolves the version (Java starts in a process of its
+    own, so the two overlap); the version; and the seconds the session took to start. If there is no version to
+    score, the session is stopped (quietly: its logs show warnings only) and the error raised."""
 
     def start() -> tuple[SparkSession, float]:
         started = time.monotonic()
@@ -119,10 +117,10 @@ def start_with_model(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-start") as pool:
         starting = pool.submit(start)
         try:
-            model = fetch_model(settings, version)
+            found = resolve_version(settings, version)
         except BaseException:
             if starting.exception() is None:
                 starting.result()[0].stop()
             raise
         spark, start_seconds = starting.result()
-    return spark, model, start_seconds
+    return spark, found, start_seconds

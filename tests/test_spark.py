@@ -21,7 +21,6 @@ import pytest
 from conftest import service_env
 from harness import ROOT
 from mlflow.tracking import MlflowClient
-from pyspark.errors import AnalysisException
 from pyspark.sql import SparkSession
 from test_preprocess import Q1_2017, Q3_2017, Q4_2017, Y2018, Y2023, Y2025
 
@@ -63,7 +62,7 @@ def read_predictions(output: Path) -> pd.DataFrame:
 
 
 def read_rejects(location: str) -> pd.DataFrame:
-    parts = sorted(Path(location).glob("part-*.csv"))
+    parts = [part for part in sorted(Path(location).glob("part-*.csv")) if part.stat().st_size]
     frames = [pd.read_csv(part, dtype=str, keep_default_na=False) for part in parts]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["source", "trip_id", "reason"])
 
@@ -354,7 +353,8 @@ def run_cli(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedPr
 def test_a_registry_without_a_production_version_fails_in_one_line(
     settings: Settings, model: LoadedModel, tmp_path: Path
 ) -> None:
-    """A registered model whose one version is neither aliased nor staged: the command stops before Spark starts."""
+    """A registered model whose one version is neither aliased nor staged: one line, and Spark, started meanwhile,
+    stopped without a word."""
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
     unpromoted = replace(settings, registered_model=f"{settings.registered_model}-unpromoted")
     client.create_registered_model(unpromoted.registered_model)
@@ -388,6 +388,6 @@ def test_the_command_line_scores_files_and_an_existing_output_is_refused_in_one_
     assert len(read_rejects(str(tmp_path / "out.rejects"))) == 4
 
     model = spark_scoring.fetch_model(settings, spark_scoring.resolve_version(settings))
-    with pytest.raises(AnalysisException) as refused:
+    with pytest.raises(FileExistsError) as refused:
         spark_scoring.score_files(spark, model, [str(source)], str(tmp_path / "out"))
     assert "already exists" in one_line(refused.value) and "\n" not in one_line(refused.value)
