@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial, reduce
@@ -196,7 +196,7 @@ def executor_model(ref: ModelRef) -> Any:
         from bikeshare_membership.model_store import load_directory, verify_cached
 
         directory = Path(SparkFiles.get(ref.files))
-        _LOADED[ref.files] = load_directory(directory, verify_cached(directory), origin="spark-files")
+        _LOADED[ref.files] = load_directory(directory, verify_cached(directory), origin="path")
     return _LOADED[ref.files]
 
 
@@ -267,7 +267,7 @@ def start_session(master: str | None = None, app_name: str = "bikeshare-membersh
 
 
 def _jvm(spark: SparkSession) -> tuple[Any, Any]:
-    return spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()  # type: ignore[attr-defined]
+    return spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
 
 
 _GLOB_CHARACTERS = "\\{}[]*?"
@@ -375,7 +375,7 @@ def _csv_text(header: bytes, lines: pa.Array) -> bytes:
     first, last = int(offsets[0]), int(offsets[-1])
     text = np.empty(head + last - first + count, np.uint8)
     text[: head - 1] = np.frombuffer(header, np.uint8)
-    newlines = head + offsets[1:] - first + np.arange(count)
+    newlines = offsets[1:].astype(np.int64) - first + head + np.arange(count)
     text[head - 1], text[newlines] = 10, 10
     body = np.ones(len(text), bool)
     body[:head], body[newlines] = False, False
@@ -384,7 +384,7 @@ def _csv_text(header: bytes, lines: pa.Array) -> bytes:
     return text.tobytes()
 
 
-def _file_lines(files: dict[int, CsvFile], batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[CsvFile, bytes]]:
+def _file_lines(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[CsvFile, bytes]]:
     """Each run of one file's lines in a task as (file, CSV text with the file's header first). The first line
     of a file's first split is its header: left out, as the file's header is put in front of every run."""
     _one_core()
@@ -398,7 +398,7 @@ def _file_lines(files: dict[int, CsvFile], batches: Iterator[pa.RecordBatch]) ->
                 yield files[file], _csv_text(files[file].header, lines)
 
 
-def _csv_evidence(files: dict[int, CsvFile], batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _csv_evidence(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     for file, text in _file_lines(files, batches):
         evidence = city_files.csv_bytes_evidence(text)
         yield pa.RecordBatch.from_pylist(
@@ -406,13 +406,13 @@ def _csv_evidence(files: dict[int, CsvFile], batches: Iterator[pa.RecordBatch]) 
         )
 
 
-def _parse_csv(files: dict[int, CsvFile], batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _parse_csv(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     for file, text in _file_lines(files, batches):
         for parsed in city_files.read_csv_bytes(text, file.name, file.order):
             yield from _parsed_batches(parsed, file.name)
 
 
-def _parse_parquet(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _parse_parquet(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     _one_core()
     for batch in batches:
         for index, path in enumerate(batch.column("path").to_pylist()):
@@ -462,7 +462,9 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
         F.expr("input_file_block_start()").alias("block"),
     )
     started, names = time.monotonic(), lines.inputFiles()
-    hashes = spark.range(1).select(F.array(*(F.xxhash64(F.lit(name)) for name in names))).first()[0]  # no worker
+    row = spark.range(1).select(F.array(*(F.xxhash64(F.lit(name)) for name in names))).first()  # no worker
+    assert row is not None
+    hashes = row[0]
     ids = dict(zip(names, hashes, strict=True))
     if len(set(ids.values())) != len(names):
         raise ValueError("two input files' names have the same hash: score them in separate jobs")
@@ -516,7 +518,7 @@ class TallyParam(AccumulatorParam[Tally]):
 
 
 def _scored_batches(
-    ref: ModelRef, tally: Accumulator[Tally], batches: Iterator[pa.RecordBatch]
+    ref: ModelRef, tally: Accumulator[Tally], batches: Iterable[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
     """PARSED_SCHEMA batches in, their trips' predictions out; the rejects and counts to `tally` at the end."""
     model = executor_model(ref)
@@ -550,10 +552,10 @@ def _scored_batches(
 
 
 def _then(
-    first: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
-    then: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
-    batches: Iterator[pa.RecordBatch],
-) -> Iterator[pa.RecordBatch]:
+    first: Callable[[Iterable[pa.RecordBatch]], Iterable[pa.RecordBatch]],
+    then: Callable[[Iterable[pa.RecordBatch]], Iterable[pa.RecordBatch]],
+    batches: Iterable[pa.RecordBatch],
+) -> Iterable[pa.RecordBatch]:
     return then(first(batches))
 
 
@@ -593,7 +595,7 @@ def scored_trips(spark: SparkSession, inputs: Inputs, ref: ModelRef, tally: Accu
 def _read(
     spark: SparkSession,
     inputs: Inputs,
-    score: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]] | None,
+    score: Callable[[Iterable[pa.RecordBatch]], Iterable[pa.RecordBatch]] | None,
 ) -> DataFrame:
     schema = spark_schema(PARSED_SCHEMA if score is None else SCORED_SCHEMA)
     frames = []

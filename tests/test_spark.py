@@ -165,8 +165,8 @@ def layout_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         (folder / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
     shutil.copy(BUNDLED[3], folder / "Bike share ridership 2023-05.csv.gz")  # 2019-2024, gzip, as published
     samples = {"q1.csv": Q1_2017, "q3.csv": Q3_2017, "q4.csv": Q4_2017, "2018.csv": Y2018, "2025.csv": Y2025}
-    for name, text in samples.items():
-        (folder / name).write_text(text, encoding="utf-8")
+    for name, sample in samples.items():
+        (folder / name).write_text(sample, encoding="utf-8")
     header = Y2023.encode("utf-8").splitlines()[0]  # with its byte order mark
     stations_rows = [station_row(trip_id, ends) for trip_id, ends in STATION_ROWS.items()]
     (folder / "Bike share ridership 2023-06 (bad rows).csv").write_bytes(
