@@ -11,7 +11,7 @@ only modules of lower levels, so imports point one way and tests/test_architectu
 - work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
   run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file);
 - service: `errors` (the one refusal type), `openapi` (the API document), `app` (the Flask app);
-- observability: `jsonlog`, `metrics`, `recorder`;
+- observability: `jsonlog`, `metrics`, `recorder`, `prediction_log` (every answered trip, as Parquet);
 - shared by all: `config` (settings from the environment), `storage` (local paths and S3, atomic writes);
 - command lines: `train_cli`, `batch_cli`, `wait_cli`, behind the root scripts train.py, batch.py and
   wait_for_model.py.
