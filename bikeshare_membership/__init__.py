@@ -9,7 +9,8 @@ only modules of lower levels, so imports point one way and tests/test_architectu
   `model_store` (the verified local cache, loading), `model_holder` (hot reload), `evaluation` (metrics and
   figures), `drift` (feature profiles);
 - work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
-  run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file);
+  run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file),
+  `live_monitoring` (the prediction log against a labelled file);
 - service: `errors` (the one refusal type), `openapi` (the API document), `app` (the Flask app);
 - observability: `jsonlog`, `metrics`, `recorder`, `prediction_log` (every answered trip, as Parquet);
 - shared by all: `config` (settings from the environment), `storage` (local paths and S3, atomic writes);

@@ -3,6 +3,7 @@ SIGTERM and max_requests recycling, and with its destination failing (a local fo
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -22,15 +23,18 @@ import pytest
 import requests
 from conftest import S3Endpoint, service_env
 from harness import start_gunicorn, start_moto, stop
+from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
+from test_batch import run_batch
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import prediction_log
+from bikeshare_membership import city_files, prediction_log, stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
+BUNDLED_MAY = stations.DATA_DIR / "bikeshare-ridership-2023-05-sample.csv.gz"
 STATIONS = [7000 + index for index in range(1, 80)]
 
 
@@ -319,3 +323,71 @@ def test_an_s3_outage_drops_and_counts_never_slows_and_writing_resumes(
     finally:
         stop(process)
     assert len(read()) == 500 - lost
+
+
+# --- batch.py evaluate --predictions --------------------------------------------------------------------
+
+
+def request_trip(row: Any) -> dict[str, Any]:
+    """A parsed City trip as a client would send it (no label: live traffic has none)."""
+
+    def station(value: float) -> int | None:
+        return None if pd.isna(value) else int(value)
+
+    return {
+        "trip_id": row.trip_id,
+        "trip_start_time": row.trip_start_time.isoformat(),
+        "trip_stop_time": row.trip_stop_time.isoformat(),
+        "trip_duration_seconds": row.trip_duration_seconds,
+        "from_station_id": station(row.from_station_id),
+        "from_station_name": None if pd.isna(row.from_station_name) else row.from_station_name,
+        "to_station_id": station(row.to_station_id),
+        "to_station_name": None if pd.isna(row.to_station_name) else row.to_station_name,
+    }
+
+
+def latest_run_metrics(settings: Settings) -> dict[str, float]:
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(f"{settings.experiment_name}-monitoring")
+    (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return {**run.data.metrics, **{f"param:{key}": value for key, value in run.data.params.items()}}
+
+
+def test_evaluate_on_the_log_gives_the_metrics_evaluate_gives_on_the_same_trips(
+    settings: Settings, trained: Any, registry_dir: Path, log_folder: Path, tmp_path: Path
+) -> None:
+    """2,000 trips of a labelled month answered through Gunicorn (and 30 the file does not have); the file's
+    last 50 trips never asked. Joined on trip_id, the log scores as `batch.py evaluate` scores the 2,000."""
+    with gzip.open(BUNDLED_MAY, "rt") as source:
+        lines = [next(source) for _ in range(2051)]
+    labelled, asked = tmp_path / "may-labelled.csv", tmp_path / "may-asked.csv"
+    labelled.write_text("".join(lines))
+    asked.write_text("".join(lines[:-50]))
+    trips = [request_trip(row) for row in city_files.read_trips(asked).trips.itertuples()]
+    strangers = [{**trip(index), "trip_id": f"not-in-the-file-{index}"} for index in range(30)]
+    bodies = [trips[start : start + 100] for start in range(0, len(trips), 100)] + strangers
+
+    process, url = start_logging_service(settings, log_folder, tmp_path)
+    try:
+        answers = answers_of(url, bodies)
+        graceful_stop(process)
+    finally:
+        stop(process)
+    assert_logged_exactly(read_log(log_folder), answers)
+
+    live = run_batch(settings, registry_dir, "evaluate", "--predictions", str(log_folder), str(labelled))
+    assert live.returncode == 0, live.stderr[-3000:]
+    assert f"{len(trips) + 30:,} answers, 30 found no label, 50 labelled trips had no answer" in live.stdout
+    from_log = latest_run_metrics(settings)
+    offline = run_batch(settings, registry_dir, "evaluate", str(asked))
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    from_file = latest_run_metrics(settings)
+
+    assert from_log["labelled_rows"] == from_file["labelled_rows"] == len(trips)
+    assert (from_log["answers_without_label"], from_log["labels_without_answer"]) == (30, 50)
+    compared = [name for name in from_file if name.startswith(("eval_", "member_share", "mean_member", "psi_"))]
+    assert {"eval_roc_auc", "eval_log_loss", "eval_brier", "psi_start_hour"} <= set(compared)
+    for name in compared:
+        assert from_log[name] == pytest.approx(from_file[name], rel=1e-9, abs=1e-12), name
+    assert from_log["param:model_version"] == from_file["param:model_version"]
+    assert from_log["param:predictions"] == str(log_folder)
