@@ -136,6 +136,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Gunicorn reads a timeout of 0 as "never kill a silent worker", which no deployment of this service wants.
     "worker_timeout_seconds": ABOVE_ZERO,
     "graceful_timeout_seconds": ABOVE_ZERO,  # 0 would kill in-flight requests at once on SIGTERM
+    "prediction_log_roll_seconds": ABOVE_ZERO,
+    "prediction_log_max_pending": ABOVE_ZERO,
 }
 
 
