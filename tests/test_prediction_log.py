@@ -127,11 +127,10 @@ def test_a_row_per_answered_trip_with_the_trip_as_validated_and_no_header(model:
     logged = pd.read_parquet(folder)  # pandas reads the partitioned folder as one table
     assert list(logged["request_id"]) == ["one", "two", "two"]
     assert list(logged["trip_id"][:2]) == [str(TRIP["trip_id"]), "a-7"] and pd.isna(logged["trip_id"][2])
-    assert list(logged["proba"]) == [single.json["proba"], *(item["proba"] for item in listed.json["predictions"])]
+    answered = [single.get_json(), *listed.get_json()["predictions"]]
+    assert list(logged["proba"]) == [answer["proba"] for answer in answered]
     assert logged["member_probability"].mul(100).round(2).tolist() == logged["proba"].tolist()
-    assert list(logged["membership"]) == [single.json["membership"]] + [
-        a["membership"] for a in listed.json["predictions"]
-    ]
+    assert list(logged["membership"]) == [answer["membership"] for answer in answered]
     first = logged.iloc[0]
     assert first["trip_start_time"] == pd.Timestamp("2017-01-01 00:00:00")
     assert first["from_station_id"] == 7051.0 and first["to_station_name"] == TRIP["to_station_name"]
@@ -213,7 +212,7 @@ def writable(folder: Path) -> None:
     folder.chmod(0o755)
 
 
-def wait_for_rows(read: Any, count: int, timeout: float = 40) -> pd.DataFrame:
+def wait_for_rows(read: Any, count: float, timeout: float = 40) -> pd.DataFrame:
     deadline = time.monotonic() + timeout
     while len(rows := read()) < count and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -265,7 +264,11 @@ def dropped_rows_of(answers: list[tuple[str, dict[str, Any], float]], logged: pd
 def own_s3(aws_profile: dict[str, str], tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A moto S3 of this test's own, which it may stop and start again (on the same port, empty)."""
     process, endpoint = start_moto(tmp_path / "moto.log")
-    state = {"process": process, "url": endpoint, "env": {**aws_profile, "MLFLOW_S3_ENDPOINT_URL": endpoint}}
+    state: dict[str, Any] = {
+        "process": process,
+        "url": endpoint,
+        "env": {**aws_profile, "MLFLOW_S3_ENDPOINT_URL": endpoint},
+    }
     try:
         yield state
     finally:
@@ -346,9 +349,10 @@ def request_trip(row: Any) -> dict[str, Any]:
     }
 
 
-def latest_run_metrics(settings: Settings) -> dict[str, float]:
+def latest_run_metrics(settings: Settings) -> dict[str, Any]:
     client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name(f"{settings.experiment_name}-monitoring")
+    assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     return {**run.data.metrics, **{f"param:{key}": value for key, value in run.data.params.items()}}
 
