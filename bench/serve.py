@@ -1,13 +1,14 @@
 """Serving throughput and latency: this service beside `mlflow models serve` and an HTTP floor, in one run.
 
-    python bench/serve.py [--duration 10]        # needs wrk (apt-get install wrk)
+    python bench/serve.py [--duration 10] [--prediction-log]   # needs wrk (apt-get install wrk)
 
 On free loopback ports it starts: this service under its production Gunicorn configuration, `mlflow
 models serve` on the same registered model version, and a no-op Flask app under the same Gunicorn
 configuration (the floor: HTTP and Flask, no model). wrk, in its own process, drives each with the same
 bounded load: single trips at 1, 8 and 32 connections, and 100-trip lists at 8, for --duration seconds
 each. It prints req/s, p50/p99 latency and errors for each, the ratios, and the in-process cost of one
-prediction through the service's code path without HTTP. The last line is one JSON object.
+prediction through the service's code path without HTTP. The last line is one JSON object. With
+--prediction-log the service logs every answer (PREDICTION_LOG, a temporary folder).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def in_process_microseconds(settings: Settings, repeats: int = 3000) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario and server")
+    parser.add_argument("--prediction-log", action="store_true", help="the service logs every answer (PREDICTION_LOG)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/serve.py needs wrk: apt-get install wrk")
@@ -137,7 +139,8 @@ def main() -> int:
         run_train(env, work)
         version = ModelStore(settings).production_version().version
 
-        service, service_url = start_gunicorn(env, work / "service.log")
+        logging = {"PREDICTION_LOG": str(work / "prediction-log")} if args.prediction_log else {}
+        service, service_url = start_gunicorn(env | logging, work / "service.log")
         processes.append(service)
         floor, floor_url = start_gunicorn(env, work / "floor.log", app=FLOOR_APP)
         processes.append(floor)
@@ -178,6 +181,7 @@ def main() -> int:
         "single_c1_p50_vs_floor": round(service_c1.p50_ms / floor_c1.p50_ms, 2),
         "batch100_c8_trips_per_s": round(results["service", "batch100", 8].requests_per_s * 100),
         "errors": sum(result.errors for (server, _, _), result in results.items() if server == "service"),
+        "prediction_log": args.prediction_log,
     }
     print(f"in process, one trip through the service's code path without HTTP: {in_process_us:.0f} us")
     print(

@@ -55,6 +55,7 @@ from bikeshare_membership.model_store import (
     ServedModel,
     trip_membership,
 )
+from bikeshare_membership.prediction_log import PredictionLog
 from bikeshare_membership.schema import (
     DATE_ORDERS,
     TRIP_ID,
@@ -205,8 +206,10 @@ def _settings() -> Settings:
 @api.post("/predict")
 def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
-    answer = predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request)
+    scored: list[tuple[dict[str, Any], float]] = []
+    answer = predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request, scored)
     request.environ[recorder.PREDICTIONS_ENVIRON] = answer.get("predictions", [answer])  # counted after sending
+    request.environ[recorder.SCORED_ENVIRON] = (model, scored)  # the prediction log's, after sending
     return json_response(answer)
 
 
@@ -215,13 +218,18 @@ def predictions(
     model: LoadedModel,
     date_order: DateOrder | None = None,
     max_trips: int = Settings.max_trips_per_request,
+    scored: list[tuple[dict[str, Any], float]] | None = None,
 ) -> Prediction | Predictions:
-    """The answer to a parsed /predict body: validation, features and model, without HTTP."""
+    """The answer to a parsed /predict body: validation, features and model, without HTTP. `scored`, if given,
+    gets each validated trip with its probability, in the answers' order."""
     trips = _validated_trips(body, date_order, max_trips)
+    probabilities = model.request_probabilities(trips)
     answers: list[TripPrediction] = [
         {"trip_id": trip["trip_id"], "membership": trip_membership(proba), "proba": round(proba * 100, 2)}
-        for trip, proba in zip(trips, model.request_probabilities(trips), strict=True)
+        for trip, proba in zip(trips, probabilities, strict=True)
     ]
+    if scored is not None:
+        scored.extend(zip(trips, probabilities, strict=True))
     if isinstance(body, list):
         return {"predictions": answers, "model": model.describe()}
     return {**answers[0], "model": model.describe()}
@@ -329,8 +337,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     docs_page.register(app, "/openapi.json", f"{document['info']['title']} API")  # GET /docs: Swagger UI
     if settings.admin_token:  # otherwise /admin/reload is a 404 like any unknown route
         app.register_blueprint(admin)
+    prediction_log = app.extensions["prediction_log"] = PredictionLog(settings) if settings.prediction_log else None
     # Flask's documented way to wrap its WSGI app in middleware, which its types declare as a method.
-    app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder)  # type: ignore[method-assign]
+    app.wsgi_app = app.extensions["recorder"] = recorder.RequestRecorder(app.wsgi_app, holder, prediction_log)  # type: ignore[method-assign]
     app.register_error_handler(Refused, render_refusal)
     app.register_error_handler(HTTPException, render_http_error)
     app.register_error_handler(Exception, render_unexpected_error)
@@ -357,8 +366,12 @@ def start_serving(app: Flask) -> None:
     metrics.model_served(holder.model)
     holder.start_refreshing(app.extensions["settings"].refresh_seconds)
     app.extensions["recorder"].start_flushing()
+    if app.extensions.get("prediction_log") is not None:
+        app.extensions["prediction_log"].start()
 
 
 def stop_serving(app: Flask) -> None:
-    """What a worker does as it exits: write the request records it still holds."""
+    """What a worker does as it exits: write the request records and the prediction log rows it still holds."""
     app.extensions["recorder"].flush()
+    if app.extensions.get("prediction_log") is not None:
+        app.extensions["prediction_log"].close()

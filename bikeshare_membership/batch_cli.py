@@ -3,6 +3,7 @@ service (a job's process) or on a schedule.
 
     python batch.py score INPUT [--output OUTPUT]     # a local path or s3:// URI; CSV, gzip, zip or Parquet
     python batch.py evaluate INPUT [--min-roc-auc X]  # a labelled file: metrics and drift, logged to MLflow
+    python batch.py evaluate --predictions LOG INPUT  # the live answers of PREDICTION_LOG against INPUT's labels
     python batch.py watch SOURCE --every 10m [--evaluate]   # score each new file under a folder or S3 prefix
 
 Scoring is batch_scoring.py's, the service's jobs batch_jobs.py's, watching watch.py's. Logs are JSON lines
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate the Production model on a labelled file")
     evaluate.add_argument("input", help="a labelled local path or s3:// URI")
     evaluate.add_argument("--min-roc-auc", type=float, help="fail below this (default EVAL_MIN_ROC_AUC, 0.6)")
+    evaluate.add_argument(
+        "--predictions", metavar="LOG", help="score the answers in this prediction log (PREDICTION_LOG), by version"
+    )
 
     watcher = commands.add_parser("watch", help="score each new file under a folder or S3 prefix")
     watcher.add_argument("source", help="a local folder or s3://bucket/prefix/")
@@ -108,6 +112,8 @@ def _peak_rss_mb() -> float | None:
 def _evaluate_command(settings: Settings, args: argparse.Namespace) -> int:
     from bikeshare_membership import monitoring  # MLflow's run logging and matplotlib, only here
 
+    if args.predictions:
+        return _evaluate_predictions(settings, args)
     model = load_production_model(settings)
     try:
         result = monitoring.evaluate_file(settings, args.input, model, floor(settings, args.min_roc_auc))
@@ -124,6 +130,28 @@ def _evaluate_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"batch.py evaluate: FAILED: {result.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _evaluate_predictions(settings: Settings, args: argparse.Namespace) -> int:
+    from bikeshare_membership import live_monitoring, monitoring
+
+    try:
+        result = live_monitoring.evaluate_predictions(
+            settings, args.predictions, args.input, floor(settings, args.min_roc_auc)
+        )
+    except monitoring.NoLabels as error:
+        print(f"batch.py evaluate: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.predictions} x {args.input}: {result.answers:,} answers, {result.answers_without_label:,} found no "
+        f"label, {result.labels_without_answer:,} labelled trips had no answer"
+    )
+    for (name, version), evaluation in result.by_version.items():
+        print(live_monitoring.version_line(name, version, evaluation))
+    failed = [evaluation for evaluation in result.by_version.values() if not evaluation.passed]
+    for evaluation in failed:
+        print(f"batch.py evaluate: FAILED: {evaluation.message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _watch_command(settings: Settings, args: argparse.Namespace) -> int:

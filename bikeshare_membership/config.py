@@ -56,6 +56,10 @@ class Settings:
     graceful_timeout_seconds: int = 30
     # Enables `POST /admin/reload` for callers presenting it as a Bearer token; None: the route does not exist.
     admin_token: str | None = field(default=None, repr=False)
+    # The prediction log (prediction_log.py): a local folder or s3:// prefix; None: answers are not logged.
+    prediction_log: str | None = None
+    prediction_log_roll_seconds: float = 60.0  # a worker writes a file at least this often (and at 100,000 trips)
+    prediction_log_max_pending: int = 200_000  # trips a worker holds at most while the destination fails
 
     @property
     def monitoring_experiment_name(self) -> str:
@@ -132,6 +136,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Gunicorn reads a timeout of 0 as "never kill a silent worker", which no deployment of this service wants.
     "worker_timeout_seconds": ABOVE_ZERO,
     "graceful_timeout_seconds": ABOVE_ZERO,  # 0 would kill in-flight requests at once on SIGTERM
+    "prediction_log_roll_seconds": ABOVE_ZERO,
+    "prediction_log_max_pending": ABOVE_ZERO,
 }
 
 
@@ -157,4 +163,7 @@ ENVIRONMENT = {
     "worker_timeout_seconds": "WORKER_TIMEOUT",
     "graceful_timeout_seconds": "GRACEFUL_TIMEOUT",
     "admin_token": "ADMIN_TOKEN",
+    "prediction_log": "PREDICTION_LOG",
+    "prediction_log_roll_seconds": "PREDICTION_LOG_ROLL_SECONDS",
+    "prediction_log_max_pending": "PREDICTION_LOG_MAX_PENDING",
 }

@@ -44,7 +44,7 @@ class Evaluation:
 def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, min_roc_auc: float) -> Evaluation:
     """Score a labelled file with `model` and log the evaluation run; see the module docstring."""
     mlflow.set_tracking_uri(settings.tracking_uri)
-    profile = _training_profile(model)
+    profile = training_profile(model)
     drift_counter = drift.DriftCounter(profile) if profile else None
     is_member, probabilities = [], []
     rows = rejected = 0
@@ -65,17 +65,33 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
     if len(truth) == 0:
         raise NoLabels(f"{input_location} has no labelled trips (user_type), so the model cannot be evaluated")
 
-    metrics = _metrics(truth, proba)
+    metrics = member_metrics(truth, proba)
     metrics.update(rows=rows, rejected_rows=rejected, labelled_rows=len(truth))
     drift_report = drift_counter.summary() if drift_counter is not None else {}
-    metrics.update({f"psi_{name}": feature["psi"] for name, feature in drift_report.items()})
-    passed, message = _verdict(metrics.get("eval_roc_auc"), min_roc_auc, truth)
+    title, params = storage.name_of(input_location), {"input": input_location}
+    return log_evaluation(settings, title, params, model, truth, proba, metrics, drift_report, min_roc_auc)
 
+
+def log_evaluation(
+    settings: Settings,
+    title: str,
+    params: dict[str, Any],
+    model: LoadedModel,
+    truth: np.ndarray,
+    proba: np.ndarray,
+    metrics: dict[str, float],
+    drift_report: dict[str, Any],
+    min_roc_auc: float,
+) -> Evaluation:
+    """One run (`evaluate <title>`) in the monitoring experiment: `metrics` with each feature's PSI, the
+    verdict, the figures and the drift report. `batch.py evaluate --predictions` logs one per model version."""
+    metrics = {**metrics, **{f"psi_{name}": feature["psi"] for name, feature in drift_report.items()}}
+    passed, message = _verdict(metrics.get("eval_roc_auc"), min_roc_auc, truth)
     mlflow.set_experiment(settings.monitoring_experiment_name)
-    with mlflow.start_run(run_name=f"evaluate {storage.name_of(input_location)}") as run:
+    with mlflow.start_run(run_name=f"evaluate {title}") as run:
         mlflow.log_params(
             {
-                "input": input_location,
+                **params,
                 "model_name": model.name,
                 "model_version": model.version,
                 "model_run_id": model.run_id,
@@ -84,7 +100,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
         )
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"passed": str(passed).lower(), "verdict": message})
-        evaluation.log_figures(truth, proba, storage.name_of(input_location))
+        evaluation.log_figures(truth, proba, title)
         if drift_report:
             mlflow.log_dict(drift_report, "feature_drift.json")
         else:
@@ -98,7 +114,7 @@ def evaluate_file(settings: Settings, input_location: str, model: LoadedModel, m
     )
 
 
-def _training_profile(model: LoadedModel) -> dict[str, Any] | None:
+def training_profile(model: LoadedModel) -> dict[str, Any] | None:
     """The feature profile logged with the model's training run, or None for a model trained without one."""
     try:
         return mlflow.artifacts.load_dict(f"runs:/{model.run_id}/{drift.PROFILE_ARTIFACT}")
@@ -107,7 +123,7 @@ def _training_profile(model: LoadedModel) -> dict[str, Any] | None:
         return None
 
 
-def _metrics(truth: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+def member_metrics(truth: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return {
         **evaluation.scores(truth, proba, "eval"),
         "member_share_observed": float(truth.mean()),

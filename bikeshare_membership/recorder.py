@@ -31,10 +31,13 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from bikeshare_membership.model_holder import ModelHolder
+    from bikeshare_membership.prediction_log import PredictionLog
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replaced by the id the request got
 PREDICTIONS_ENVIRON = "bikeshare.predictions"  # the answers of POST /predict, for the prediction metrics
+# POST /predict's (model, [(validated trip, probability)]), in the answers' order, for the prediction log
+SCORED_ENVIRON = "bikeshare.scored"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
 # Beyond this many records waiting (the thread cannot write: stderr blocked, say), a request writes them itself
@@ -49,8 +52,10 @@ log = logging.getLogger(__name__)
 class RequestRecorder:
     """The middleware (`app.wsgi_app = RequestRecorder(app.wsgi_app, holder)`): ids and records."""
 
-    def __init__(self, wsgi_app: WSGIApplication, holder: ModelHolder) -> None:
-        self.wsgi_app, self.holder = wsgi_app, holder
+    def __init__(
+        self, wsgi_app: WSGIApplication, holder: ModelHolder, prediction_log: PredictionLog | None = None
+    ) -> None:
+        self.wsgi_app, self.holder, self.prediction_log = wsgi_app, holder, prediction_log
         self.pending: deque[tuple[float, dict[str, Any], list[dict[str, Any]] | None]] = deque()
         self.flushing = False
         # One batch written at a time: a worker exiting waits for the batch the thread has taken and is writing,
@@ -79,7 +84,11 @@ class RequestRecorder:
     def keep(self, line: dict[str, Any], environ: WSGIEnvironment) -> None:
         """The request's record, once its response is sent."""
         line["model_version"] = self.holder.model.version
-        self.pending.append((time.time(), line, environ.get(PREDICTIONS_ENVIRON)))
+        created, answers = time.time(), environ.get(PREDICTIONS_ENVIRON)
+        self.pending.append((created, line, answers))
+        if self.prediction_log is not None and answers and SCORED_ENVIRON in environ:
+            model, scored = environ[SCORED_ENVIRON]
+            self.prediction_log.keep(line["request_id"], created, model, scored, answers)
         if not self.flushing or len(self.pending) > MAX_PENDING:
             self.flush()
 
