@@ -1,6 +1,6 @@
 """Serving throughput and latency: this service beside `mlflow models serve` and an HTTP floor, in one run.
 
-    python bench/serve.py [--duration 10] [--prediction-log]   # needs wrk (apt-get install wrk)
+    python bench/serve.py [--duration 10] [--observed]   # needs wrk (apt-get install wrk)
 
 On free loopback ports it starts: this service under its production Gunicorn configuration, `mlflow
 models serve` on the same registered model version, and a no-op Flask app under the same Gunicorn
@@ -8,7 +8,8 @@ configuration (the floor: HTTP and Flask, no model). wrk, in its own process, dr
 bounded load: single trips at 1, 8 and 32 connections, and 100-trip lists at 8, for --duration seconds
 each. It prints req/s, p50/p99 latency and errors for each, the ratios, and the in-process cost of one
 prediction through the service's code path without HTTP. The last line is one JSON object. With
---prediction-log the service logs every answer (PREDICTION_LOG, a temporary folder).
+--observed a fourth server joins, side by side: the service with the prediction log (PREDICTION_LOG, a temporary
+folder) and a shadow challenger (SHADOW_MODEL_ALIAS; the served version registered again as `challenger`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from mlflow.tracking import MlflowClient
 
 from bikeshare_membership import app as service_app
+from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_store import ModelStore
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
@@ -114,10 +117,21 @@ def in_process_microseconds(settings: Settings, repeats: int = 3000) -> float:
     return sorted(timings)[len(timings) // 2] * 1e6
 
 
+def register_challenger(settings: Settings) -> None:
+    """The Production version registered again, with the alias `challenger`: a shadow as costly as the model."""
+    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    production = ModelStore(settings).production_version()
+    location = client.get_model_version_download_uri(MODEL, production.version)
+    challenger = client.create_model_version(MODEL, location, production.run_id)
+    client.set_registered_model_alias(MODEL, promotion.CHALLENGER_ALIAS, challenger.version)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario and server")
-    parser.add_argument("--prediction-log", action="store_true", help="the service logs every answer (PREDICTION_LOG)")
+    parser.add_argument(
+        "--observed", action="store_true", help="also the service with the prediction log and a shadow challenger"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/serve.py needs wrk: apt-get install wrk")
@@ -139,9 +153,15 @@ def main() -> int:
         run_train(env, work)
         version = ModelStore(settings).production_version().version
 
-        logging = {"PREDICTION_LOG": str(work / "prediction-log")} if args.prediction_log else {}
-        service, service_url = start_gunicorn(env | logging, work / "service.log")
+        service, service_url = start_gunicorn(env, work / "service.log")
         processes.append(service)
+        servers = {"service": f"{service_url}/predict"}
+        if args.observed:
+            register_challenger(settings)
+            observing = {"PREDICTION_LOG": str(work / "prediction-log"), "SHADOW_MODEL_ALIAS": "challenger"}
+            observed, observed_url = start_gunicorn(env | observing, work / "observed.log")
+            processes.append(observed)
+            servers["observed"] = f"{observed_url}/predict"
         floor, floor_url = start_gunicorn(env, work / "floor.log", app=FLOOR_APP)
         processes.append(floor)
         mlflow_port = free_port()
@@ -153,11 +173,7 @@ def main() -> int:
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         wait_for_http(f"{mlflow_url}/ping", mlflow_serve, timeout=120)
 
-        servers = {
-            "service": f"{service_url}/predict",
-            "mlflow": f"{mlflow_url}/invocations",
-            "floor": f"{floor_url}/predict",
-        }
+        servers |= {"mlflow": f"{mlflow_url}/invocations", "floor": f"{floor_url}/predict"}
         results: dict[tuple[str, str, int], Result] = {}
         print(f"{'server':8} {'load':10} {'clients':>7} {'req/s':>9} {'trips/s':>9} {'p50 ms':>8} {'p99 ms':>8} errors")
         for kind, connections, trips in SCENARIOS:
@@ -180,9 +196,14 @@ def main() -> int:
         "single_c1_p50_ms": round(service_c1.p50_ms, 3),
         "single_c1_p50_vs_floor": round(service_c1.p50_ms / floor_c1.p50_ms, 2),
         "batch100_c8_trips_per_s": round(results["service", "batch100", 8].requests_per_s * 100),
-        "errors": sum(result.errors for (server, _, _), result in results.items() if server == "service"),
-        "prediction_log": args.prediction_log,
+        "errors": sum(result.errors for (server, _, _), result in results.items() if server in ("service", "observed")),
     }
+    if args.observed:
+        observed_c1 = results["observed", "single", 1]
+        summary["observed_single_c1_p50_vs_floor"] = round(observed_c1.p50_ms / floor_c1.p50_ms, 2)
+        summary["observed_single_c8_vs_service"] = round(
+            results["observed", "single", 8].requests_per_s / service_c8.requests_per_s, 2
+        )
     print(f"in process, one trip through the service's code path without HTTP: {in_process_us:.0f} us")
     print(
         f"single trip, 8 clients: {summary['single_c8_ratio_vs_mlflow']}x mlflow models serve; "

@@ -6,8 +6,8 @@ only modules of lower levels, so imports point one way and tests/test_architectu
 - contract: `schema` (the request schema, its validation, timestamps), `stations` (the station reference),
   `city_files` (the City's file layouts, read in chunks), `features` (the model's features, `TripFeatures`);
 - model: `fast_pipeline` (the exact fast evaluation), `registry` (which version is in Production),
-  `model_store` (the verified local cache, loading), `model_holder` (hot reload), `evaluation` (metrics and
-  figures), `drift` (feature profiles);
+  `model_store` (the verified local cache, loading), `model_holder` (hot reload), `shadow` (the challenger
+  scored beside the served model), `evaluation` (metrics and figures), `drift` (feature profiles);
 - work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
   run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file),
   `live_monitoring` (the prediction log against a labelled file), `spark_scoring` (the same scoring as a

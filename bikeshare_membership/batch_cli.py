@@ -146,9 +146,11 @@ def _evaluate_predictions(settings: Settings, args: argparse.Namespace) -> int:
         f"{args.predictions} x {args.input}: {result.answers:,} answers, {result.answers_without_label:,} found no "
         f"label, {result.labels_without_answer:,} labelled trips had no answer"
     )
-    for (name, version), evaluation in result.by_version.items():
-        print(live_monitoring.version_line(name, version, evaluation))
-    failed = [evaluation for evaluation in result.by_version.values() if not evaluation.passed]
+    for (name, version, role), evaluation in result.by_version.items():
+        print(live_monitoring.version_line(name, version, role, evaluation))
+    failed = [
+        evaluation for (*_, role), evaluation in result.by_version.items() if role == "served" and not evaluation.passed
+    ]
     for evaluation in failed:
         print(f"batch.py evaluate: FAILED: {evaluation.message}", file=sys.stderr)
     return 1 if failed else 0

@@ -60,6 +60,8 @@ class Settings:
     prediction_log: str | None = None
     prediction_log_roll_seconds: float = 60.0  # a worker writes a file at least this often (and at 100,000 trips)
     prediction_log_max_pending: int = 200_000  # trips a worker holds at most while the destination fails
+    # The alias of the version scored in shadow beside the served one (shadow.py); None: no shadow.
+    shadow_model_alias: str | None = None
 
     @property
     def monitoring_experiment_name(self) -> str:
@@ -73,7 +75,10 @@ class Settings:
         for name, variable in ENVIRONMENT.items():
             if variable in environ:
                 values[name] = _value(name, variable, environ[variable], getattr(cls, name))
-        return cls(**values)
+        settings = cls(**values)
+        if settings.shadow_model_alias and settings.model_path:
+            raise InvalidSetting("SHADOW_MODEL_ALIAS: a shadow comes from the registry, and MODEL_PATH is set")
+        return settings
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a child process (a batch job) these same settings; not the admin token,
@@ -166,4 +171,5 @@ ENVIRONMENT = {
     "prediction_log": "PREDICTION_LOG",
     "prediction_log_roll_seconds": "PREDICTION_LOG_ROLL_SECONDS",
     "prediction_log_max_pending": "PREDICTION_LOG_MAX_PENDING",
+    "shadow_model_alias": "SHADOW_MODEL_ALIAS",
 }

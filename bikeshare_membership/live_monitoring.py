@@ -9,14 +9,17 @@ retry) counts once, with its latest answer; a trip id labelled twice in the file
 Each model version that answered gets one run in the monitoring experiment, with what `batch.py evaluate`
 logs (monitoring.log_evaluation): ROC AUC, log loss, Brier score, precision and recall of Member computed from
 the probabilities the service answered with (unrounded), the Member shares, the figures, and the drift of the
-joined trips' features against that version's training profile.
+joined trips' features against that version's training profile. Each shadow version (shadow.py) that scored
+answered trips gets one run too, from its own probabilities of the same trips (param `role`: `served` or
+`shadow`): the challenger judged on live traffic it never answered. Only the served versions' verdicts decide
+the exit status.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import mlflow
 import pandas as pd
@@ -29,7 +32,16 @@ from bikeshare_membership.schema import MEMBER, TRIP_FIELDS
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = [*TRIP_FIELDS, "answered_at", "model_name", "model_version", "member_probability"]
+LOG_COLUMNS = [
+    *TRIP_FIELDS,
+    "answered_at",
+    "model_name",
+    "model_version",
+    "member_probability",
+    "shadow_model_version",
+    "shadow_member_probability",
+]
+Role = Literal["served", "shadow"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ class LiveEvaluation:
     answers: int  # rows of the log
     answers_without_label: int
     labels_without_answer: int
-    by_version: dict[tuple[str, str], monitoring.Evaluation]  # (model name, version) -> its run
+    by_version: dict[tuple[str, str, Role], monitoring.Evaluation]  # (model name, version, role) -> its run
 
 
 def read_prediction_log(location: str, settings: Settings) -> pd.DataFrame:
@@ -68,20 +80,31 @@ def _ids(values: pd.Series) -> pd.Index:
     return pd.Index(values.astype(str).str.strip(), name="trip_id")
 
 
+def scores_by_role(answers: pd.DataFrame) -> pd.DataFrame:
+    """One row per answered trip and model that scored it: the served version's, then the shadow's where it
+    scored the trip, each with its `member_probability` and `role`."""
+    shadowed = answers[answers["shadow_member_probability"].notna()]
+    shadow = shadowed.assign(
+        model_version=shadowed["shadow_model_version"], member_probability=shadowed["shadow_member_probability"]
+    )
+    return pd.concat([answers.assign(role="served"), shadow.assign(role="shadow")], ignore_index=True)
+
+
 def evaluate_predictions(
     settings: Settings, log_location: str, labelled_location: str, min_roc_auc: float
 ) -> LiveEvaluation:
     """Join the log with the labelled file and log one evaluation run per model version; see the docstring."""
     mlflow.set_tracking_uri(settings.tracking_uri)
     answers = read_prediction_log(log_location, settings)
+    scores = scores_by_role(answers)
     labels = read_labels(labelled_location, settings)
     has_id = answers["trip_id"].notna()
     labelled = has_id & answers["trip_id"].isin(labels.index)
     answered_ids = set(answers.loc[has_id, "trip_id"])
     joined = (
-        answers[labelled]
+        scores[scores["trip_id"].isin(labels.index)]
         .sort_values("answered_at", kind="stable")
-        .drop_duplicates(["model_name", "model_version", "trip_id"], keep="last")
+        .drop_duplicates(["model_name", "model_version", "role", "trip_id"], keep="last")
     )
     if joined.empty:
         raise monitoring.NoLabels(f"no answer in {log_location} has a label in {labelled_location}")
@@ -90,9 +113,9 @@ def evaluate_predictions(
         "answers_without_label": int((~labelled).sum()),
         "labels_without_answer": int((~labels.index.isin(list(answered_ids))).sum()),
     }
-    results: dict[tuple[str, str], monitoring.Evaluation] = {}
-    for (name_key, version_key), trips in joined.groupby(["model_name", "model_version"], sort=True):
-        name, version = str(name_key), str(version_key)
+    results: dict[tuple[str, str, Role], monitoring.Evaluation] = {}
+    for (name_key, version_key, role_key), trips in joined.groupby(["model_name", "model_version", "role"]):
+        name, version, role = str(name_key), str(version_key), cast(Role, role_key)
         model = load_model_version(replace(settings, registered_model=name), version)
         truth = (labels.loc[trips["trip_id"]].to_numpy() == MEMBER).astype("int8")
         proba = trips["member_probability"].to_numpy(dtype="float64")
@@ -105,21 +128,24 @@ def evaluate_predictions(
         metrics = monitoring.member_metrics(truth, proba)
         metrics.update(
             labelled_rows=len(truth),
-            version_answers=int(((answers["model_name"] == name) & (answers["model_version"] == version)).sum()),
+            version_answers=int(
+                ((scores["model_name"] == name) & (scores["model_version"] == version) & (scores["role"] == role)).sum()
+            ),
             **{key: float(value) for key, value in counts.items()},
         )
-        params = {"input": labelled_location, "predictions": log_location}
+        params = {"input": labelled_location, "predictions": log_location, "role": role}
         title = f"{storage.name_of(log_location)} x {storage.name_of(labelled_location)}"
-        results[name, version] = monitoring.log_evaluation(
+        results[name, version, role] = monitoring.log_evaluation(
             settings, title, params, model, truth, proba, metrics, drift_report, min_roc_auc
         )
     return LiveEvaluation(by_version=results, **counts)
 
 
-def version_line(name: str, version: str, result: monitoring.Evaluation) -> str:
+def version_line(name: str, version: str, role: Role, result: monitoring.Evaluation) -> str:
     metrics = result.metrics
+    scored = "answered" if role == "served" else "shadow-scored"
     return (
-        f"model {name} version {version} on {metrics['labelled_rows']:,.0f} answered and labelled trips: "
+        f"model {name} version {version} on {metrics['labelled_rows']:,.0f} {scored} and labelled trips: "
         f"{result.message}; Member share {metrics['member_share_predicted']:.1%} predicted, "
         f"{metrics['member_share_observed']:.1%} observed; run {result.run_id} in {result.experiment!r}"
     )

@@ -26,10 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from bikeshare_membership.model_store import trip_membership
 from bikeshare_membership.schema import CASUAL, MEMBER
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from bikeshare_membership.model_store import LoadedModel
+    from bikeshare_membership.shadow import ShadowScores
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,20 @@ RELOADS = Counter("bikeshare_model_reloads", "New model versions loaded and swap
 RELOAD_FAILURES = Counter(
     "bikeshare_model_reload_failures", "Reload checks that failed, by stage (registry, load)", ["stage"]
 )
+# The shadow challenger (shadow.py), labelled by the version that answered and the shadow's version.
+SHADOW_TRIPS = Counter(
+    "bikeshare_shadow_trips",
+    "Answered trips the shadow scored, by whether its membership agrees with the answer's",
+    ["served_version", "shadow_version", "agreement"],
+)
+DIFFERENCE_BUCKETS = (-50.0, -20.0, -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+SHADOW_DIFFERENCE = Histogram(
+    "bikeshare_shadow_proba_difference_percent",
+    "The shadow's P(Member) minus the answer's, in percentage points",
+    ["served_version", "shadow_version"],
+    buckets=DIFFERENCE_BUCKETS,
+)
+SHADOW_FAILURES = Counter("bikeshare_shadow_failures", "Answered trips the shadow failed to score", ["shadow_version"])
 
 
 MEMBER_TRIPS, CASUAL_TRIPS = PREDICTIONS.labels(MEMBER), PREDICTIONS.labels(CASUAL)
@@ -83,6 +101,30 @@ def trips_predicted(answers: list[dict[str, Any]]) -> None:
     if members < len(answers):
         CASUAL_TRIPS.inc(len(answers) - members)
     observe_all(PROBA, [answer["proba"] for answer in answers])
+
+
+def shadow_compared(
+    answered: Sequence[tuple[str, Sequence[tuple[Any, float]]]], scores: Sequence[ShadowScores]
+) -> None:
+    """Compare the shadow's scores with the answers: per request, the version that answered and each trip with
+    its probability; `scores`, the shadow's for the same trips."""
+    agreed: Tally[tuple[str, str, str]] = Tally()
+    differences: dict[tuple[str, str], list[float]] = {}
+    failed: Tally[str] = Tally()
+    for (served_version, scored), shadow in zip(answered, scores, strict=True):
+        for (_, served), probability in zip(scored, shadow["probabilities"], strict=True):
+            if probability is None:
+                failed[shadow["version"]] += 1
+                continue
+            same = trip_membership(probability) == trip_membership(served)
+            agreed[served_version, shadow["version"], "agree" if same else "disagree"] += 1
+            differences.setdefault((served_version, shadow["version"]), []).append((probability - served) * 100)
+    for labels, count in agreed.items():
+        SHADOW_TRIPS.labels(*labels).inc(count)
+    for versions, values in differences.items():
+        observe_all(SHADOW_DIFFERENCE.labels(*versions), values)
+    for version, count in failed.items():
+        SHADOW_FAILURES.labels(version).inc(count)
 
 
 # Whether prometheus_client's Histogram internals take batched writes (`observe_all`): None until the first batch.

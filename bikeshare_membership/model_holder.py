@@ -24,6 +24,7 @@ from bikeshare_membership.errors import first_line
 from bikeshare_membership.model_store import FETCH_ERRORS, LoadedModel, ModelStore, ServedModel, load_model_path
 from bikeshare_membership.registry import NoProductionModel
 from bikeshare_membership.schema import Timestamp, closed
+from bikeshare_membership.shadow import Shadow, ShadowState
 
 RELOAD_POLL_SECONDS = 1.0  # how often every worker's refresh thread looks at the reload marker
 
@@ -50,14 +51,17 @@ class Health(TypedDict):
     status: Literal["ok"]
     model: ServedModel
     registry: RegistryCheck
+    shadow: Annotated[ShadowState | None, Field(description="The shadow challenger; null without SHADOW_MODEL_ALIAS.")]
 
 
 class ModelHolder:
-    """The model a process serves now; a background check swaps in newly promoted versions."""
+    """The model a process serves now, and its shadow challenger if any; a background check swaps in newly
+    promoted versions, and the version the shadow's alias names."""
 
-    def __init__(self, store: ModelStore | None, model: LoadedModel) -> None:
+    def __init__(self, store: ModelStore | None, model: LoadedModel, shadow: Shadow | None = None) -> None:
         self.store = store  # None when the model came from a path: nothing to refresh
         self.model = model
+        self.shadow = shadow
         self.on_refresh: RefreshListener = lambda outcome, serving, replaced: None
         self.registry_error: str | None = model.metadata.get("fetch_error")
         self.checked_at: str | None = model.loaded_at if store else None
@@ -69,49 +73,60 @@ class ModelHolder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelHolder:
-        """The model from `MODEL_PATH` if set (never refreshed), else the registry's Production version."""
+        """The model from `MODEL_PATH` if set (never refreshed), else the registry's Production version, with the
+        version `SHADOW_MODEL_ALIAS` names as its shadow."""
         if settings.model_path:
             return cls(None, load_model_path(settings.model_path))
         store = ModelStore(settings)
-        return cls(store, store.load_production())
+        model = store.load_production()
+        shadow = None
+        if settings.shadow_model_alias:
+            shadow = Shadow(store, settings.shadow_model_alias)
+            shadow.refresh()
+        return cls(store, model, shadow)
 
     def refresh(self) -> bool:
-        """Check the registry once; load and swap in a new Production version. True if it swapped."""
+        """Check the registry once; load and swap in a new Production version (True if it swapped), and the
+        version the shadow's alias names."""
         if self.store is None:
             return False
         with self._refresh_lock:
-            self.checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-            try:
-                version = self.store.production_version()
-            except (NoProductionModel, *FETCH_ERRORS) as error:
-                self.registry_error = first_line(error)
-                log.warning(
-                    "registry check failed, still serving version %s: %s", self.model.version, self.registry_error
-                )
-                self.on_refresh("registry_failed", self.model, None)
-                return False
-            if str(version.version) == self.model.version:
-                self.registry_error = None
-                return False
-            try:
-                candidate = self.store.load(version)
-            except Exception as error:  # a bad version must never take down the one being served
-                # The registry answered but the artifacts could not be fetched: /health says so, as it does when
-                # this happens at start-up. Each error stands until a check ends, so /health does not flap.
-                self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
-                log.error(
-                    "failed to load version %s, still serving %s: %s",
-                    version.version,
-                    self.model.version,
-                    first_line(error),
-                )
-                self.on_refresh("load_failed", self.model, None)
-                return False
+            swapped = self._refresh_served(self.store)
+            if self.shadow is not None:
+                self.shadow.refresh()
+            return swapped
+
+    def _refresh_served(self, store: ModelStore) -> bool:
+        self.checked_at = datetime.now(UTC).isoformat(timespec="seconds")
+        try:
+            version = store.production_version()
+        except (NoProductionModel, *FETCH_ERRORS) as error:
+            self.registry_error = first_line(error)
+            log.warning("registry check failed, still serving version %s: %s", self.model.version, self.registry_error)
+            self.on_refresh("registry_failed", self.model, None)
+            return False
+        if str(version.version) == self.model.version:
             self.registry_error = None
-            previous, self.model = self.model, candidate
-            log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
-            self.on_refresh("swapped", candidate, previous)
-            return True
+            return False
+        try:
+            candidate = store.load(version)
+        except Exception as error:  # a bad version must never take down the one being served
+            # The registry answered but the artifacts could not be fetched: /health says so, as it does when
+            # this happens at start-up. Each error stands until a check ends, so /health does not flap.
+            self.registry_error = first_line(error) if isinstance(error, FETCH_ERRORS) else None
+            log.error(
+                "failed to load version %s, still serving %s: %s",
+                version.version,
+                self.model.version,
+                first_line(error),
+            )
+            self.on_refresh("load_failed", self.model, None)
+            return False
+        self.registry_error = None
+        previous, self.model = self.model, candidate
+        log.info("now serving %s version %s (was %s)", candidate.name, candidate.version, previous.version)
+        self.on_refresh("swapped", candidate, previous)
+        return True
 
     def request_reload(self) -> bool:
         """Check the registry now, and ask the other processes on this host to do the same; True if it swapped.
@@ -169,4 +184,5 @@ class ModelHolder:
                 "error": self.registry_error,
                 "checked_at": self.checked_at,
             },
+            "shadow": self.shadow.state() if self.shadow else None,
         }

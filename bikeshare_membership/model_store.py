@@ -52,7 +52,7 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.features import TripColumns
-from bikeshare_membership.registry import NoProductionModel, production_version
+from bikeshare_membership.registry import NoProductionModel, alias_version, production_version
 from bikeshare_membership.schema import (
     CASUAL,
     MEMBER,
@@ -243,6 +243,10 @@ class ModelStore:
 
     def production_version(self) -> ModelVersion:
         return production_version(self.client, self.settings.registered_model)
+
+    def alias_version(self, alias: str) -> ModelVersion | None:
+        """The version `alias` names, or None."""
+        return alias_version(self.client, self.settings.registered_model, alias)
 
     def load_production(self) -> LoadedModel:
         """The Production version, or the newest cached one if the registry or bucket is unreachable."""

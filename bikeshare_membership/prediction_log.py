@@ -10,7 +10,8 @@ Layout: `<PREDICTION_LOG>/date=YYYY-MM-DD/part-<pid>-<seq>-<token>.parquet`, par
 trip was answered (Hive style: pandas, pyarrow.dataset and Spark read the folder or prefix as one table with
 a `date` column). `token` is random per process: pids repeat across hosts and container restarts.
 
-Off the request path: the request (recorder.py, once its answer is sent) only appends its trips to a queue.
+Off the request path: the request recorder's thread (recorder.py) appends each answered request's trips to a
+queue, with the shadow's scores of them if there is a shadow (shadow.py).
 A thread in each worker turns the queue into Arrow batches every FLUSH_SECONDS and writes a file when the
 rows held reach ROLL_ROWS or the oldest is PREDICTION_LOG_ROLL_SECONDS old. A file is published whole: a
 local one through storage.atomic_path (a hidden partial file renamed into place; readers skip hidden files),
@@ -50,6 +51,7 @@ from bikeshare_membership.config import Settings
 
 if TYPE_CHECKING:
     from bikeshare_membership.model_store import LoadedModel
+    from bikeshare_membership.shadow import ShadowScores
 
 FLUSH_SECONDS = 0.1  # how often the thread turns queued answers into Arrow batches (short, so each is brief)
 ROLL_ROWS = 100_000  # a file holds at most this many trips (about 4 MB of Parquet)
@@ -73,6 +75,11 @@ SCHEMA = pa.schema(
         ("proba", pa.float64()),  # as answered: P(Member) in percent, rounded to 2 decimals
         ("member_probability", pa.float64()),  # the model's P(Member), unrounded
         ("membership", pa.string()),
+        # The shadow challenger (shadow.py), null without one or where it failed: its version, P(Member) in
+        # percent rounded as an answer would be, and unrounded.
+        ("shadow_model_version", pa.string()),
+        ("shadow_proba", pa.float64()),
+        ("shadow_member_probability", pa.float64()),
     ]
 )
 TRIP_COLUMNS = [
@@ -94,8 +101,11 @@ WRITTEN = Counter("bikeshare_prediction_log_written", "Answered trips written to
 
 log = logging.getLogger(__name__)
 
-# What a request keeps: request id, time answered (epoch seconds), model, [(trip, probability)], answers.
-Answered = tuple[str, float, str, str, Sequence[tuple[dict[str, Any], float]], Sequence[dict[str, Any]]]
+# What a request keeps: request id, time answered (epoch seconds), model name and version,
+# [(trip, probability)], answers, the shadow's scores.
+Answered = tuple[
+    str, float, str, str, Sequence[tuple[dict[str, Any], float]], Sequence[dict[str, Any]], "ShadowScores | None"
+]
 
 
 def _positions(repeats: list[int]) -> np.ndarray:
@@ -136,15 +146,17 @@ class PredictionLog:
         model: LoadedModel,
         scored: Sequence[tuple[dict[str, Any], float]],
         answers: Sequence[dict[str, Any]],
+        shadow: ShadowScores | None = None,
     ) -> None:
         """Queue a request's answered trips (`scored`: each validated trip and its probability, in the order
-        of `answers`); drop and count them if the worker already holds PREDICTION_LOG_MAX_PENDING."""
+        of `answers`; `shadow`: the shadow's scores of them); drop and count them if the worker already holds
+        PREDICTION_LOG_MAX_PENDING."""
         count = len(scored)
         if self.kept - self.released + count > self.max_pending:
             self.dropped += count
             return
         self.kept += count
-        self.pending.append((request_id, answered_at, model.name, model.version, scored, answers))
+        self.pending.append((request_id, answered_at, model.name, model.version, scored, answers, shadow))
 
     # --- The writer ---------------------------------------------------------------------------------------
 
@@ -188,9 +200,15 @@ class PredictionLog:
             return
         # Column by column with comprehensions, and Arrow for the rest (NaN -> null, the timestamps): a few
         # microseconds a trip on the writer's thread, which holds the interpreter meanwhile.
-        repeats = [len(scored) for *_, scored, _ in taken]
-        trips = [trip for *_, scored, _ in taken for trip, _ in scored]
-        answers = [answer for *_, answered in taken for answer in answered]
+        repeats = [len(scored) for *_, scored, _, _ in taken]
+        trips = [trip for *_, scored, _, _ in taken for trip, _ in scored]
+        answers = [answer for *_, answered, _ in taken for answer in answered]
+        shadow_versions = [None if shadow is None else shadow["version"] for *_, shadow in taken]
+        shadow_probabilities = [
+            probability
+            for *_, scored, _, shadow in taken
+            for probability in (shadow["probabilities"] if shadow else [None] * len(scored))
+        ]
         columns: dict[str, Any] = {
             "request_id": pa.array([item[0] for item in taken], pa.string()).take(_positions(repeats)),
             "answered_at": pa.array((np.repeat([item[1] for item in taken], repeats) * 1e6).astype("int64")),
@@ -198,8 +216,11 @@ class PredictionLog:
             "model_name": pa.array([item[2] for item in taken], pa.string()).take(_positions(repeats)),
             "model_version": pa.array([item[3] for item in taken], pa.string()).take(_positions(repeats)),
             "proba": [answer["proba"] for answer in answers],
-            "member_probability": [probability for *_, scored, _ in taken for _, probability in scored],
+            "member_probability": [probability for *_, scored, _, _ in taken for _, probability in scored],
             "membership": [answer["membership"] for answer in answers],
+            "shadow_model_version": pa.array(shadow_versions, pa.string()).take(_positions(repeats)),
+            "shadow_proba": [None if value is None else round(value * 100, 2) for value in shadow_probabilities],
+            "shadow_member_probability": shadow_probabilities,
         }
         for name in TRIP_COLUMNS:
             columns[name] = pa.array([trip[name] for trip in trips], SCHEMA.field(name).type, from_pandas=True)

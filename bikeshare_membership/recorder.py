@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bikeshare_membership import jsonlog, metrics
 
@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from bikeshare_membership.model_holder import ModelHolder
+    from bikeshare_membership.model_store import LoadedModel
     from bikeshare_membership.prediction_log import PredictionLog
+    from bikeshare_membership.shadow import ShadowScores
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replaced by the id the request got
@@ -49,6 +51,26 @@ FLUSH_SECONDS = 0.02
 log = logging.getLogger(__name__)
 
 
+class Record(NamedTuple):
+    """A request once its response is sent: when, its log line, and for POST /predict its answers and the
+    model that gave them with each validated trip and its probability (SCORED_ENVIRON)."""
+
+    created: float
+    line: dict[str, Any]
+    answers: list[dict[str, Any]] | None
+    scored: tuple[LoadedModel, list[tuple[dict[str, Any], float]]] | None
+
+
+class Answered(NamedTuple):
+    """A POST /predict that answered trips, as the shadow and the prediction log take it."""
+
+    request_id: str
+    created: float
+    model: LoadedModel
+    scored: list[tuple[dict[str, Any], float]]
+    answers: list[dict[str, Any]]
+
+
 class RequestRecorder:
     """The middleware (`app.wsgi_app = RequestRecorder(app.wsgi_app, holder)`): ids and records."""
 
@@ -56,7 +78,7 @@ class RequestRecorder:
         self, wsgi_app: WSGIApplication, holder: ModelHolder, prediction_log: PredictionLog | None = None
     ) -> None:
         self.wsgi_app, self.holder, self.prediction_log = wsgi_app, holder, prediction_log
-        self.pending: deque[tuple[float, dict[str, Any], list[dict[str, Any]] | None]] = deque()
+        self.pending: deque[Record] = deque()
         self.flushing = False
         # One batch written at a time: a worker exiting waits for the batch the thread has taken and is writing,
         # which the exit would otherwise cut off, then writes what is left.
@@ -84,11 +106,7 @@ class RequestRecorder:
     def keep(self, line: dict[str, Any], environ: WSGIEnvironment) -> None:
         """The request's record, once its response is sent."""
         line["model_version"] = self.holder.model.version
-        created, answers = time.time(), environ.get(PREDICTIONS_ENVIRON)
-        self.pending.append((created, line, answers))
-        if self.prediction_log is not None and answers and SCORED_ENVIRON in environ:
-            model, scored = environ[SCORED_ENVIRON]
-            self.prediction_log.keep(line["request_id"], created, model, scored, answers)
+        self.pending.append(Record(time.time(), line, environ.get(PREDICTIONS_ENVIRON), environ.get(SCORED_ENVIRON)))
         if not self.flushing or len(self.pending) > MAX_PENDING:
             self.flush()
 
@@ -110,7 +128,7 @@ class RequestRecorder:
         with self.writing:
             self._write(self._taken())
 
-    def _taken(self) -> list[tuple[float, dict[str, Any], list[dict[str, Any]] | None]]:
+    def _taken(self) -> list[Record]:
         records = []
         try:
             while True:  # popleft is atomic: requests append meanwhile
@@ -118,18 +136,41 @@ class RequestRecorder:
         except IndexError:
             return records
 
-    def _write(self, records: list[tuple[float, dict[str, Any], list[dict[str, Any]] | None]]) -> None:
+    def _write(self, records: list[Record]) -> None:
         if not records:
             return
         metrics.requests_answered(
-            [(line["endpoint"], line["method"], line["status"], line["seconds"]) for _, line, _ in records]
+            [(line["endpoint"], line["method"], line["status"], line["seconds"]) for _, line, _, _ in records]
         )
-        metrics.trips_predicted([answer for _, _, answers in records if answers for answer in answers])
+        metrics.trips_predicted([answer for _, _, answers, _ in records if answers for answer in answers])
         lines = []
-        for created, line, _ in records:
+        for created, line, _, _ in records:
             line["duration_ms"] = round(line.pop("seconds") * 1000, 3)
             lines.append((created, line))
         jsonlog.write_info_lines("predict.requests", "request", lines)
+        if self.holder.shadow is None and self.prediction_log is None:
+            return
+        answered = [
+            Answered(line["request_id"], created, *scored, answers)
+            for created, line, answers, scored in records
+            if answers and scored
+        ]
+        if answered:
+            self._answered(answered)
+
+    def _answered(self, answered: list[Answered]) -> None:
+        """The shadow's scores of the answered trips, and their rows of the prediction log."""
+        scores: list[ShadowScores] | None = None
+        if self.holder.shadow is not None:
+            try:
+                scores = self.holder.shadow.score([[trip for trip, _ in request.scored] for request in answered])
+            except Exception:  # the prediction log's rows must not go with a shadow's failure
+                log.exception("shadow: could not score answered trips")
+            if scores is not None:
+                metrics.shadow_compared([(request.model.version, request.scored) for request in answered], scores)
+        if self.prediction_log is not None:
+            for index, request in enumerate(answered):
+                self.prediction_log.keep(*request, shadow=None if scores is None else scores[index])
 
 
 class RecordedBody:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,3 +155,18 @@ def gunicorn_service(settings: Settings, trained: subprocess.CompletedProcess, t
         yield url
     finally:
         stop(process)
+
+
+@pytest.fixture
+def own_registry(settings: Settings, trained: subprocess.CompletedProcess, tmp_path: Path) -> Settings:
+    """A copy of the session registry's database (the artifacts stay where they are, only read), so promoting
+    a version here leaves the other tests' Production version alone."""
+    copy = tmp_path / "mlflow.db"
+    with sqlite3.connect(settings.tracking_uri.removeprefix("sqlite:///")) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    return Settings(
+        tracking_uri=f"sqlite:///{copy}",
+        experiment_name=settings.experiment_name,
+        registered_model=settings.registered_model,
+        model_cache_dir=str(tmp_path / "model-cache"),
+    )

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -219,21 +218,6 @@ def test_sigterm_finishes_accepted_requests_then_refuses(
 
 
 # --- Admin reload -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_registry(settings: Settings, trained: subprocess.CompletedProcess, tmp_path: Path) -> Settings:
-    """A copy of the session registry's database (the artifacts stay where they are, only read), so promoting
-    a version here leaves the other tests' Production version alone."""
-    copy = tmp_path / "mlflow.db"
-    with sqlite3.connect(settings.tracking_uri.removeprefix("sqlite:///")) as source, sqlite3.connect(copy) as target:
-        source.backup(target)
-    return Settings(
-        tracking_uri=f"sqlite:///{copy}",
-        experiment_name=settings.experiment_name,
-        registered_model=settings.registered_model,
-        model_cache_dir=str(tmp_path / "model-cache"),
-    )
 
 
 def promote_copy_of_production(settings: Settings) -> str:

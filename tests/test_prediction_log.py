@@ -53,7 +53,9 @@ def trip(index: int) -> dict[str, Any]:
 
 def read_log(location: Path) -> pd.DataFrame:
     """The whole log, as any reader would take it: the folder as one Hive-partitioned dataset."""
-    if not location.exists() or not any(location.rglob("*.parquet")):
+    # Partial files being written are hidden (".partial-..."), and readers skip them: a folder holding only one
+    # is an empty log.
+    if not location.exists() or not any(not part.name.startswith(".") for part in location.rglob("*.parquet")):
         return pd.DataFrame(columns=prediction_log.SCHEMA.names)
     return ds.dataset(location, format="parquet", partitioning="hive").to_table().to_pandas()
 
