@@ -29,7 +29,7 @@ from bikeshare_membership import batch_scoring, city_files, spark_scoring, stati
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
-from bikeshare_membership.schema import parse_request_trip
+from bikeshare_membership.schema import EXAMPLE_TRIP, parse_request_trip
 from bikeshare_membership.spark_cli import one_line
 
 BUNDLED = sorted(stations.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
@@ -391,3 +391,26 @@ def test_the_command_line_scores_files_and_an_existing_output_is_refused_in_one_
     with pytest.raises(FileExistsError) as refused:
         spark_scoring.score_files(spark, model, [str(source)], str(tmp_path / "out"))
     assert "already exists" in one_line(refused.value) and "\n" not in one_line(refused.value)
+
+
+def test_spark_reads_the_prediction_log_as_one_table_with_its_date(
+    spark: SparkSession, model: LoadedModel, tmp_path: Path
+) -> None:
+    """The service's prediction log, as a Spark job over the log would read it: every answer, `date` a column."""
+    folder = tmp_path / "prediction-log"
+    app = service_app.create_app(Settings(prediction_log=str(folder)), ModelHolder(None, model))
+    client = app.test_client()
+    trips = [{**EXAMPLE_TRIP, "trip_id": index, "trip_duration_seconds": 120 + 60 * index} for index in range(30)]
+    answers = []
+    for body in (trips[:10], *trips[10:]):
+        response = client.post("/predict", json=body)
+        response.close()  # recorded once closed, as servers do
+        answered = response.get_json()
+        answers += answered.get("predictions", [answered])
+    app.extensions["prediction_log"].close()
+
+    logged = spark.read.parquet(str(folder)).toPandas().sort_values("trip_id", key=lambda ids: ids.astype(int))
+    assert logged["proba"].tolist() == [answer["proba"] for answer in answers]
+    assert logged["trip_id"].tolist() == [str(answer["trip_id"]) for answer in answers]
+    answered_on = pd.to_datetime(logged["answered_at"], utc=True).dt.strftime("%Y-%m-%d")
+    assert (logged["date"].astype(str) == answered_on).all()
