@@ -114,7 +114,8 @@ def _positions(repeats: list[int]) -> np.ndarray:
 
 
 class PredictionLog:
-    """One worker's writer of the prediction log; `keep` on the request path, the rest on its thread."""
+    """One worker's writer of the prediction log; `keep` on the request recorder's thread, the rest on its
+    own."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.prediction_log:
@@ -124,10 +125,9 @@ class PredictionLog:
         self.roll_seconds = settings.prediction_log_roll_seconds
         self.max_pending = settings.prediction_log_max_pending
         self.pending: deque[Answered] = deque()
-        # Each counter has one writer, so no update is lost between threads: `kept` and `dropped` are the
-        # request's, `released` (written, or given up at exit) and `reported` the writer's.
-        self.kept = self.dropped = 0
-        self.released = self.reported = 0
+        # Each counter has one writer, so no update is lost between threads: `kept` is the recorder's,
+        # `released` (written, or given up at exit) the writer's.
+        self.kept = self.released = 0
         self.batches: list[pa.RecordBatch] = []
         self.held_rows = 0
         self.oldest: float | None = None  # time.monotonic() when the oldest held row was converted
@@ -150,10 +150,11 @@ class PredictionLog:
     ) -> None:
         """Queue a request's answered trips (`scored`: each validated trip and its probability, in the order
         of `answers`; `shadow`: the shadow's scores of them); drop and count them if the worker already holds
-        PREDICTION_LOG_MAX_PENDING."""
+        PREDICTION_LOG_MAX_PENDING (counted at once: the writer may be stuck on a destination that does not
+        answer)."""
         count = len(scored)
         if self.kept - self.released + count > self.max_pending:
-            self.dropped += count
+            DROPPED.inc(count)
             return
         self.kept += count
         self.pending.append((request_id, answered_at, model.name, model.version, scored, answers, shadow))
@@ -182,7 +183,6 @@ class PredictionLog:
             due = self.held_rows >= ROLL_ROWS or (self.oldest is not None and now - self.oldest >= self.roll_seconds)
             if self.held_rows and (force or (due and now >= self.retry_at)):
                 self._write_held(give_up=force)
-            self._report_drops()
 
     def close(self) -> None:
         """What an exiting worker does: write every row it holds, once; what cannot be written is counted
@@ -273,12 +273,6 @@ class PredictionLog:
     def _given_up(self, rows: int) -> None:
         DROPPED.inc(rows)
         self.released += rows
-
-    def _report_drops(self) -> None:
-        dropped = self.dropped  # read once: requests add to it meanwhile
-        if dropped > self.reported:
-            DROPPED.inc(dropped - self.reported)
-            self.reported = dropped
 
     def _write_file(self, date: str, table: pa.Table) -> None:
         self.sequence += 1

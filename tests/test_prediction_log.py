@@ -237,7 +237,7 @@ def test_an_unwritable_folder_drops_and_counts_never_slows_and_writing_resumes(
         assert len(wait_for_rows(lambda: read_log(log_folder), 100)) == 100
         unwritable(log_folder)
         failing = answers_of(url, [trip(1000 + index) for index in range(500)], threads=1)
-        time.sleep(2 * prediction_log.FLUSH_SECONDS)  # the workers count drops on their writing thread
+        time.sleep(2 * prediction_log.FLUSH_SECONDS)  # the records of the last requests reach the log's queue
         lost = dropped(url)
         assert 500 - 2 * 100 <= lost < 500  # each of the 2 workers holds at most 100 trips
         assert median_seconds(failing) <= 2 * median_seconds(healthy) + 0.005
@@ -314,7 +314,7 @@ def test_an_s3_outage_drops_and_counts_never_slows_and_writing_resumes(
         assert len(wait_for_rows(read, 100)) == 100
         stop(own_s3["process"])  # the outage
         failing = answers_of(url, [trip(1000 + index) for index in range(500)], threads=1)
-        time.sleep(2 * prediction_log.FLUSH_SECONDS)  # the workers count drops on their writing thread
+        time.sleep(2 * prediction_log.FLUSH_SECONDS)  # the records of the last requests reach the log's queue
         lost = dropped(url)
         assert 500 - 2 * 100 <= lost < 500
         assert median_seconds(failing) <= 2 * median_seconds(healthy) + 0.005

@@ -156,13 +156,20 @@ def test_shadow_answers_equal_no_shadow_and_its_scores_reach_metrics_the_log_and
 
     # Scored against the month's labels: a run for the served version and one for the shadow, from its own
     # probabilities.
+    # The registry is a copy of the session's, which may hold monitoring runs of other tests: only the runs
+    # this evaluate starts count.
+    started = int(time.time() * 1000)
     live = run_batch(own_registry, tmp_path, "evaluate", "--predictions", str(log_folder), str(labelled))
     assert live.returncode == 0, live.stderr[-3000:]
     assert f"version {challenger} on 600 shadow-scored and labelled trips" in live.stdout
     assert f"version {served} on 600 answered and labelled trips" in live.stdout
     experiment = client.get_experiment_by_name(own_registry.monitoring_experiment_name)
     assert experiment is not None
-    runs = {run.data.params["role"]: run for run in client.search_runs([experiment.experiment_id], "params.role != ''")}
+    new_runs = client.search_runs(
+        [experiment.experiment_id], f"params.role != '' and attributes.start_time >= {started}"
+    )
+    assert sorted(run.data.params["role"] for run in new_runs) == ["served", "shadow"]
+    runs = {run.data.params["role"]: run for run in new_runs}
     assert runs["shadow"].data.params["model_version"] == challenger
     assert runs["served"].data.params["model_version"] == served
     month_trips = city_files.read_trips(labelled).trips
