@@ -22,7 +22,7 @@ from bikeshare_membership import city_files, fast_pipeline, schema, stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
+from bikeshare_membership.model_store import LoadedModel, fast_form
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,26 @@ def test_request_columns_and_frames_agree(model: LoadedModel) -> None:
     np.testing.assert_allclose(model.member_probability(columns), expected, rtol=0, atol=1e-5)
 
 
-def test_large_lists_take_the_scikit_learn_path_with_the_same_answers(
-    model: LoadedModel, real_trips: pd.DataFrame
+@pytest.fixture(scope="module")
+def real_trips_expected(model: LoadedModel, real_trips: pd.DataFrame) -> np.ndarray:
+    return model.pipeline.predict_proba(real_trips)[:, 1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 100, 1000, 10_000])
+def test_lists_of_every_size_match_scikit_learn_bit_for_bit(
+    model: LoadedModel, real_trips: pd.DataFrame, real_trips_expected: np.ndarray, size: int
 ) -> None:
-    many = real_trips.head(FAST_PATH_MAX_ROWS + 1)
+    """Every bundled trip, in lists of `size` as requests bring them: the array features and the tree tables
+    (`TreeTables`, a block of rows at a time) give scikit-learn's probabilities exactly."""
     assert model.fast is not None
-    np.testing.assert_allclose(model.member_probability(many), model.fast.member_probability(many), rtol=0, atol=1e-5)
+    columns = {name: real_trips[name].to_numpy() for name in schema.MODEL_INPUT_COLUMNS}
+    actual = np.concatenate(
+        [
+            model.fast.member_probability({name: values[start : start + size] for name, values in columns.items()})
+            for start in range(0, len(real_trips), size)
+        ]
+    )
+    assert np.max(np.abs(actual - real_trips_expected)) == 0
 
 
 def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real_trips: pd.DataFrame) -> None:
@@ -106,6 +120,14 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
         return lambda *features: raw_score(*features) + 1e-4
 
     monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
+    with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
+        FastPipeline.from_pipeline(model.pipeline)
+
+
+def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same self-check covers the list form: tables off by a small margin never serve."""
+    raw_scores = fast_pipeline.TreeTables.raw_scores
+    monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         FastPipeline.from_pipeline(model.pipeline)
 
