@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,15 +43,13 @@ from bikeshare_membership.features import (
     TripFeatures,
     trip_features,
 )
-from bikeshare_membership.schema import MODEL_INPUT_COLUMNS
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, ONE_SECOND, UNIX_EPOCH
 
 # Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
 PARITY_TOLERANCE = 1e-9
 # Of the check trips, how many the self-check also sends one at a time (the path a single request takes).
 SINGLE_TRIP_CHECKS = 300
 UNKNOWN_PLACE = (math.nan, math.nan)
-UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock times
-ONE_SECOND = timedelta(seconds=1)
 # Rows `TreeTables` evaluates at once: a block's (rows, trees) leaf masks stay in the CPU's cache.
 BLOCK_ROWS = 1024
 
