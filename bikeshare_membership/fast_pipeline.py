@@ -195,7 +195,7 @@ class TreeTables:
         if width > 64:
             raise UnsupportedPipeline(f"a tree with {width} leaves; the list form takes at most 64")
         self.mask_type = np.uint32 if width <= 32 else np.uint64
-        self.all_leaves = self.mask_type(-1 % (1 << (8 * self.mask_type().itemsize)))
+        self.all_leaves = self.mask_type(np.iinfo(self.mask_type).max)
         leaf_values = np.zeros((len(trees), width))
         splits: list[Split] = []
         for tree, nodes in enumerate(trees):

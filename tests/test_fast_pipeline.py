@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import rename_attribute
 from scipy.special import expit
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import TargetEncoder
 
@@ -130,6 +130,34 @@ def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: 
     monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         FastPipeline.from_pipeline(model.pipeline)
+
+
+@pytest.mark.parametrize("leaves", [20, 60])
+def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
+    """Trees of up to 32 leaves (32-bit masks) and up to 64 (64-bit), with missing values in every feature:
+    the tables give `decision_function`, scikit-learn's raw score, to the bit."""
+    rng = np.random.default_rng(leaves)
+    features = rng.normal(size=(4000, 5))
+    target = (features[:, 0] + features[:, 1] * features[:, 2] + rng.normal(size=4000) > 0).astype(int)
+    features[rng.random(features.shape) < 0.1] = np.nan
+    classifier = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=leaves, min_samples_leaf=5).fit(
+        features, target
+    )
+    tables = fast_pipeline.TreeTables(classifier, features.shape[1])
+    assert tables.mask_type == (np.uint32 if leaves <= 32 else np.uint64)
+    raw = tables.raw_scores([np.ascontiguousarray(column) for column in features.T])
+    assert np.array_equal(raw, classifier.decision_function(features))
+
+
+def test_trees_of_more_than_64_leaves_have_no_tables() -> None:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(4000, 3))
+    target = (rng.random(4000) < 0.5).astype(int)
+    classifier = HistGradientBoostingClassifier(max_iter=2, max_leaf_nodes=100, min_samples_leaf=2).fit(
+        features, target
+    )
+    with pytest.raises(UnsupportedPipeline, match="leaves"):
+        fast_pipeline.TreeTables(classifier, features.shape[1])
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
