@@ -5,9 +5,10 @@
 Starts, on loopback: moto's S3 server, an `mlflow server` (SQLite store, S3 artifacts) and trains a model
 through it with `train.py`. Then measures, in one run, the time from launching Gunicorn to the first
 successful POST /predict: with an empty model cache (registry + S3), with a warm cache, and with
-MODEL_PATH pointing at the same files (no registry at all). Then the model store's download of the
-version (registry look-ups included) beside boto3 downloading the same objects. Medians of --repeats.
-The last line is one JSON object.
+MODEL_PATH pointing at the same files (no registry at all); and, beside them, `mlflow models serve` on the
+same registered version (it downloads the version at every start) to its first answered /invocations. Then the
+model store's download of the version (registry look-ups included) beside boto3 downloading the same objects.
+Medians of --repeats. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -36,28 +38,64 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on f
 from harness import clean_env, free_port, run_train, start, start_mlflow_server, start_moto, stop, write_aws_profile  # noqa: E402
 
 MODEL = "bikeshare-coldstart"
+# The example trip as `mlflow models serve` takes it: the model's signature columns, dataframe_split.
+MLFLOW_BODY = {
+    "dataframe_split": {
+        "columns": ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"],
+        "data": [["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]],
+    }
+}
 
 
-def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:
-    """Launch Gunicorn and time it until POST /predict first answers 200."""
+def seconds_to_first_answer(
+    command: Callable[[int], list[str]], env: dict[str, str], path: str, body: Any, log_path: Path
+) -> float:
+    """Launch a server (`command` for a free port) and time it until POST `path` first answers 200."""
     port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
-    command += ["--bind", f"127.0.0.1:{port}"]
     started = time.monotonic()
-    process = start(command, {**env, "MODEL_PORT": str(port)}, log_path)
+    process = start(command(port), env, log_path)
     try:
         while time.monotonic() - started < 120:
             if process.poll() is not None:
-                raise RuntimeError(f"Gunicorn exited: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"the server exited: {log_path.read_text()[-2000:]}")
             try:
-                if requests.post(f"http://127.0.0.1:{port}/predict", json=TRIP, timeout=5).status_code == 200:
+                if requests.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=5).status_code == 200:
                     return time.monotonic() - started
             except requests.ConnectionError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError("no prediction within 120 s")
+        raise RuntimeError("no answer within 120 s")
     finally:
         stop(process)
+
+
+def seconds_to_first_prediction(env: dict[str, str], log_path: Path) -> float:
+    """This service under its Gunicorn configuration, to its first answered POST /predict."""
+
+    def gunicorn(port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--config",
+            str(ROOT / "gunicorn.conf.py"),
+            "--bind",
+            f"127.0.0.1:{port}",
+        ]
+
+    return seconds_to_first_answer(gunicorn, env, "/predict", TRIP, log_path)
+
+
+def seconds_to_first_mlflow_answer(env: dict[str, str], model_uri: str, log_path: Path) -> float:
+    """`mlflow models serve` on `model_uri`, to its first answered POST /invocations (the same trip)."""
+
+    def mlflow_serve(port: int) -> list[str]:
+        serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+        return [*serve, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+
+    bin_dir = str(Path(sys.executable).parent)  # uvicorn must be on PATH for `mlflow models serve`
+    serve_env = env | {"PATH": f"{bin_dir}:{env['PATH']}"}
+    return seconds_to_first_answer(mlflow_serve, serve_env, "/invocations", MLFLOW_BODY, log_path)
 
 
 def timed(action: Callable[[], object], repeats: int) -> float:
@@ -102,6 +140,10 @@ def main() -> int:
             for _ in range(args.repeats)
         ]
         version_dir = next(path for path in (cache / MODEL).iterdir() if path.name.isdigit())
+        mlflow_serve = [
+            seconds_to_first_mlflow_answer(env, f"models:/{MODEL}/{version_dir.name}", work / "mlflow-serve.log")
+            for _ in range(args.repeats)
+        ]
         local = [
             seconds_to_first_prediction(env | {"MODEL_PATH": str(version_dir)}, work / "local.log")
             for _ in range(args.repeats)
@@ -145,6 +187,8 @@ def main() -> int:
         "warm_start_s": round(statistics.median(warm), 3),
         "local_path_start_s": round(statistics.median(local), 3),
         "warm_vs_local": round(statistics.median(warm) / statistics.median(local), 3),
+        "mlflow_serve_start_s": round(statistics.median(mlflow_serve), 3),
+        "warm_vs_mlflow_serve": round(statistics.median(warm) / statistics.median(mlflow_serve), 3),
         "download_s": round(download_s, 4),
         "boto3_download_s": round(boto3_s, 4),
         "download_vs_boto3": round(download_s / boto3_s, 3),
@@ -153,7 +197,8 @@ def main() -> int:
     print(
         f"launch -> first /predict, median of {args.repeats}: cold (registry + S3) {result['cold_start_s']} s, "
         f"warm cache {result['warm_start_s']} s, local path {result['local_path_start_s']} s "
-        f"(warm/local {result['warm_vs_local']}x)"
+        f"(warm/local {result['warm_vs_local']}x); mlflow models serve {result['mlflow_serve_start_s']} s "
+        f"(warm/mlflow {result['warm_vs_mlflow_serve']}x)"
     )
     print(
         f"download of the version: model store {result['download_s']} s (registry look-ups + S3 + manifest), "

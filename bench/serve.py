@@ -5,17 +5,20 @@
 On free loopback ports it starts: this service under its production Gunicorn configuration, `mlflow
 models serve` on the same registered model version, and a no-op Flask app under the same Gunicorn
 configuration (the floor: HTTP and Flask, no model). wrk, in its own process, drives each with the same
-bounded load: single trips at 1, 8 and 32 connections, and 100-trip lists at 8, for --duration seconds
-each. It prints req/s, p50/p99 latency and errors for each, the ratios, and the in-process cost of one
-prediction through the service's code path without HTTP. The last line is one JSON object. With
---observed a fourth server joins, side by side: the service with the prediction log (PREDICTION_LOG, a temporary
-folder) and a shadow challenger (SHADOW_MODEL_ALIAS; the served version registered again as `challenger`).
+bounded load: single trips at 1, 8 and 32 connections, and 100-trip and 1,000-trip lists (the example trip
+repeated) at 8, for --duration seconds each. It prints req/s, p50/p99 latency and errors for each, the
+ratios, and the in-process cost per trip through the service's code path without HTTP: one trip, and lists
+of the example trip repeated and of varied trips (distinct times, durations and stations). The last line is
+one JSON object. With --observed a fourth server joins, side by side: the service with the prediction log
+(PREDICTION_LOG, a temporary folder) and a shadow challenger (SHADOW_MODEL_ALIAS; the served version
+registered again as `challenger`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -23,7 +26,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 from mlflow.tracking import MlflowClient
@@ -31,8 +36,9 @@ from mlflow.tracking import MlflowClient
 from bikeshare_membership import app as service_app
 from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
-from bikeshare_membership.model_store import ModelStore
+from bikeshare_membership.model_store import LoadedModel, ModelStore
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+from bikeshare_membership.stations import station_index
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
@@ -44,7 +50,7 @@ MODEL = "bikeshare-serve-bench"
 MLFLOW_ROW = ["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]
 MLFLOW_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
 FLOOR_APP = "bench.noop_app:app"  # the HTTP floor: reads the body, answers a constant
-SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch100", 8, 100)]
+SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch100", 8, 100), ("batch1000", 8, 1000)]
 
 
 @dataclass
@@ -104,17 +110,40 @@ def run_wrk(url: str, body: bytes, connections: int, duration: int, work: Path) 
     )
 
 
-def in_process_microseconds(settings: Settings, repeats: int = 3000) -> float:
-    """One single-trip prediction through the service's code path (parse, validate, features, model,
-    render), without HTTP; the median of `repeats` calls."""
-    model = ModelStore(settings).load_production()
-    raw = orjson.dumps(TRIP)
+def varied_trips(count: int) -> list[dict[str, Any]]:
+    """`count` distinct trips in the request's form: times, durations and stations drawn with a fixed seed."""
+    rng = random.Random(2017)
+    station_ids = sorted(station_index().coordinates)
+    trips = []
+    for number in range(count):
+        start = datetime(2017, 1, 1) + timedelta(minutes=rng.randrange(365 * 24 * 60))
+        duration = rng.randrange(60, 3600)
+        stop = start + timedelta(seconds=duration)
+        trips.append(
+            {
+                **TRIP,
+                "trip_id": number,
+                "trip_start_time": f"{start.month}/{start.day}/{start.year} {start.hour}:{start.minute:02d}",
+                "trip_stop_time": f"{stop.month}/{stop.day}/{stop.year} {stop.hour}:{stop.minute:02d}",
+                "trip_duration_seconds": duration,
+                "from_station_id": rng.choice(station_ids),
+                "to_station_id": rng.choice(station_ids),
+            }
+        )
+    return trips
+
+
+def in_process_microseconds(model: LoadedModel, body: Any, repeats: int) -> float:
+    """One request's body through the service's code path (parse, validate, features, model, render), without
+    HTTP: the median of `repeats` calls, in microseconds per trip."""
+    raw = orjson.dumps(body)
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
         orjson.dumps(service_app.predictions(orjson.loads(raw), model))
         timings.append(time.perf_counter() - started)
-    return sorted(timings)[len(timings) // 2] * 1e6
+    trips = len(body) if isinstance(body, list) else 1
+    return sorted(timings)[len(timings) // 2] * 1e6 / trips
 
 
 def register_challenger(settings: Settings) -> None:
@@ -183,7 +212,14 @@ def main() -> int:
                 rates = f"{result.requests_per_s:>9.0f} {result.requests_per_s * trips:>9.0f}"
                 latency = f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
                 print(f"{server:8} {kind:10} {connections:>7} {rates} {latency} {result.errors}", flush=True)
-        in_process_us = in_process_microseconds(settings)
+        model = ModelStore(settings).load_production()
+        in_process_us = {
+            "single": in_process_microseconds(model, TRIP, 3000),
+            "list100_same": in_process_microseconds(model, [TRIP] * 100, 300),
+            "list100_varied": in_process_microseconds(model, varied_trips(100), 300),
+            "list1000_same": in_process_microseconds(model, [TRIP] * 1000, 30),
+            "list1000_varied": in_process_microseconds(model, varied_trips(1000), 30),
+        }
     finally:
         for process in processes:
             stop(process)
@@ -196,7 +232,9 @@ def main() -> int:
         "single_c1_p50_ms": round(service_c1.p50_ms, 3),
         "single_c1_p50_vs_floor": round(service_c1.p50_ms / floor_c1.p50_ms, 2),
         "batch100_c8_trips_per_s": round(results["service", "batch100", 8].requests_per_s * 100),
+        "batch1000_c8_trips_per_s": round(results["service", "batch1000", 8].requests_per_s * 1000),
         "errors": sum(result.errors for (server, _, _), result in results.items() if server in ("service", "observed")),
+        "in_process_us_per_trip": {name: round(value, 1) for name, value in in_process_us.items()},
     }
     if args.observed:
         observed_c1 = results["observed", "single", 1]
@@ -204,11 +242,13 @@ def main() -> int:
         summary["observed_single_c8_vs_service"] = round(
             results["observed", "single", 8].requests_per_s / service_c8.requests_per_s, 2
         )
-    print(f"in process, one trip through the service's code path without HTTP: {in_process_us:.0f} us")
+    costs = ", ".join(f"{name} {value:.1f}" for name, value in in_process_us.items())
+    print(f"in process, us per trip through the service's code path without HTTP: {costs}")
     print(
         f"single trip, 8 clients: {summary['single_c8_ratio_vs_mlflow']}x mlflow models serve; "
         f"1 client p50 {summary['single_c1_p50_ms']} ms = {summary['single_c1_p50_vs_floor']}x the no-op floor; "
-        f"100-trip lists, 8 clients: {summary['batch100_c8_trips_per_s']} trips/s"
+        f"lists at 8 clients: {summary['batch100_c8_trips_per_s']} trips/s (100), "
+        f"{summary['batch1000_c8_trips_per_s']} trips/s (1,000)"
     )
     print(json.dumps(summary))
     return 0

@@ -64,6 +64,7 @@ from bikeshare_membership.schema import (
     Membership,
     closed,
     parse_request_trip,
+    parse_request_trips,
 )
 
 if TYPE_CHECKING:
@@ -184,9 +185,12 @@ def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) ->
     if len(records) > max_trips:
         message = f"{len(records)} trips; at most {max_trips} per request (MAX_TRIPS_PER_REQUEST)"
         raise Refused(413, "TOO_MANY_TRIPS", message)
-    item_of = (lambda index: index) if isinstance(body, list) else (lambda index: None)
     try:
-        return [parse_request_trip(record, date_order, item_of(index)) for index, record in enumerate(records)]
+        return (
+            parse_request_trips(records, date_order)
+            if isinstance(body, list)
+            else [parse_request_trip(body, date_order)]
+        )
     except InvalidTrip as error:
         where = "" if error.item is None else f"trip {error.item}: "
         field = f"{error.field} " if error.field else ""

@@ -7,8 +7,9 @@ objects directly:
 - features: `features.trip_features`, the very definition the pipeline's first step runs (on arrays for
   lists, on Python numbers with math's functions for one trip);
 - stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
-- the boosted trees: compiled to nested Python comparisons on the same float64 thresholds, summed in the
-  same order, through the same logistic link.
+- the boosted trees: for one trip, compiled to nested Python comparisons on the same float64 thresholds; for
+  columns, as per-feature tables of leaf masks evaluated for all rows at once in numpy (`TreeTables`); both
+  summed in scikit-learn's order, through the same logistic link.
 
 The registry's model stays the single source of truth: this is built from the loaded pipeline, and
 `from_pipeline` checks it against `pipeline.predict_proba` before it is used. Anything it cannot evaluate
@@ -23,8 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,15 +43,15 @@ from bikeshare_membership.features import (
     TripFeatures,
     trip_features,
 )
-from bikeshare_membership.schema import MODEL_INPUT_COLUMNS
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, ONE_SECOND, UNIX_EPOCH
 
 # Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
 PARITY_TOLERANCE = 1e-9
 # Of the check trips, how many the self-check also sends one at a time (the path a single request takes).
 SINGLE_TRIP_CHECKS = 300
 UNKNOWN_PLACE = (math.nan, math.nan)
-UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock times
-ONE_SECOND = timedelta(seconds=1)
+# Rows `TreeTables` evaluates at once: a block's (rows, trees) leaf masks stay in the CPU's cache.
+BLOCK_ROWS = 1024
 
 
 # What reading a fitted object's internals raises when they are not what this module expects: a missing or
@@ -86,9 +87,19 @@ class StationEncoding:
         self.by_category = dict(zip(categories[known].tolist(), encodings[known].tolist(), strict=True))
         self.missing = float(encodings[~known][0]) if (~known).any() else target_mean
         self.unknown = target_mean
+        order = np.argsort(categories[known])
+        self.categories, self.encodings = categories[known][order], encodings[known][order]
 
     def encode(self, value: float) -> float:
         return self.missing if value != value else self.by_category.get(value, self.unknown)  # NaN != NaN
+
+    def encode_column(self, values: np.ndarray) -> np.ndarray:
+        """`encode` of each value of a float64 column, as one array."""
+        if not len(self.categories):
+            return np.where(np.isnan(values), self.missing, self.unknown)
+        position = np.minimum(np.searchsorted(self.categories, values), len(self.categories) - 1)
+        found = np.where(self.categories[position] == values, self.encodings[position], self.unknown)
+        return np.where(np.isnan(values), self.missing, found)
 
 
 def _tree_expression(nodes: np.ndarray, index: int) -> str:
@@ -105,13 +116,13 @@ def _tree_expression(nodes: np.ndarray, index: int) -> str:
     return f"({left} if {test} else {right})"
 
 
-def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
-    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features.
+def boosted_trees(classifier: HistGradientBoostingClassifier) -> tuple[list[np.ndarray], float]:
+    """The classifier's trees (node records, in the order it adds them) and its baseline raw score.
 
-    Raises UnsupportedPipeline for a model it cannot compile exactly, and for trees it cannot read (private
-    attributes of the boosted trees) or compile (deeper than Python's parser nests: SyntaxError, RecursionError).
+    Raises UnsupportedPipeline for a model neither evaluation takes exactly, and for trees it cannot read
+    (private attributes of the boosted trees).
     """
-    with reading("the boosted trees", SyntaxError, RecursionError):
+    with reading("the boosted trees"):
         if list(classifier.classes_) != [0, 1] or classifier.n_trees_per_iteration_ != 1:
             raise UnsupportedPipeline("only a binary classifier with classes [0, 1] is supported")
         if getattr(classifier, "_preprocessor", None) is not None or classifier.is_categorical_ is not None:
@@ -119,8 +130,18 @@ def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -
         trees = [predictors[0].nodes for predictors in classifier._predictors]
         if any(tree["is_categorical"].any() for tree in trees):
             raise UnsupportedPipeline("categorical splits are not supported")
+        return trees, float(np.ravel(classifier._baseline_prediction)[0])
+
+
+def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
+    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features.
+
+    Raises UnsupportedPipeline for a model it cannot compile exactly, and for trees it cannot read (private
+    attributes of the boosted trees) or compile (deeper than Python's parser nests: SyntaxError, RecursionError).
+    """
+    trees, baseline = boosted_trees(classifier)
+    with reading("the boosted trees", SyntaxError, RecursionError):
         arguments = ", ".join(f"x{i}" for i in range(n_features))
-        baseline = float(np.ravel(classifier._baseline_prediction)[0])
         source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
         source += "".join(f" raw += {_tree_expression(tree, 0)}\n" for tree in trees)
         source += " return raw\n"
@@ -128,6 +149,96 @@ def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -
     namespace: dict[str, Any] = {"INF": math.inf}
     exec(code, namespace)  # our own numbers, no input
     return namespace["raw_score"]
+
+
+class Split(NamedTuple):
+    """One split of a tree, as `TreeTables` reads it."""
+
+    feature: int
+    threshold: float
+    tree: int
+    left_leaves: int  # the bits of the leaves under its left child
+    missing_go_to_left: bool
+
+
+def _number_leaves(nodes: np.ndarray, index: int, leaf_values: list[float], splits: list[Split], tree: int) -> int:
+    """Number the leaves under node `index` left to right (their values appended to `leaf_values`) and return
+    their bits; append each split under it to `splits`, with the bits of its left subtree's leaves."""
+    node = nodes[index]
+    if node["is_leaf"]:
+        leaf_values.append(float(node["value"]))
+        return 1 << (len(leaf_values) - 1)
+    left = _number_leaves(nodes, int(node["left"]), leaf_values, splits, tree)
+    right = _number_leaves(nodes, int(node["right"]), leaf_values, splits, tree)
+    feature, threshold = int(node["feature_idx"]), float(node["num_threshold"])
+    splits.append(Split(feature, threshold, tree, left, bool(node["missing_go_to_left"])))
+    return left | right
+
+
+class TreeTables:
+    """The boosted trees' raw scores for many rows at once, exactly: QuickScorer's idea (Lucchese et al., 2015)
+    on numpy arrays, with no walk down a tree per row, so its cost does not grow with the trees' depth.
+
+    Number each tree's leaves left to right. Where a row's value fails a split's test (`x <= threshold`, NaN as
+    `missing_go_to_left` says) the row goes right, so no leaf of the split's left subtree can be its exit; the
+    exit is the leftmost leaf no failed test rules out. For one feature, the splits a value fails are those with
+    a threshold below it (the first ones, in the order of their thresholds) or, for NaN, those sending missing
+    values right: so a table per feature holds, for each count of thresholds below a value, every tree's leaves
+    as bits with those splits' left subtrees cleared. A row's tables, ANDed, leave each tree's exit as its
+    lowest bit; its leaf values are added to the baseline tree by tree, in scikit-learn's order.
+    """
+
+    def __init__(self, classifier: HistGradientBoostingClassifier, n_features: int) -> None:
+        """Raises UnsupportedPipeline as `boosted_trees` does, and for a tree of more than 64 leaves."""
+        trees, baseline = boosted_trees(classifier)
+        width = max(int(nodes["is_leaf"].sum()) for nodes in trees)
+        if width > 64:
+            raise UnsupportedPipeline(f"a tree with {width} leaves; the list form takes at most 64")
+        self.mask_type = np.uint32 if width <= 32 else np.uint64
+        self.all_leaves = self.mask_type(np.iinfo(self.mask_type).max)
+        leaf_values = np.zeros((len(trees), width))
+        splits: list[Split] = []
+        for tree, nodes in enumerate(trees):
+            values: list[float] = []
+            _number_leaves(nodes, 0, values, splits, tree)
+            leaf_values[tree, : len(values)] = values
+        self.leaf_values = leaf_values.ravel()
+        self.leaf_offsets = np.arange(len(trees)) * width - 1  # a leaf's bit position counts from 1 (`raw_scores`)
+        self.baseline = baseline
+        self.trees = len(trees)
+        self.tables = [self._feature_table(feature, splits) for feature in range(n_features)]
+
+    def _feature_table(self, feature: int, splits: list[Split]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The feature's sorted thresholds followed by inf and NaN (`np.searchsorted` then counts the thresholds
+        below a value, and gives NaN the last row), and its table: a row per count, then NaN's row."""
+        mine = sorted((split for split in splits if split.feature == feature), key=lambda split: split.threshold)
+        if not mine:
+            return None
+        thresholds = np.array([split.threshold for split in mine] + [math.inf, math.nan])
+        table = np.full((len(mine) + 2, self.trees), self.all_leaves)
+        for count, split in enumerate(mine, start=1):
+            table[count, split.tree] = self.all_leaves ^ self.mask_type(split.left_leaves)
+        np.bitwise_and.accumulate(table[:-1], axis=0, out=table[:-1])
+        for split in mine:
+            if not split.missing_go_to_left:
+                table[-1, split.tree] &= self.all_leaves ^ self.mask_type(split.left_leaves)
+        return thresholds, table
+
+    def raw_scores(self, columns: list[np.ndarray]) -> np.ndarray:
+        """The raw score (log-odds of class 1) of each row of the model's float64 columns."""
+        rows = len(columns[0])
+        reachable = np.full((rows, self.trees), self.all_leaves)
+        looked_up = np.empty_like(reachable)
+        for column, table in zip(columns, self.tables, strict=True):
+            if table is not None:
+                thresholds, masks = table
+                np.take(masks, np.searchsorted(thresholds, column), axis=0, out=looked_up, mode="clip")
+                reachable &= looked_up
+        exit_bit = np.bitwise_count(reachable ^ (reachable - 1))  # the lowest set bit's position, from 1
+        scores = np.empty((rows, self.trees + 1))
+        scores[:, 0] = self.baseline
+        scores[:, 1:] = self.leaf_values[exit_bit + self.leaf_offsets]
+        return np.cumsum(scores, axis=1)[:, -1]  # added one tree after another, as scikit-learn adds them
 
 
 class FastPipeline:
@@ -138,10 +249,12 @@ class FastPipeline:
         features: TripFeatures,
         columns: list[tuple[int, StationEncoding | None]],
         raw_score: Callable[..., float],
+        tables: TreeTables,
     ) -> None:
         self.features = features
         self.columns = columns  # per model column: its feature's place in FEATURE_CATALOGUE, and its encoding
-        self.raw_score = raw_score
+        self.raw_score = raw_score  # one trip's
+        self.tables = tables  # columns'
         # For one trip's features: (latitude, longitude) in radians by station id, and the holidays as a set.
         self.places = dict(
             zip(features.station_ids_.tolist(), map(tuple, features.station_coordinates_.tolist()), strict=True)
@@ -166,8 +279,10 @@ class FastPipeline:
         with reading("the fitted column steps"):
             columns = model_columns(encoder)
         raw_score = compile_trees(classifier, len(columns))
+        with reading("the boosted trees' nodes"):
+            tables = TreeTables(classifier, len(columns))
         with reading("the features' fitted stations and holidays, or evaluating the check trips"):
-            fast = cls(features, columns, raw_score)
+            fast = cls(features, columns, raw_score, tables)
             check_trips = parity_check_trips(features, columns)
             singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
             one_by_one = np.array([fast.trip_probability(*trip) for trip in zip(*singles, strict=True)])
@@ -195,9 +310,18 @@ class FastPipeline:
             return 0.0
 
     def member_probability(self, trips: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
-        """P(Member) for trips given as columns (a DataFrame, or arrays)."""
-        raw = [self.row_score(row) for row in self.features.catalogue_matrix(trips).tolist()]
-        return expit(np.array(raw, dtype="float64"))  # the link scikit-learn's binomial loss uses
+        """P(Member) for trips given as columns (a DataFrame, or arrays): features, encodings and trees as arrays,
+        BLOCK_ROWS trips at a time."""
+        catalogue = self.features.catalogue_matrix(trips)
+        columns = [
+            encoding.encode_column(catalogue[:, position]) if encoding else catalogue[:, position]
+            for position, encoding in self.columns
+        ]
+        raw = [
+            self.tables.raw_scores([column[start : start + BLOCK_ROWS] for column in columns])
+            for start in range(0, len(catalogue), BLOCK_ROWS)
+        ]
+        return expit(np.concatenate(raw) if raw else np.empty(0))  # the link scikit-learn's binomial loss uses
 
     def row_score(self, row: list[float]) -> float:
         """The raw score of one trip's features (FEATURE_CATALOGUE order): stations encoded, then the trees."""

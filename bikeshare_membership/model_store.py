@@ -66,7 +66,6 @@ from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
 DECISION_THRESHOLD = 0.5
-FAST_PATH_MAX_ROWS = 1000
 MANIFEST = "manifest.json"
 # Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime (model_holder.py).
 RELOAD_MARKER = "reload-requested"
@@ -172,12 +171,10 @@ class LoadedModel:
     fast: FastPipeline | None = None
 
     def member_probability(self, trips: TripColumns) -> np.ndarray:
-        """P(Member) for each trip (a DataFrame, or columns as arrays), equal to the pipeline's `predict_proba`.
-
-        Up to FAST_PATH_MAX_ROWS trips go through the exact fast form; more, through scikit-learn, whose
-        per-call cost is then spread over enough rows to win.
-        """
-        if self.fast is not None and len(trips["trip_duration_seconds"]) <= FAST_PATH_MAX_ROWS:
+        """P(Member) for each trip (a DataFrame, or columns as arrays), equal to the pipeline's `predict_proba`:
+        through the exact fast form if the model has one (faster than scikit-learn at every size), else
+        scikit-learn."""
+        if self.fast is not None:
             return self.fast.member_probability(trips)
         frame = trips if isinstance(trips, pd.DataFrame) else pd.DataFrame(trips)
         classes = list(self.pipeline.classes_)

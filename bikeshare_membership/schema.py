@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, cast
 from zoneinfo import ZoneInfo
 
@@ -217,6 +217,9 @@ EXAMPLE_TRIP = {trip_field.name: trip_field.example for trip_field in REQUEST_SC
 REQUIRED_FIELDS = tuple(trip_field.name for trip_field in REQUEST_SCHEMA if trip_field.required)
 MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
 
+UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock times
+ONE_SECOND = timedelta(seconds=1)
+
 DateOrder = Literal["MDY", "DMY"]
 DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
 DEFAULT_REQUEST_DATE_ORDER: DateOrder = "MDY"
@@ -308,16 +311,14 @@ def parse_timestamps(texts: Sequence[str | None], default_order: DateOrder) -> t
     """
     slash = {text: _slash_parts(text) for text in texts if text is not None}
     order = evident_date_order(parts for parts in slash.values() if parts is not None) or default_order
-    parsed: list[datetime | None] = []
-    for text in texts:
-        parts = slash.get(text) if text is not None else None
-        if parts is not None:
-            parsed.append(_from_parts(parts, order))
-        elif text is not None and "-" in text:
-            parsed.append(_from_iso(text))
-        else:
-            parsed.append(None)
-    return parsed, order
+    return [None if text is None else _read_timestamp(text, slash[text], order) for text in texts], order
+
+
+def _read_timestamp(text: str, parts: SlashParts | None, order: DateOrder) -> datetime | None:
+    """A timestamp's text (its slash parts, if it has them) under a date order; None if it is not valid."""
+    if parts is not None:
+        return _from_parts(parts, order)
+    return _from_iso(text) if "-" in text else None
 
 
 def arrow_text(values: pd.Series) -> pa.Array:
@@ -477,10 +478,151 @@ def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: i
     }
 
 
+def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = None) -> list[dict[str, Any]]:
+    """`parse_request_trip` of each trip of a list (`item`: its position), validated as columns: each field
+    across the trips in one pass, each distinct text (timestamp, station id, name, label) read once.
+
+    The columns vouch only for trips in the usual forms. Any other trip (one with a problem, or a rarer form
+    such as a station id sent as `7051.0`) is validated alone by `parse_request_trip`, in list order, so the
+    first bad trip is refused exactly as it would be alone, with the same field, item and message.
+    """
+    if not all(type(record) is dict for record in records):
+        return [parse_request_trip(record, date_order, item) for item, record in enumerate(records)]
+    trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
+        [record.get(trip_field.name) for record in records] for trip_field in REQUEST_SCHEMA
+    )
+    doubtful = {item for item, value in enumerate(trip_ids) if type(value) not in _ID_TYPES}
+    doubtful.update(
+        item for item, value in enumerate(durations) if type(value) not in _NUMBER_TYPES or not 0 <= value < math.inf
+    )
+    for column in (starts, stops):
+        doubtful.update(item for item, value in enumerate(column) if type(value) is not str)
+    for column in (from_names, to_names, user_types):
+        doubtful.update(item for item, value in enumerate(column) if value is not None and type(value) is not str)
+    labels = _read_texts(user_types, _label)
+    doubtful.update(item for item, label in enumerate(labels) if label is _INVALID)
+    from_ids, to_ids = _station_ids(sent_from_ids, from_names), _station_ids(sent_to_ids, to_names)
+    for resolved in (from_ids, to_ids):
+        doubtful.update(item for item, value in enumerate(resolved) if value is None)
+    begins, ends = _trip_moments(starts, stops, date_order or DEFAULT_REQUEST_DATE_ORDER)
+    doubtful.update(
+        item
+        for item, (begin, end) in enumerate(zip(begins, ends, strict=True))
+        if begin is None or end is None or end < begin
+    )
+
+    trips = [
+        {
+            "trip_id": trip_id,
+            "trip_start_time": begin,
+            "trip_stop_time": end,
+            "trip_duration_seconds": float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan,
+            "from_station_id": from_station,
+            "from_station_name": from_station_name,
+            "to_station_id": to_station,
+            "to_station_name": to_station_name,
+            "user_type": label,
+        }
+        for trip_id, begin, end, seconds, from_station, from_station_name, to_station, to_station_name, label in zip(
+            trip_ids,
+            begins,
+            ends,
+            durations,
+            from_ids,
+            _read_texts(from_names, _text),
+            to_ids,
+            _read_texts(to_names, _text),
+            labels,
+            strict=True,
+        )
+    ]
+    for item in sorted(doubtful):
+        trips[item] = parse_request_trip(records[item], date_order, item)
+    return trips
+
+
+def _read_texts(column: list[Any], read: Callable[[str], Any]) -> list[Any]:
+    """`read` of each text in the column, each distinct text read once; None for any other value."""
+    once = {text: read(text) for text in {value for value in column if type(value) is str}}
+    return [once[value] if type(value) is str else None for value in column]
+
+
+_ID_TYPES = (int, str, type(None))  # exact types: a bool is an int to isinstance
+_NUMBER_TYPES = (int, float)
+_INVALID = object()  # a text `parse_request_trip` refuses
+
+
+def _station_id_text(text: str) -> float | None:
+    """A station id sent as text, as `_station_id` reads it (NaN when missing), or None where it refuses it."""
+    if _text(text) is None:
+        return math.nan
+    return float(text) if _STATION_ID_TEXT.fullmatch(text.strip()) else None
+
+
+def _label(text: str) -> str | object | None:
+    """The label a user_type text stands for (None when missing), or _INVALID."""
+    label = _text(text)
+    return None if label is None else LABELS.get(label.strip().lower(), _INVALID)
+
+
+def _station_ids(ids: list[Any], names: list[Any]) -> list[float | None]:
+    """One end's station ids as `parse_request_trip` resolves them (by name when the id is missing); None
+    where the columns do not vouch for the trip."""
+    texts = _read_texts(ids, _station_id_text)
+    resolved = [
+        float(value) if type(value) is int else text if type(value) is str else math.nan if value is None else None
+        for value, text in zip(ids, texts, strict=True)
+    ]
+    index = station_index()
+    found: dict[str, float] = {}
+    for item, (value, name) in enumerate(zip(resolved, names, strict=True)):
+        if value is not None and math.isnan(value) and type(name) is str and _text(name) is not None:
+            if name not in found:
+                station = index.id_for(_text(name))
+                found[name] = math.nan if station is None else float(station)
+            resolved[item] = found[name]
+    return resolved
+
+
+def _trip_moments(
+    starts: list[Any], stops: list[Any], default_order: DateOrder
+) -> tuple[list[datetime | None], list[datetime | None]]:
+    """Each trip's start and stop as `parse_timestamps` reads a trip's pair: in the order either text shows, else
+    `default_order`. Each distinct text is matched once, each distinct (text, order) read once; None where a
+    text is not a valid timestamp (or not a text)."""
+    parts = {
+        text: _slash_parts(text)
+        for text in {text for column in (starts, stops) for text in column if type(text) is str}
+    }
+    shows = {text: 0 if found is None else (found[0] > 12) | (found[1] > 12) << 1 for text, found in parts.items()}
+    orders = [
+        _ORDER_SHOWN.get(shows[start] | shows[stop], default_order) if type(start) is type(stop) is str else None
+        for start, stop in zip(starts, stops, strict=True)
+    ]
+    read: dict[tuple[str, DateOrder], datetime | None] = {}
+    for column in (starts, stops):
+        for text, order in zip(column, orders, strict=True):
+            if order is not None and (text, order) not in read:
+                read[text, order] = _read_timestamp(text, parts[text], order)
+    begins, ends = (
+        [None if order is None else read[text, order] for text, order in zip(column, orders, strict=True)]
+        for column in (starts, stops)
+    )
+    return begins, ends
+
+
+# What a trip's two slash timestamps show (bit 1: a first number over 12, bit 2: a second number over 12):
+# one of the two decides the order; neither or both leave the default (evident_date_order's rule).
+_ORDER_SHOWN: dict[int, DateOrder] = {1: "DMY", 2: "MDY"}
+
+
 def model_input(trips: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Validated request trips as the columns the model takes (`MODEL_INPUT_COLUMNS`), without pandas."""
     return {
-        "trip_start_time": np.array([trip["trip_start_time"] for trip in trips], dtype="datetime64[s]"),
+        # Seconds in Python, then one cast: numpy converts datetime objects one by one, several times slower.
+        "trip_start_time": np.array(
+            [(trip["trip_start_time"] - UNIX_EPOCH) // ONE_SECOND for trip in trips], dtype="int64"
+        ).astype("datetime64[s]"),
         "trip_duration_seconds": np.array([trip["trip_duration_seconds"] for trip in trips], dtype="float64"),
         "from_station_id": np.array([trip["from_station_id"] for trip in trips], dtype="float64"),
         "to_station_id": np.array([trip["to_station_id"] for trip in trips], dtype="float64"),

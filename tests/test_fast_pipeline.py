@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import rename_attribute
 from scipy.special import expit
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import TargetEncoder
 
@@ -22,7 +22,7 @@ from bikeshare_membership import city_files, fast_pipeline, schema, stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import FAST_PATH_MAX_ROWS, LoadedModel, fast_form
+from bikeshare_membership.model_store import LoadedModel, fast_form
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,26 @@ def test_request_columns_and_frames_agree(model: LoadedModel) -> None:
     np.testing.assert_allclose(model.member_probability(columns), expected, rtol=0, atol=1e-5)
 
 
-def test_large_lists_take_the_scikit_learn_path_with_the_same_answers(
-    model: LoadedModel, real_trips: pd.DataFrame
+@pytest.fixture(scope="module")
+def real_trips_expected(model: LoadedModel, real_trips: pd.DataFrame) -> np.ndarray:
+    return model.pipeline.predict_proba(real_trips)[:, 1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 100, 1000, 10_000])
+def test_lists_of_every_size_match_scikit_learn_bit_for_bit(
+    model: LoadedModel, real_trips: pd.DataFrame, real_trips_expected: np.ndarray, size: int
 ) -> None:
-    many = real_trips.head(FAST_PATH_MAX_ROWS + 1)
+    """Every bundled trip, in lists of `size` as requests bring them: the array features and the tree tables
+    (`TreeTables`, a block of rows at a time) give scikit-learn's probabilities exactly."""
     assert model.fast is not None
-    np.testing.assert_allclose(model.member_probability(many), model.fast.member_probability(many), rtol=0, atol=1e-5)
+    columns = {name: real_trips[name].to_numpy() for name in schema.MODEL_INPUT_COLUMNS}
+    actual = np.concatenate(
+        [
+            model.fast.member_probability({name: values[start : start + size] for name, values in columns.items()})
+            for start in range(0, len(real_trips), size)
+        ]
+    )
+    assert np.max(np.abs(actual - real_trips_expected)) == 0
 
 
 def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real_trips: pd.DataFrame) -> None:
@@ -108,6 +122,42 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
     monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         FastPipeline.from_pipeline(model.pipeline)
+
+
+def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same self-check covers the list form: tables off by a small margin never serve."""
+    raw_scores = fast_pipeline.TreeTables.raw_scores
+    monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
+    with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
+        FastPipeline.from_pipeline(model.pipeline)
+
+
+@pytest.mark.parametrize("leaves", [20, 60])
+def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
+    """Trees of up to 32 leaves (32-bit masks) and up to 64 (64-bit), with missing values in every feature:
+    the tables give `decision_function`, scikit-learn's raw score, to the bit."""
+    rng = np.random.default_rng(leaves)
+    features = rng.normal(size=(4000, 5))
+    target = (features[:, 0] + features[:, 1] * features[:, 2] + rng.normal(size=4000) > 0).astype(int)
+    features[rng.random(features.shape) < 0.1] = np.nan
+    classifier = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=leaves, min_samples_leaf=5).fit(
+        features, target
+    )
+    tables = fast_pipeline.TreeTables(classifier, features.shape[1])
+    assert tables.mask_type == (np.uint32 if leaves <= 32 else np.uint64)
+    raw = tables.raw_scores([np.ascontiguousarray(column) for column in features.T])
+    assert np.array_equal(raw, classifier.decision_function(features))
+
+
+def test_trees_of_more_than_64_leaves_have_no_tables() -> None:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(4000, 3))
+    target = (rng.random(4000) < 0.5).astype(int)
+    classifier = HistGradientBoostingClassifier(max_iter=2, max_leaf_nodes=100, min_samples_leaf=2).fit(
+        features, target
+    )
+    with pytest.raises(UnsupportedPipeline, match="leaves"):
+        fast_pipeline.TreeTables(classifier, features.shape[1])
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:

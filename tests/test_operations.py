@@ -163,7 +163,7 @@ def post_once(url: str, body: bytes) -> str:
         connection.close()
 
 
-TRIPS_PER_REQUEST = 10_000  # the most a request may hold, and over FAST_PATH_MAX_ROWS: scikit-learn
+TRIPS_PER_REQUEST = 10_000  # the most a request may hold
 
 
 def test_sigterm_finishes_accepted_requests_then_refuses(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
@@ -22,7 +25,7 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
-from bikeshare_membership.schema import model_input, parse_request_trip
+from bikeshare_membership.schema import InvalidTrip, model_input, parse_request_trip, parse_request_trips
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -30,6 +33,75 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 @pytest.fixture(scope="module")
 def client(settings: Settings, model: LoadedModel) -> FlaskClient:
     return service_app.create_app(settings, ModelHolder(None, model)).test_client()
+
+
+# Values each field may take in a list, valid and not, in the usual forms and the rarer ones.
+FIELD_VARIANTS: dict[str, list[Any]] = {
+    "trip_id": [712382, "a-17", None, 7.0, 7.5, True, [1]],
+    "trip_start_time": [
+        *("1/1/2017 0:00", "13/1/2017 0:00", "1/13/2017 0:00", "2017-01-01T05:00:00Z", "31/2/2017 0:00"),
+        *("1/2/17 00:00:01", "yesterday", None, 20170110, "0001-01-01T00:00:00+05:00"),
+    ],
+    "trip_stop_time": [
+        *("1/1/2017 0:03", "13/1/2017 0:10", "1/13/2017 0:10", "2017-01-01T05:03:00Z", "1/1/2016 0:00"),
+        *("2/3/2017 0:00", None, "1/1/2017 25:00", ["1/1/2017 0:03"]),
+    ],
+    "trip_duration_seconds": [223, 223.5, 0, -0.0, -5, "890", True, math.nan, math.inf, None, [223]],
+    "from_station_id": [7051, "7051", " 7051 ", "NULL", None, 7051.0, "seventy", "\u00b2", "9" * 400, True, 99999],
+    "from_station_name": ["Wellesley St E / Yonge St Green P", "Nowhere", "nan", None, 7154, {"name": "x"}],
+    "to_station_id": [7089, "7089", "none", None, 7089.0, 1.5, "12x", [7089]],
+    "to_station_name": ["Church St  / Wood St", "Church St / Wood St", "", None, 3],
+    "user_type": ["Member", "casual member", " Annual Member ", "NaN", None, "Tourist", 1, ["Member"]],
+}
+
+
+def validated_alone(records: list[Any], date_order: Any) -> list[dict[str, Any]] | tuple[Any, ...]:
+    """Each trip through `parse_request_trip`, or the first refusal's (field, message, item)."""
+    try:
+        return [parse_request_trip(record, date_order, item) for item, record in enumerate(records)]
+    except InvalidTrip as error:
+        return error.field, error.message, error.item
+
+
+def validated_as_columns(records: list[Any], date_order: Any) -> list[dict[str, Any]] | tuple[Any, ...]:
+    try:
+        return parse_request_trips(records, date_order)
+    except InvalidTrip as error:
+        return error.field, error.message, error.item
+
+
+def comparable(result: list[dict[str, Any]] | tuple[Any, ...]) -> Any:
+    """NaN as text, so equal results compare equal, and with each value's type."""
+    if isinstance(result, tuple):
+        return result
+    return [{name: (type(value), repr(value)) for name, value in trip.items()} for trip in result]
+
+
+@pytest.mark.parametrize("date_order", [None, "DMY"])
+def test_lists_validated_as_columns_equal_trip_by_trip_validation(date_order: Any) -> None:
+    """Lists mixing valid and invalid trips in every form: the same trips in the same types, or the same first
+    refusal (field, message, item)."""
+    rng = random.Random(17)
+    outcomes = set()
+    for _ in range(2000):
+        records: list[Any] = []
+        for _ in range(rng.choice([1, 2, 3, 8, 30])):
+            if rng.random() < 0.02:
+                records.append(rng.choice([None, 5, "trip", [TRIP]]))
+                continue
+            trip = dict(TRIP)
+            for name, variants in FIELD_VARIANTS.items():
+                if rng.random() < 0.15:
+                    value = rng.choice(variants)
+                    if value is None and rng.random() < 0.5:
+                        del trip[name]
+                    else:
+                        trip[name] = value
+            records.append(trip)
+        expected = comparable(validated_alone(records, date_order))
+        assert comparable(validated_as_columns(records, date_order)) == expected, records
+        outcomes.add("refused" if isinstance(expected, tuple) else "valid")
+    assert outcomes == {"refused", "valid"}
 
 
 def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model: LoadedModel) -> None:
