@@ -12,7 +12,9 @@ objects directly:
   summed in scikit-learn's order, through the same logistic link.
 
 The registry's model stays the single source of truth: this is built from the loaded pipeline, and
-`from_pipeline` checks it against `pipeline.predict_proba` before it is used. Anything it cannot evaluate
+`from_pipeline` checks it against `pipeline.predict_proba` before it is used. A checked form is saved with
+the cached version as plain arrays (`to_arrays`); `from_arrays` rebuilds it and checks it again against the
+probabilities scikit-learn gave, so the next load need not unpickle the pipeline. Anything it cannot evaluate
 exactly raises `UnsupportedPipeline`, and the caller keeps the scikit-learn path. That includes a scikit-learn
 release whose fitted objects differ from what this module reads: the boosted trees' private `_predictors`,
 `_baseline_prediction` and node records, the encoders' fitted attributes. Reading them is wrapped (`reading`),
@@ -82,13 +84,20 @@ def reading(what: str, *also: type[Exception]) -> Iterator[None]:
 class StationEncoding:
     """A fitted binary `TargetEncoder` column as a dict look-up."""
 
-    def __init__(self, categories: np.ndarray, encodings: np.ndarray, target_mean: float) -> None:
+    def __init__(self, categories: np.ndarray, encodings: np.ndarray, missing: float, unknown: float) -> None:
+        """`categories`: the known station ids, sorted, with their `encodings`; `missing` for NaN, `unknown` for
+        any other id."""
+        self.categories, self.encodings = categories, encodings
+        self.by_category = dict(zip(categories.tolist(), encodings.tolist(), strict=True))
+        self.missing, self.unknown = missing, unknown
+
+    @classmethod
+    def from_fitted(cls, categories: np.ndarray, encodings: np.ndarray, target_mean: float) -> StationEncoding:
+        """From one column of a fitted encoder, whose categories may include NaN (missing stations seen in fit)."""
         known = ~np.isnan(categories)
-        self.by_category = dict(zip(categories[known].tolist(), encodings[known].tolist(), strict=True))
-        self.missing = float(encodings[~known][0]) if (~known).any() else target_mean
-        self.unknown = target_mean
+        missing = float(encodings[~known][0]) if (~known).any() else target_mean
         order = np.argsort(categories[known])
-        self.categories, self.encodings = categories[known][order], encodings[known][order]
+        return cls(categories[known][order], encodings[known][order], missing, target_mean)
 
     def encode(self, value: float) -> float:
         return self.missing if value != value else self.by_category.get(value, self.unknown)  # NaN != NaN
@@ -116,8 +125,16 @@ def _tree_expression(nodes: np.ndarray, index: int) -> str:
     return f"({left} if {test} else {right})"
 
 
-def boosted_trees(classifier: HistGradientBoostingClassifier) -> tuple[list[np.ndarray], float]:
-    """The classifier's trees (node records, in the order it adds them) and its baseline raw score.
+class BoostedTrees(NamedTuple):
+    """A fitted binary classifier's trees: node records (scikit-learn's), in the order it adds them, and the
+    baseline raw score they add to."""
+
+    nodes: list[np.ndarray]
+    baseline: float
+
+
+def boosted_trees(classifier: HistGradientBoostingClassifier) -> BoostedTrees:
+    """The classifier's trees and baseline.
 
     Raises UnsupportedPipeline for a model neither evaluation takes exactly, and for trees it cannot read
     (private attributes of the boosted trees).
@@ -130,16 +147,16 @@ def boosted_trees(classifier: HistGradientBoostingClassifier) -> tuple[list[np.n
         trees = [predictors[0].nodes for predictors in classifier._predictors]
         if any(tree["is_categorical"].any() for tree in trees):
             raise UnsupportedPipeline("categorical splits are not supported")
-        return trees, float(np.ravel(classifier._baseline_prediction)[0])
+        return BoostedTrees(trees, float(np.ravel(classifier._baseline_prediction)[0]))
 
 
-def compile_trees(classifier: HistGradientBoostingClassifier, n_features: int) -> Callable[..., float]:
-    """The classifier's raw score (log-odds of class 1) as one compiled Python function of the features.
+def compile_trees(boosted: BoostedTrees, n_features: int) -> Callable[..., float]:
+    """The trees' raw score (log-odds of class 1) as one compiled Python function of the features.
 
-    Raises UnsupportedPipeline for a model it cannot compile exactly, and for trees it cannot read (private
-    attributes of the boosted trees) or compile (deeper than Python's parser nests: SyntaxError, RecursionError).
+    Raises UnsupportedPipeline for trees it cannot read (node records of another shape) or compile (deeper than
+    Python's parser nests: SyntaxError, RecursionError).
     """
-    trees, baseline = boosted_trees(classifier)
+    trees, baseline = boosted
     with reading("the boosted trees", SyntaxError, RecursionError):
         arguments = ", ".join(f"x{i}" for i in range(n_features))
         source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
@@ -188,9 +205,9 @@ class TreeTables:
     lowest bit; its leaf values are added to the baseline tree by tree, in scikit-learn's order.
     """
 
-    def __init__(self, classifier: HistGradientBoostingClassifier, n_features: int) -> None:
-        """Raises UnsupportedPipeline as `boosted_trees` does, and for a tree of more than 64 leaves."""
-        trees, baseline = boosted_trees(classifier)
+    def __init__(self, boosted: BoostedTrees, n_features: int) -> None:
+        """Raises UnsupportedPipeline for a tree of more than 64 leaves."""
+        trees, baseline = boosted
         width = max(int(nodes["is_leaf"].sum()) for nodes in trees)
         if width > 64:
             raise UnsupportedPipeline(f"a tree with {width} leaves; the list form takes at most 64")
@@ -245,25 +262,26 @@ class FastPipeline:
     """`member_probability(trips)` equal to the pipeline's `predict_proba(trips)[:, 1]`."""
 
     def __init__(
-        self,
-        features: TripFeatures,
-        columns: list[tuple[int, StationEncoding | None]],
-        raw_score: Callable[..., float],
-        tables: TreeTables,
+        self, features: TripFeatures, columns: list[tuple[int, StationEncoding | None]], boosted: BoostedTrees
     ) -> None:
+        """Unchecked until `verify`; raises UnsupportedPipeline for trees or features it cannot read."""
         self.features = features
         self.columns = columns  # per model column: its feature's place in FEATURE_CATALOGUE, and its encoding
-        self.raw_score = raw_score  # one trip's
-        self.tables = tables  # columns'
-        # For one trip's features: (latitude, longitude) in radians by station id, and the holidays as a set.
-        self.places = dict(
-            zip(features.station_ids_.tolist(), map(tuple, features.station_coordinates_.tolist()), strict=True)
-        )
-        self.holidays = frozenset(features.holiday_days_.tolist())
+        self.boosted = boosted
+        self.raw_score = compile_trees(boosted, len(columns))  # one trip's
+        with reading("the boosted trees' nodes"):
+            self.tables = TreeTables(boosted, len(columns))  # columns'
+        with reading("the features' fitted stations and holidays"):
+            # For one trip's features: (latitude, longitude) in radians by station id, and the holidays as a set.
+            self.places = dict(
+                zip(features.station_ids_.tolist(), map(tuple, features.station_coordinates_.tolist()), strict=True)
+            )
+            self.holidays = frozenset(features.holiday_days_.tolist())
+        self.verified_against: np.ndarray | None = None  # scikit-learn's P(Member) of the check trips, once verified
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> FastPipeline:
-        """Build from a fitted pipeline and check it against the pipeline; raises UnsupportedPipeline.
+        """Build from a fitted pipeline and verify it against the pipeline; raises UnsupportedPipeline.
 
         Reading the fitted steps and evaluating the check trips the fast way are wrapped (`reading`): a
         failure there is an UnsupportedPipeline. `pipeline.predict_proba` is not: if scikit-learn itself
@@ -278,22 +296,75 @@ class FastPipeline:
             raise UnsupportedPipeline(f"no exact fast form for {type(classifier).__name__}")
         with reading("the fitted column steps"):
             columns = model_columns(encoder)
-        raw_score = compile_trees(classifier, len(columns))
-        with reading("the boosted trees' nodes"):
-            tables = TreeTables(classifier, len(columns))
-        with reading("the features' fitted stations and holidays, or evaluating the check trips"):
-            fast = cls(features, columns, raw_score, tables)
+        fast = cls(features, columns, boosted_trees(classifier))
+        with reading("the features' fitted stations"):
             check_trips = parity_check_trips(features, columns)
+        fast.verify(pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1])
+        return fast
+
+    def verify(self, expected: np.ndarray) -> None:
+        """Check this form against `expected`, scikit-learn's P(Member) of `parity_check_trips` (every check trip as
+        columns, the first SINGLE_TRIP_CHECKS also one at a time); raises UnsupportedPipeline past
+        PARITY_TOLERANCE, else keeps `expected` as what it was verified against."""
+        with reading("evaluating the check trips"):
+            check_trips = parity_check_trips(self.features, self.columns)
             singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
-            one_by_one = np.array([fast.trip_probability(*trip) for trip in zip(*singles, strict=True)])
-            in_arrays = fast.member_probability(check_trips)
-        expected = pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1]
-        difference = max(
-            float(np.max(np.abs(in_arrays - expected))),
-            float(np.max(np.abs(one_by_one - expected[:SINGLE_TRIP_CHECKS]))),
-        )
+            one_by_one = np.array([self.trip_probability(*trip) for trip in zip(*singles, strict=True)])
+            in_arrays = self.member_probability(check_trips)
+            difference = max(
+                float(np.max(np.abs(in_arrays - expected))),
+                float(np.max(np.abs(one_by_one - expected[:SINGLE_TRIP_CHECKS]))),
+            )
         if not difference <= PARITY_TOLERANCE:  # NaN too
             raise UnsupportedPipeline(f"differs from scikit-learn by {difference:.3g} on the check trips")
+        self.verified_against = expected
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """What this verified form is built from (the fitted numbers of the pipeline's three steps) and what it was
+        verified against, as arrays `np.savez` stores without pickle: `from_arrays` builds the same form back."""
+        if self.verified_against is None:
+            raise ValueError("only a verified fast form is saved")
+        encoded = [(column, encoding) for column, (_, encoding) in enumerate(self.columns) if encoding is not None]
+        arrays = {
+            "features": np.array(self.features.features, dtype=str),
+            "station_ids": self.features.station_ids_,
+            "station_coordinates": self.features.station_coordinates_,
+            "holiday_days": self.features.holiday_days_,
+            "column_positions": np.array([position for position, _ in self.columns], dtype="int64"),
+            "encoded_columns": np.array([column for column, _ in encoded], dtype="int64"),
+            "encoding_defaults": np.array([[encoding.missing, encoding.unknown] for _, encoding in encoded]),
+            "tree_nodes": np.concatenate(self.boosted.nodes),
+            "tree_sizes": np.array([len(nodes) for nodes in self.boosted.nodes], dtype="int64"),
+            "baseline": np.array(self.boosted.baseline),
+            "verified_against": self.verified_against,
+        }
+        for column, encoding in encoded:
+            arrays[f"categories_{column}"], arrays[f"encodings_{column}"] = encoding.categories, encoding.encodings
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FastPipeline:
+        """The form `to_arrays` gave, verified again against the same probabilities (so what was checked against
+        scikit-learn is what serves); raises UnsupportedPipeline for arrays it cannot read or that disagree."""
+        with reading("the saved fast form"):
+            features = TripFeatures(tuple(arrays["features"].tolist()))
+            features.station_ids_ = arrays["station_ids"]
+            features.station_coordinates_ = arrays["station_coordinates"]
+            features.holiday_days_ = arrays["holiday_days"]
+            encodings = {
+                int(column): StationEncoding(
+                    arrays[f"categories_{column}"], arrays[f"encodings_{column}"], float(missing), float(unknown)
+                )
+                for column, (missing, unknown) in zip(
+                    arrays["encoded_columns"], arrays["encoding_defaults"], strict=True
+                )
+            }
+            columns = [
+                (int(position), encodings.get(column)) for column, position in enumerate(arrays["column_positions"])
+            ]
+            nodes = np.split(arrays["tree_nodes"], np.cumsum(arrays["tree_sizes"])[:-1])
+            fast = cls(features, columns, BoostedTrees(nodes, float(arrays["baseline"])))
+        fast.verify(arrays["verified_against"])
         return fast
 
     def trip_probability(self, start: datetime, duration: float, from_id: float, to_id: float) -> float:
@@ -344,7 +415,9 @@ def model_columns(encoder: ColumnTransformer) -> list[tuple[int, StationEncoding
             for position, categories, encodings in zip(
                 positions, transformer.categories_, transformer.encodings_, strict=True
             ):
-                encoding = StationEncoding(np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_)
+                encoding = StationEncoding.from_fitted(
+                    np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_
+                )
                 columns.append((position, encoding))
         else:
             raise UnsupportedPipeline(f"no exact fast form for the column step {name!r}")

@@ -4,7 +4,8 @@
   SHA-256, and the registry facts), written last and moved into place atomically. A version is loaded only
   if every file matches its manifest, so a partial or corrupt download is fetched again, never loaded. A
   file lock per model makes processes that need the same version at once (Gunicorn workers reloading
-  together) download it once per host.
+  together) download it once per host. Beside the artifacts, outside the manifest, `derived/fast-form.npz` keeps
+  the version's verified fast form, so later loads skip unpickling the pipeline (`load_directory`).
 - Downloads: `s3://` artifacts straight from S3 with boto3 (storage.py: the default credential chain, so
   `AWS_PROFILE` picks a profile from `~/.aws`; `MLFLOW_S3_ENDPOINT_URL` for S3-compatible stores); any other
   artifact URI through MLflow's own client.
@@ -25,10 +26,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 from urllib.parse import urlparse
@@ -37,6 +40,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import requests
+import sklearn
 from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -62,11 +66,15 @@ from bikeshare_membership.schema import (
     closed,
     model_input,
 )
-from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_client
+from bikeshare_membership.storage import atomic_path, download_s3_prefix, exclusive_lock, s3_client
 
 # P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
 DECISION_THRESHOLD = 0.5
 MANIFEST = "manifest.json"
+# A cached version's verified fast form (`FastPipeline.to_arrays`), derived here: outside the manifest's files.
+FAST_FORM = Path("derived") / "fast-form.npz"
+# What reading a saved fast form raises when it is missing, damaged, stale or of another shape.
+SAVED_FORM_ERRORS = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
 # Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime (model_holder.py).
 RELOAD_MARKER = "reload-requested"
 # What "cannot reach the registry or the bucket" looks like from the clients we use.
@@ -156,19 +164,38 @@ def no_metadata() -> ModelMetadata:
     return {"registry": {}, "metrics": {}, "signature": None, "bytes": None}
 
 
+def in_memory(pipeline: Any) -> Callable[[], Any]:
+    """`LoadedModel.load_pipeline` for a pipeline already loaded."""
+    return lambda: pipeline
+
+
+def from_directory(directory: Path) -> Callable[[], Any]:
+    """`LoadedModel.load_pipeline` for the MLflow model in `directory`, loaded when called."""
+    return lambda: mlflow.sklearn.load_model(str(directory))
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A fitted pipeline with the registry facts that identify it in every answer."""
+    """A fitted pipeline with the registry facts that identify it in every answer.
+
+    The pipeline itself is loaded when first asked for (`pipeline`): a model served by its saved fast form
+    answers without it.
+    """
 
     name: str
     version: str
     run_id: str
-    pipeline: Any
+    load_pipeline: Callable[[], Any]
     source: str  # where the artifacts came from
     origin: Origin
     metadata: ModelMetadata = field(default_factory=no_metadata)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     fast: FastPipeline | None = None
+
+    @cached_property
+    def pipeline(self) -> Any:
+        """The fitted scikit-learn pipeline."""
+        return self.load_pipeline()
 
     def member_probability(self, trips: TripColumns) -> np.ndarray:
         """P(Member) for each trip (a DataFrame, or columns as arrays), equal to the pipeline's `predict_proba`:
@@ -206,7 +233,7 @@ def _file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path.name != MANIFEST and path.relative_to(directory).parts[0] != FAST_FORM.parts[0]
     }
 
 
@@ -358,17 +385,67 @@ class ModelStore:
         return manifest
 
 
+def fast_form_key(manifest: Mapping[str, Any]) -> str:
+    """What a saved fast form was derived from: the model's files, and the libraries that computed the
+    probabilities it was verified against."""
+    files = json.dumps(manifest["files"], sort_keys=True)
+    return hashlib.sha256(f"{files} scikit-learn {sklearn.__version__} numpy {np.__version__}".encode()).hexdigest()
+
+
+def saved_fast_form(path: Path, key: str) -> FastPipeline | None:
+    """The fast form saved at `path` for `key`, verified again; None if there is none, or it is stale or damaged
+    (then the caller derives it from the pipeline)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["key"]) != key:
+                log.info("the saved fast form %s is of another model or library release", path)
+                return None
+            arrays = {name: saved[name] for name in saved.files}
+        return FastPipeline.from_arrays(arrays)
+    except FileNotFoundError:
+        return None
+    except SAVED_FORM_ERRORS as error:
+        log.warning("not using the saved fast form %s: %s", path, first_line(error))
+        return None
+
+
+def save_fast_form(path: Path, key: str, fast: FastPipeline) -> None:
+    """Save `fast` for `key`; a folder that cannot be written costs the next start its speed, nothing else."""
+    try:
+        arrays: dict[str, Any] = {"key": np.array(key), **fast.to_arrays()}
+        with atomic_path(path) as partial, open(partial, "wb") as file:
+            np.savez(file, **arrays)
+    except OSError as error:
+        log.warning("cannot save the fast form to %s: %s", path, first_line(error))
+
+
 def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) -> LoadedModel:
-    """Load the MLflow model in `directory`, identified by its manifest; builds its fast form too."""
+    """Load the MLflow model in `directory`, identified by its manifest, with its fast form.
+
+    A version whose manifest lists its files (the store's cache) keeps its verified fast form in FAST_FORM. A
+    later load builds the form from it, verifies it again against the probabilities scikit-learn gave, and leaves
+    the pipeline unloaded until asked for: unpickling it through skops imports every scikit-learn estimator,
+    most of a warm start (docs/performance.md).
+    """
     started = time.monotonic()
-    pipeline = mlflow.sklearn.load_model(str(directory))
+    key = fast_form_key(manifest) if "files" in manifest else None
+    saved = saved_fast_form(directory / FAST_FORM, key) if key else None
+    fast: FastPipeline | None
+    if saved is not None:
+        fast, load_pipeline = saved, from_directory(directory)
+    else:
+        pipeline = mlflow.sklearn.load_model(str(directory))
+        fast, load_pipeline = fast_form(pipeline), in_memory(pipeline)
+        if fast is not None and key:
+            save_fast_form(directory / FAST_FORM, key, fast)
     signature = Model.load(str(directory)).signature
     log.info(
-        "loaded model %s version %s (%s, %s) in %.2fs",
+        "loaded model %s version %s (%s, %s, %s) in %.2fs",
         manifest["name"],
         manifest["version"],
         origin,
         directory,
+        "its saved fast form" if saved else "the pipeline",
         time.monotonic() - started,
     )
     metadata: ModelMetadata = {
@@ -381,11 +458,11 @@ def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) ->
         name=manifest["name"],
         version=manifest["version"],
         run_id=manifest["run_id"],
-        pipeline=pipeline,
+        load_pipeline=load_pipeline,
         source=manifest["source"],
         origin=origin,
         metadata=metadata,
-        fast=fast_form(pipeline),
+        fast=fast,
     )
 
 

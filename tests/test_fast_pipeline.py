@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -22,7 +25,7 @@ from bikeshare_membership import city_files, fast_pipeline, schema, stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import LoadedModel, fast_form
+from bikeshare_membership.model_store import FAST_FORM, LoadedModel, ModelStore, fast_form, in_memory
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real
     with pytest.raises(UnsupportedPipeline, match="RandomForestClassifier"):
         FastPipeline.from_pipeline(forest)
     assert fast_form(forest) is None
-    served = LoadedModel(name="m", version="1", run_id="", pipeline=forest, source="", origin="path")
+    served = LoadedModel(name="m", version="1", run_id="", load_pipeline=in_memory(forest), source="", origin="path")
     np.testing.assert_array_equal(served.member_probability(sample.head(5)), forest.predict_proba(sample.head(5))[:, 1])
 
 
@@ -115,8 +118,8 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
     """The self-check at load time: trees compiled wrong by a small margin never serve."""
     compile_trees = fast_pipeline.compile_trees
 
-    def slightly_off(classifier, n_features):
-        raw_score = compile_trees(classifier, n_features)
+    def slightly_off(boosted, n_features):
+        raw_score = compile_trees(boosted, n_features)
         return lambda *features: raw_score(*features) + 1e-4
 
     monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
@@ -143,7 +146,7 @@ def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
     classifier = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=leaves, min_samples_leaf=5).fit(
         features, target
     )
-    tables = fast_pipeline.TreeTables(classifier, features.shape[1])
+    tables = fast_pipeline.TreeTables(fast_pipeline.boosted_trees(classifier), features.shape[1])
     assert tables.mask_type == (np.uint32 if leaves <= 32 else np.uint64)
     raw = tables.raw_scores([np.ascontiguousarray(column) for column in features.T])
     assert np.array_equal(raw, classifier.decision_function(features))
@@ -157,7 +160,7 @@ def test_trees_of_more_than_64_leaves_have_no_tables() -> None:
         features, target
     )
     with pytest.raises(UnsupportedPipeline, match="leaves"):
-        fast_pipeline.TreeTables(classifier, features.shape[1])
+        fast_pipeline.TreeTables(fast_pipeline.boosted_trees(classifier), features.shape[1])
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
@@ -258,7 +261,9 @@ def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
         assert fast_form(pipeline) is None
     assert "serving through scikit-learn only: cannot read" in caplog.text
 
-    served = LoadedModel(name=model.name, version="9", run_id="", pipeline=pipeline, source="", origin="path")
+    served = LoadedModel(
+        name=model.name, version="9", run_id="", load_pipeline=in_memory(pipeline), source="", origin="path"
+    )
     np.testing.assert_array_equal(served.member_probability(sample), expected)
     client = service_app.create_app(settings, ModelHolder(None, served)).test_client()
     response = client.post("/predict", json=schema.EXAMPLE_TRIP)
@@ -288,3 +293,81 @@ def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeyp
     np.testing.assert_array_equal(pipeline.predict_proba(trips), model.pipeline.predict_proba(trips))
     with pytest.raises(UnsupportedPipeline, match=r"cannot read the boosted trees .*SyntaxError"):
         FastPipeline.from_pipeline(pipeline)
+
+
+def saved_form_path(settings: Settings, model: LoadedModel) -> Path:
+    return Path(settings.model_cache_dir) / settings.registered_model / model.version / FAST_FORM
+
+
+def test_a_restart_serves_the_saved_fast_form_without_loading_the_pipeline(
+    own_registry: Settings, real_trips: pd.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first load derives the fast form and saves it beside the cached version; the next builds the form from
+    it, verified again, and loads the pipeline only when asked: the same answers, bit for bit."""
+    first = ModelStore(own_registry).load_production()
+    assert first.fast is not None and saved_form_path(own_registry, first).is_file()
+    with caplog.at_level(logging.INFO, logger="bikeshare_membership.model_store"):
+        again = ModelStore(own_registry).load_production()
+    assert again.origin == "cache" and again.fast is not None  # the saved form sits outside the manifest's files
+    assert "its saved fast form" in caplog.text and "pipeline" not in again.__dict__
+    np.testing.assert_array_equal(again.fast.member_probability(real_trips), first.fast.member_probability(real_trips))
+    trips = real_trips.head(300)
+    singles = list(
+        zip(
+            trips["trip_start_time"].dt.to_pydatetime(),
+            *(trips[column] for column in schema.MODEL_INPUT_COLUMNS[1:]),
+            strict=True,
+        )
+    )
+    assert [again.fast.trip_probability(*trip) for trip in singles] == [
+        first.fast.trip_probability(*trip) for trip in singles
+    ]
+    np.testing.assert_array_equal(again.pipeline.predict_proba(real_trips), first.pipeline.predict_proba(real_trips))
+
+    # A new process, as a restarted service is: the answer without skops (and every estimator it imports) loaded.
+    script = (
+        "import sys\n"
+        "from bikeshare_membership.config import Settings\n"
+        "from bikeshare_membership.model_store import ModelStore\n"
+        "from bikeshare_membership.schema import EXAMPLE_TRIP, parse_request_trip\n"
+        f"settings = Settings(tracking_uri={own_registry.tracking_uri!r}, registered_model={own_registry.registered_model!r}, "
+        f"model_cache_dir={own_registry.model_cache_dir!r})\n"
+        "model = ModelStore(settings).load_production()\n"
+        "print(model.request_probabilities([parse_request_trip(EXAMPLE_TRIP)])[0], 'skops.io' in sys.modules)\n"
+    )
+    restarted = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    expected = first.request_probabilities([schema.parse_request_trip(schema.EXAMPLE_TRIP)])[0]
+    assert restarted.stdout.split() == [repr(expected), "False"]
+
+
+@pytest.mark.parametrize("damage", ["a leaf changed", "truncated", "another release"])
+def test_a_damaged_or_stale_saved_fast_form_is_derived_again(
+    own_registry: Settings, real_trips: pd.DataFrame, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    first = ModelStore(own_registry).load_production()
+    path = saved_form_path(own_registry, first)
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    if damage == "a leaf changed":
+        nodes = arrays["tree_nodes"]
+        nodes["value"][np.flatnonzero(nodes["is_leaf"])[0]] += 1e-3
+        np.savez(path, **arrays)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        np.savez(path, **{**arrays, "key": np.array("0" * 64)})
+    with caplog.at_level(logging.INFO, logger="bikeshare_membership.model_store"):
+        again = ModelStore(own_registry).load_production()
+    assert again.fast is not None and "its saved fast form" not in caplog.text
+    message = {
+        "a leaf changed": "differs from scikit-learn",
+        "truncated": "not using the saved fast form",
+        "another release": "of another model or library release",
+    }
+    assert message[damage] in caplog.text
+    sample = real_trips.sample(5000, random_state=7)
+    np.testing.assert_array_equal(again.fast.member_probability(sample), again.pipeline.predict_proba(sample)[:, 1])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bikeshare_membership.model_store"):
+        ModelStore(own_registry).load_production()
+    assert "its saved fast form" in caplog.text  # saved again, whole

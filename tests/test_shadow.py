@@ -28,7 +28,7 @@ from bikeshare_membership import app as service_app
 from bikeshare_membership import city_files, promotion
 from bikeshare_membership.config import InvalidSetting, Settings
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import LoadedModel, ModelStore
+from bikeshare_membership.model_store import LoadedModel, ModelStore, in_memory
 from bikeshare_membership.schema import MEMBER
 from bikeshare_membership.shadow import Shadow
 
@@ -240,7 +240,9 @@ class FailsOnLongTrips:
 
 def test_trips_the_shadow_fails_on_get_no_shadow_score_and_are_counted(model: LoadedModel, tmp_path: Path) -> None:
     """In process: the failing batch is scored trip by trip; the answers are the served model's."""
-    failing = dataclasses.replace(model, version="99", pipeline=FailsOnLongTrips(model.pipeline), fast=None)
+    failing = dataclasses.replace(
+        model, version="99", load_pipeline=in_memory(FailsOnLongTrips(model.pipeline)), fast=None
+    )
     shadow = Shadow(ModelStore(Settings(model_cache_dir=str(tmp_path / "cache"))), "challenger")
     shadow.model = failing
     folder = tmp_path / "log"
