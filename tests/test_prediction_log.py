@@ -1,5 +1,6 @@
 """The prediction log (PREDICTION_LOG): every answered trip as a Parquet row, through real Gunicorn, across
-SIGTERM and max_requests recycling, and with its destination failing (a local folder, moto's S3 stopped)."""
+SIGTERM, max_requests recycling, a reload and SIGKILL, and with its destination failing (a local folder, moto's S3
+stopped)."""
 
 from __future__ import annotations
 
@@ -195,6 +196,80 @@ def test_rows_survive_max_requests_recycling(
     assert len(written_by) >= 4, written_by  # 1,000 requests, 150 per worker: at least 4 recycled (2 workers)
     assert sorted(before["request_id"]) == sorted(rid for rid, pid in answered_by.items() if pid in written_by)
     assert_logged_exactly(read_log(log_folder), answers)
+
+
+def booted_workers(log: Path) -> set[int]:
+    """The pids of the workers Gunicorn has booted, from its log (each worker logs its own boot)."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {line["pid"] for line in lines if str(line.get("message", "")).startswith("Booting worker")}
+
+
+def wait_until(condition: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_rows_survive_a_reload(settings: Settings, trained: Any, log_folder: Path, tmp_path: Path) -> None:
+    """SIGHUP: Gunicorn boots new workers and stops the old ones gracefully; the old ones write what they hold as
+    they exit, the new ones log the later answers, and no row is lost or written twice."""
+    process, url = start_logging_service(settings, log_folder, tmp_path)
+    log = tmp_path / "gunicorn.log"
+    try:
+        before = answers_of(url, [trip(index) for index in range(300)])
+        old_workers = booted_workers(log)
+        os.kill(process.pid, signal.SIGHUP)
+        wait_until(lambda: len(booted_workers(log) - old_workers) >= 2 and not any(map(alive, old_workers)))
+        written_at_reload = wait_for_rows(lambda: read_log(log_folder), 300)  # files roll every 60 s: nothing else
+        after = answers_of(url, [trip(300 + index) for index in range(300)])
+        graceful_stop(process)
+    finally:
+        stop(process)
+    assert sorted(written_at_reload["request_id"]) == sorted(request_id for request_id, *_ in before)
+    assert_logged_exactly(read_log(log_folder), before + after)
+
+
+def test_a_killed_worker_loses_at_most_what_it_held(
+    settings: Settings, trained: Any, log_folder: Path, tmp_path: Path
+) -> None:
+    """SIGKILL loses only the rows a worker held: with files rolled every second, every trip answered a few seconds
+    before the kill is in the log (the bound is PREDICTION_LOG_ROLL_SECONDS and the writer's tick; the margin here
+    is for a loaded machine), and every row logged is an answer, once, with its proba."""
+    process, url = start_logging_service(settings, log_folder, tmp_path, PREDICTION_LOG_ROLL_SECONDS="1")
+    log = tmp_path / "gunicorn.log"
+    answered: list[tuple[str, dict[str, Any], float]] = []
+    answered_at: dict[str, float] = {}
+    try:
+        index, started = 0, time.monotonic()
+        while time.monotonic() - started < 6:
+            (answer,) = answers_of(url, [trip(index)], threads=1)
+            answered.append(answer)
+            answered_at[answer[0]] = time.monotonic()
+            index += 1
+        workers = booted_workers(log)
+        killed_at = time.monotonic()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(booted_workers(log) - workers) >= 2)
+        graceful_stop(process)
+    finally:
+        stop(process)
+    logged = read_log(log_folder)
+    expected = answered_trips(answered)
+    joined = logged.merge(expected, on=["request_id", "trip_id"], how="left", validate="one_to_one")
+    assert joined["answer_proba"].notna().all() and (joined["proba"] == joined["answer_proba"]).all()
+    lost = set(expected["request_id"]) - set(logged["request_id"])
+    assert all(killed_at - answered_at[request_id] < 3 for request_id in lost), "rows older than the roll were lost"
+    assert len(logged) >= len(expected) / 3  # most of 6 s of answers were written before the kill
 
 
 def unwritable(folder: Path) -> None:
