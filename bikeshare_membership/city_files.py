@@ -275,7 +275,7 @@ def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Generator[TripChunk
         if suffix == ".parquet":
             yield from _parquet_chunks(counted, path.name, chunk_rows)
         elif suffix == ".zip":
-            yield from _zip_chunks(counted, chunk_rows)
+            yield from _zip_chunks(counted, counted, chunk_rows)
         else:
             gzipped = suffix == ".csv.gz"
             with gzip.open(path) if gzipped else open(path, "rb") as start:
@@ -285,8 +285,11 @@ def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Generator[TripChunk
             yield from _csv_chunks(header, stream, path.name, counted, chunk_rows)
 
 
-def _zip_chunks(counted: _CountingReader, chunk_rows: int) -> Iterator[TripChunk]:
-    with zipfile.ZipFile(counted) as archive:
+def _zip_chunks(
+    file: IO[bytes] | io.RawIOBase, counted: _CountingReader | None, chunk_rows: int
+) -> Iterator[TripChunk]:
+    """Each CSV of the zip `file` read as a file of its own (its own layout and date order), in name order."""
+    with zipfile.ZipFile(file) as archive:
         members = sorted(name for name in archive.namelist() if _is_zipped_csv(name))
         if not members:
             raise ValueError("the zip holds no CSV file")
@@ -469,6 +472,11 @@ def read_parquet_bytes(content: bytes, source: str, chunk_rows: int = CHUNK_ROWS
     """The trips of a whole Parquet file in memory, under the date order the whole file shows."""
     for chunk in _parquet_chunks(pa.BufferReader(content), source, chunk_rows, whole_file_order=True):
         yield chunk.parsed
+
+
+def read_zip_bytes(content: bytes | pa.Buffer, chunk_rows: int = CHUNK_ROWS) -> Iterator[TripChunk]:
+    """The trips of a whole zip in memory, as `read_chunks` reads a zip file: each chunk's source is its CSV."""
+    yield from _zip_chunks(io.BytesIO(content), None, chunk_rows)
 
 
 def read_trips(path: str | Path) -> ParsedTrips:

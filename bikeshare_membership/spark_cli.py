@@ -4,7 +4,7 @@ partitioned by trip start date out.
     python spark_score.py INPUT [INPUT ...] --output DIR [--master local[2]]   # Spark in this process
     spark-submit [options] spark_score.py INPUT [INPUT ...] --output DIR      # a cluster: docs/spark.md
 
-INPUT is a file, a folder or a glob (.csv, .csv.gz, .parquet), local or on any file system Spark's Hadoop has
+INPUT is a file, a folder or a glob (.csv, .csv.gz, .zip, .parquet), local or on any file system Spark's Hadoop has
 (`s3a://` with hadoop-aws on the cluster). The version scored is the registry's Production one (alias, else
 stage), or `--model-version`; without one the command fails in one line. Spark starts while the driver
 resolves and fetches the version. Logs go to stderr; a one-line summary ends the run on stdout.
@@ -41,7 +41,9 @@ PROGRAM = "spark_score.py"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="a file, folder or glob: .csv, .csv.gz, .parquet")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="a file, folder or glob: .csv, .csv.gz, .zip, .parquet"
+    )
     parser.add_argument("--output", required=True, help="the predictions' folder (Parquet, partitioned by trip_date)")
     parser.add_argument("--rejects", help="the rejects' folder (CSV; default: OUTPUT.rejects)")
     parser.add_argument("--model-version", help="score with this version, not the Production one")

@@ -8,9 +8,9 @@ registry's Production version, written as Parquet partitioned by the trip's star
    tasks, a gzip one is read by one. A first pass gathers each file's date evidence (`city_files.DateEvidence`),
    so a file's order is decided over the whole file as schema.py's rule says; the second puts the file's header
    in front of each task's run of its lines and reads them with city_files' own CSV reader under that order:
-   the same layouts, texts, stations, malformed rows and rejects as `batch.py score`. Parquet files are read
-   whole, one per task (Spark's binaryFile source), by city_files' Parquet reader, which decides the order over
-   the file's own timestamp columns first.
+   the same layouts, texts, stations, malformed rows and rejects as `batch.py score`. Parquet files and zips are
+   read whole, one per task (Spark's binaryFile source), by city_files' readers, as batch.py reads them: a
+   Parquet file's order decided over its own timestamp columns first, each CSV of a zip as a file of its own.
 3. The driver fetches the version through model_store (MLflow's artifact download, or boto3 for `s3://`, into
    its verified cache), checks that it loads, and ships the folder to every executor with
    `SparkContext.addFile`, as MLflow's `spark_udf` ships its model: executors need no disk shared with the
@@ -67,8 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CSV_SUFFIXES = (".csv", ".csv.gz")
-PARQUET_SUFFIX = ".parquet"
+CSV_SUFFIXES = (".csv", ".csv.gz")  # read as lines, split across tasks
+WHOLE_FILE_SUFFIXES = (".parquet", ".zip")  # read whole, one per task
 REJECTS_SUFFIX = ".rejects"
 # Rows per Arrow batch between Spark and a Python worker: a chunk as batch.py parses and scores it.
 ARROW_BATCH_ROWS = city_files.CHUNK_ROWS
@@ -279,17 +279,17 @@ def _literal(path: str) -> str:
 
 
 def list_inputs(spark: SparkSession, locations: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The CSV and the Parquet files at `locations` (files, folders listed recursively, globs), by Hadoop's file
-    systems.
+    """The CSV files and the files read whole (Parquet, zip) at `locations` (files, folders listed recursively,
+    globs), by Hadoop's file systems.
 
     In a folder, hidden files (`.name`, `_name`: Spark's markers, uploads in progress), files of other kinds and
-    batch.py's outputs are left out; a location that names no trip file, or a zip, is an error.
+    batch.py's outputs are left out; a location that names no trip file is an error.
     """
     from bikeshare_membership.batch_scoring import is_batch_output
 
     jvm, conf = _jvm(spark)
     csv: list[str] = []
-    parquet: list[str] = []
+    whole: list[str] = []
     for location in locations:
         pattern = jvm.org.apache.hadoop.fs.Path(location)
         statuses = pattern.getFileSystem(conf).globStatus(pattern)
@@ -306,22 +306,20 @@ def list_inputs(spark: SparkSession, locations: Sequence[str]) -> tuple[list[str
                         found.append((path.toString(), path.getName(), True))
             else:
                 found.append((status.getPath().toString(), status.getPath().getName(), False))
-        before = len(csv) + len(parquet)
+        before = len(csv) + len(whole)
         for path, name, listed in found:
             suffix = city_files.input_suffix(name)
-            if suffix == ".zip":
-                raise ValueError(f"{path}: a zip; the Spark job reads .csv, .csv.gz and .parquet (unzip it first)")
             if listed and (suffix is None or is_batch_output(name)):
                 continue
             if suffix in CSV_SUFFIXES:
                 csv.append(path)
-            elif suffix == PARQUET_SUFFIX:
-                parquet.append(path)
+            elif suffix in WHOLE_FILE_SUFFIXES:
+                whole.append(path)
             else:
-                raise ValueError(f"{path}: not a trip file (expected one of .csv, .csv.gz, .parquet)")
-        if len(csv) + len(parquet) == before:
-            raise FileNotFoundError(f"{location}: no trip file (.csv, .csv.gz, .parquet) there")
-    return csv, parquet
+                raise ValueError(f"{path}: not a trip file (expected one of {', '.join(city_files.INPUT_SUFFIXES)})")
+        if len(csv) + len(whole) == before:
+            raise FileNotFoundError(f"{location}: no trip file ({', '.join(city_files.INPUT_SUFFIXES)}) there")
+    return csv, whole
 
 
 def _first_line(spark: SparkSession, file: str) -> bytes:
@@ -412,12 +410,17 @@ def _parse_csv(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> 
             yield from _parsed_batches(parsed, file.name)
 
 
-def _parse_parquet(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _parse_whole_files(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     _one_core()
     for batch in batches:
         for index, path in enumerate(batch.column("path").to_pylist()):
-            for parsed in city_files.read_parquet_bytes(batch.column("content")[index].as_buffer(), path):
-                yield from _parsed_batches(parsed, path)
+            content = batch.column("content")[index].as_buffer()
+            if city_files.input_suffix(path) == ".zip":
+                for chunk in city_files.read_zip_bytes(content):
+                    yield from _parsed_batches(chunk.parsed, chunk.source)
+            else:
+                for parsed in city_files.read_parquet_bytes(content, path):
+                    yield from _parsed_batches(parsed, path)
 
 
 def _text(values: pd.Series) -> pa.Array:
@@ -562,23 +565,23 @@ def _then(
 @dataclass(frozen=True)
 class Inputs:
     """The input files as the job reads them: the CSV files' lines with each file's facts (its date order
-    decided), and the Parquet files."""
+    decided), and the files read whole (Parquet, zip)."""
 
     csv_lines: DataFrame | None
     csv_files: dict[int, CsvFile]
-    parquet: list[str]
+    whole_files: list[str]
 
     @property
     def count(self) -> int:
-        return len(self.csv_files) + len(self.parquet)
+        return len(self.csv_files) + len(self.whole_files)
 
 
 def read_inputs(spark: SparkSession, locations: Sequence[str]) -> Inputs:
     """List the files at `locations` and read what their rows need: each CSV's header and date order (a first
     pass over its lines)."""
-    csv, parquet = list_inputs(spark, locations)
+    csv, whole = list_inputs(spark, locations)
     lines, files = read_csv_files(spark, csv) if csv else (None, {})
-    return Inputs(csv_lines=lines, csv_files=files, parquet=parquet)
+    return Inputs(csv_lines=lines, csv_files=files, whole_files=whole)
 
 
 def parsed_trips(spark: SparkSession, inputs: Inputs) -> DataFrame:
@@ -602,10 +605,10 @@ def _read(
     if inputs.csv_lines is not None:
         parse = partial(_parse_csv, inputs.csv_files)
         frames.append(inputs.csv_lines.mapInArrow(parse if score is None else partial(_then, parse, score), schema))
-    if inputs.parquet:
-        parquet = spark.read.format("binaryFile").load([_literal(path) for path in inputs.parquet])
-        stage = _parse_parquet if score is None else partial(_then, _parse_parquet, score)
-        frames.append(parquet.select("path", "content").mapInArrow(stage, schema))
+    if inputs.whole_files:
+        whole = spark.read.format("binaryFile").load([_literal(path) for path in inputs.whole_files])
+        stage = _parse_whole_files if score is None else partial(_then, _parse_whole_files, score)
+        frames.append(whole.select("path", "content").mapInArrow(stage, schema))
     return reduce(DataFrame.unionByName, frames)
 
 

@@ -8,6 +8,7 @@ import gzip
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -138,6 +139,7 @@ BAD_ROWS = [
     b"21248903,-4,7030,05/01/2023 00:07,Bay St / Wellesley St W,7389,05/01/2023 00:11,College Park,5575,Casual Member",
     b"21248904,240,,05/01/2023 00:07,Queen St E \x96 Berkeley,7389,05/01/2023 00:11,College Park,5575,Casual Member",
 ]
+CUT_SHORT_IN_ZIP = b"21248990,300,7030,05/01/2023 00:07,Bay St / Wellesley St W,7389"
 STATION_ROWS = {  # trip id: the trip as the service is asked for it
     "21248905": ("99999", "Nowhere St", "7389", "College Park- Gerrard Entrance"),  # an unknown id
     "21248906": ("", "NULL", "", ""),  # both stations missing
@@ -152,8 +154,8 @@ def station_row(trip_id: str, ends: tuple[str, str, str, str]) -> bytes:
 
 @pytest.fixture(scope="module")
 def layout_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The bundled trips written in every layout and format batch.py reads but zip, and the small layout samples
-    of tests/test_preprocess.py; trip ids are unique across the files."""
+    """The bundled trips written in every layout and format batch.py reads, and the small layout samples of
+    tests/test_preprocess.py; trip ids are unique across the files."""
     folder = tmp_path_factory.mktemp("layouts")
     files = {
         "Bikeshare Ridership (2017 Q1).csv": as_2017_q1(bundled(0)),
@@ -186,6 +188,11 @@ def layout_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         }
     )
     pq.write_table(typed, folder / "typed.parquet")
+    # A zip of CSVs in two layouts, as the City publishes a year, one of them with a row cut short.
+    renumbered = bundled(2).assign(**{"Trip Id": lambda raw: (raw["Trip Id"].astype(int) + 80_000_000).astype(str)})
+    with zipfile.ZipFile(folder / "bikeshare-ridership-2018.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("2018/Bike Share Toronto Ridership_Q1 2018.csv", as_2018(renumbered).to_csv(index=False))
+        archive.writestr("2018/Bike share ridership 2023-07.csv", b"\n".join([header, CUT_SHORT_IN_ZIP]) + b"\n")
     return sorted(folder.iterdir())
 
 
@@ -228,11 +235,17 @@ def test_every_layout_gives_batch_pys_predictions_and_rejects(
     dates = starts.set_index("trip_id")["trip_start_time"].dt.strftime("%Y-%m-%d")
     assert (predictions["trip_date"].astype(str) == predictions["trip_id"].map(dates)).all()
 
-    spark_rejects = rejects.assign(source=rejects["source"].map(lambda source: Path(source).name))
-    assert sorted(map(tuple, spark_rejects[["source", "trip_id", "reason"]].to_numpy())) == sorted(
-        map(tuple, batch_rejects[["source", "trip_id", "reason"]].to_numpy())
-    )
-    assert len(rejects) == summary.rejected == 5  # the 2017 Q4 sample's NULLNULL row, four bad rows
+    def keyed(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+        """Each reject by its file's name (Spark names a file by its URI, batch.py by its name; a CSV in a zip
+        both by its path in the zip), trip id and reason."""
+        return sorted(
+            zip(frame["source"].map(lambda source: Path(source).name), frame["trip_id"], frame["reason"], strict=True)
+        )
+
+    assert keyed(rejects) == keyed(batch_rejects)
+    assert "2018/Bike share ridership 2023-07.csv" in set(rejects["source"])
+    # The 2017 Q4 sample's NULLNULL row, four bad rows, and the zipped one.
+    assert len(rejects) == summary.rejected == 6
     print(f"\nspark job over {summary.inputs} files: {summary.line()}")
 
 
