@@ -2,9 +2,12 @@
 
     python bench/spark.py [--rows 1000000] [--master local[2]] [--keep DIR] [--compare-scorers]
 
-It needs a Production model in the configured registry (`python train.py` first). It writes the trips as
-bench/batch.py does (the City's 2019-2024 layout, sampled from the bundled real trips, moved into June 2024), then
-times, as separate processes from launch to exit, `python batch.py score TRIPS --output scores.parquet` and
+It trains the model it scores (`train.py` on the bundled trips) into a SQLite registry of its own in the work
+folder, so it runs from a clean clone and leaves the configured registry alone, and caches the version (with its
+saved fast form) before timing anything, so both commands start as on a host that has scored before. It writes
+the trips as bench/batch.py does (the City's 2019-2024 layout, sampled from the bundled real trips, moved into
+June 2024), then times, as separate processes from launch to exit, `python batch.py score TRIPS --output
+scores.parquet` and
 `python spark_score.py TRIPS --output DIR --master local[2]`: start-up, reading, parsing, features, model and
 writing all count, Spark's JVM and Python workers included. Spark's start-up (the session alone) is reported apart.
 It then joins the two outputs on trip_id: every trip must be in both, with the same membership; `max_abs_diff` is
@@ -33,16 +36,21 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: train.py run as a user runs it
+
+from harness import clean_env, run_train  # noqa: E402
 
 from batch import generate_trips  # noqa: E402  bench/batch.py: the same generated trips
+from bikeshare_membership.config import Settings  # noqa: E402
+from bikeshare_membership.model_store import ModelStore  # noqa: E402
 
 TARGETS = {"spark_vs_batch": 0.4, "max_abs_diff": 1e-9}
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict[str, str]) -> float:
     """Run `command` from the repository root; its wall-clock seconds, launch to exit. Fails if it fails."""
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -59,17 +67,15 @@ def compare(batch_output: Path, spark_output: Path) -> float:
     return float((joined["proba_batch"] - joined["proba_spark"]).abs().max() / 100)
 
 
-def compare_scorers(trips_csv: Path, master: str) -> None:
+def compare_scorers(trips_csv: Path, master: str, settings: Settings) -> None:
     """spark_udf against mapInArrow over the same parsed trips, cached in Spark; each timed twice (cold, warm)."""
     import mlflow
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from bikeshare_membership import spark_scoring
-    from bikeshare_membership.config import Settings
     from bikeshare_membership.schema import MODEL_INPUT_COLUMNS
 
-    settings = Settings.from_env()
     model = spark_scoring.fetch_model(settings, spark_scoring.resolve_version(settings))
     spark = spark_scoring.start_session(master)
     try:
@@ -119,9 +125,24 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             generate_trips(trips_csv, args.rows)
             print(f"generated {args.rows:,} trips in {time.perf_counter() - started:.1f}s: {trips_csv}")
+        settings = Settings(
+            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+            registered_model="bikeshare-membership-bench",
+            model_cache_dir=str(folder / "model-cache"),
+        )
+        env = clean_env() | {
+            "MLFLOW_TRACKING_URI": settings.tracking_uri,
+            "MLFLOW_REGISTERED_MODEL": settings.registered_model,
+            "MODEL_CACHE_DIR": settings.model_cache_dir,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        if not (folder / "mlflow.db").exists():
+            print("training the model to score ...", flush=True)
+            run_train(env, folder)
+        ModelStore(settings).load_production()  # cached with its fast form, as on a host that has scored before
 
         batch_output = folder / "scores.parquet"
-        batch_seconds = timed([sys.executable, "batch.py", "score", str(trips_csv), "--output", str(batch_output)])
+        batch_seconds = timed([sys.executable, "batch.py", "score", str(trips_csv), "--output", str(batch_output)], env)
         print(f"batch.py score, end to end: {args.rows:,} rows in {batch_seconds:.1f}s")
 
         spark_output, summary_file = folder / "spark-scores", folder / "spark-summary.json"
@@ -129,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             [
                 *(sys.executable, "spark_score.py", str(trips_csv), "--output", str(spark_output), "--overwrite"),
                 *("--master", args.master, "--summary-file", str(summary_file)),
-            ]
+            ],
+            env,
         )
         summary = json.loads(summary_file.read_text())
         print(
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         max_abs_diff = compare(batch_output, spark_output)
         if args.compare_scorers:
-            compare_scorers(trips_csv, args.master)
+            compare_scorers(trips_csv, args.master, settings)
 
     result = {
         "rows": summary["rows"],
