@@ -424,8 +424,8 @@ def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) ->
 
     A version whose manifest lists its files (the store's cache) keeps its verified fast form in FAST_FORM. A
     later load builds the form from it, verifies it again against the probabilities scikit-learn gave, and leaves
-    the pipeline unloaded until asked for: unpickling it through skops imports every scikit-learn estimator,
-    most of a warm start (docs/performance.md).
+    the pipeline unloaded until asked for: unpickling it through skops imports every scikit-learn estimator, a
+    large part of a warm start (docs/performance.md).
     """
     started = time.monotonic()
     key = fast_form_key(manifest) if "files" in manifest else None
