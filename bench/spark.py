@@ -130,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             registered_model="bikeshare-membership-bench",
             model_cache_dir=str(folder / "model-cache"),
         )
-        env = clean_env() | {
-            "MLFLOW_TRACKING_URI": settings.tracking_uri,
-            "MLFLOW_REGISTERED_MODEL": settings.registered_model,
-            "MODEL_CACHE_DIR": settings.model_cache_dir,
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
+        env = clean_env() | settings.to_env() | {"MLFLOW_DISABLE_TELEMETRY": "true"}
         if not (folder / "mlflow.db").exists():
             print("training the model to score ...", flush=True)
             run_train(env, folder)

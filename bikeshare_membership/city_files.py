@@ -6,8 +6,9 @@ through `parse_frame`, so training, batch scoring and the Spark job read trips a
 chunk showed is carried into the next (see schema.py). Rows that cannot be scored come back as rejects with
 the reason, CSV rows with the wrong number of fields included: none is dropped.
 
-A Spark job reads a file in parts (spark_scoring.py): `read_csv_bytes` and `read_parquet_bytes` read a part held in
-memory with the same code, under the date order `DateEvidence` gathered over the whole file decides.
+A Spark job reads a file in parts (spark_scoring.py): `read_csv_bytes` reads a part of a CSV held in memory, and
+`read_file_bytes` a whole Parquet file or zip, with the same code, under the date order `DateEvidence` gathered
+over the whole file decides.
 
 CSV columns are read as bytes with pyarrow's multi-threaded reader and decoded per chunk: as UTF-8, or as
 cp1252 where a column is not valid UTF-8 (some of the City's monthly files are cp1252).
@@ -468,15 +469,14 @@ def _evidence(batch: pa.RecordBatch) -> DateEvidence:
     return DateEvidence(*slash_date_evidence([_as_text(column) for column in batch.columns]))
 
 
-def read_parquet_bytes(content: bytes, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[ParsedTrips]:
-    """The trips of a whole Parquet file in memory, under the date order the whole file shows."""
-    for chunk in _parquet_chunks(pa.BufferReader(content), source, chunk_rows, whole_file_order=True):
-        yield chunk.parsed
-
-
-def read_zip_bytes(content: bytes | pa.Buffer, chunk_rows: int = CHUNK_ROWS) -> Iterator[TripChunk]:
-    """The trips of a whole zip in memory, as `read_chunks` reads a zip file: each chunk's source is its CSV."""
-    yield from _zip_chunks(io.BytesIO(content), None, chunk_rows)
+def read_file_bytes(content: bytes | pa.Buffer, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[TripChunk]:
+    """The trips of a whole Parquet file or zip in memory (`source` names it), as `read_chunks` reads the file,
+    except that a Parquet file's order is the one its whole file shows: each chunk's source is the file, or the
+    CSV inside the zip."""
+    if input_suffix(source) == ".zip":
+        yield from _zip_chunks(io.BytesIO(content), None, chunk_rows)
+    else:
+        yield from _parquet_chunks(pa.BufferReader(content), source, chunk_rows, whole_file_order=True)
 
 
 def read_trips(path: str | Path) -> ParsedTrips:

@@ -299,15 +299,14 @@ class FastPipeline:
         fast = cls(features, columns, boosted_trees(classifier))
         with reading("the features' fitted stations"):
             check_trips = parity_check_trips(features, columns)
-        fast.verify(pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1])
+        fast.verify(check_trips, pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1])
         return fast
 
-    def verify(self, expected: np.ndarray) -> None:
-        """Check this form against `expected`, scikit-learn's P(Member) of `parity_check_trips` (every check trip as
-        columns, the first SINGLE_TRIP_CHECKS also one at a time); raises UnsupportedPipeline past
+    def verify(self, check_trips: dict[str, Any], expected: np.ndarray) -> None:
+        """Check this form against `expected`, scikit-learn's P(Member) of `check_trips` (`parity_check_trips`:
+        every one as columns, the first SINGLE_TRIP_CHECKS also one at a time); raises UnsupportedPipeline past
         PARITY_TOLERANCE, else keeps `expected` as what it was verified against."""
         with reading("evaluating the check trips"):
-            check_trips = parity_check_trips(self.features, self.columns)
             singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
             one_by_one = np.array([self.trip_probability(*trip) for trip in zip(*singles, strict=True)])
             in_arrays = self.member_probability(check_trips)
@@ -364,7 +363,8 @@ class FastPipeline:
             ]
             nodes = np.split(arrays["tree_nodes"], np.cumsum(arrays["tree_sizes"])[:-1])
             fast = cls(features, columns, BoostedTrees(nodes, float(arrays["baseline"])))
-        fast.verify(arrays["verified_against"])
+            check_trips = parity_check_trips(features, columns)
+        fast.verify(check_trips, arrays["verified_against"])
         return fast
 
     def trip_probability(self, start: datetime, duration: float, from_id: float, to_id: float) -> float:

@@ -414,13 +414,8 @@ def _parse_whole_files(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordB
     _one_core()
     for batch in batches:
         for index, path in enumerate(batch.column("path").to_pylist()):
-            content = batch.column("content")[index].as_buffer()
-            if city_files.input_suffix(path) == ".zip":
-                for chunk in city_files.read_zip_bytes(content):
-                    yield from _parsed_batches(chunk.parsed, chunk.source)
-            else:
-                for parsed in city_files.read_parquet_bytes(content, path):
-                    yield from _parsed_batches(parsed, path)
+            for chunk in city_files.read_file_bytes(batch.column("content")[index].as_buffer(), path):
+                yield from _parsed_batches(chunk.parsed, chunk.source)
 
 
 def _text(values: pd.Series) -> pa.Array:
