@@ -60,7 +60,7 @@ from mlflow.tracking import MlflowClient
 
 from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
-from bikeshare_membership.model_store import MANIFEST, verify_cached
+from bikeshare_membership.model_files import MANIFEST, verify_cached
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 from bikeshare_membership.storage import s3_client
 

@@ -4,9 +4,11 @@ Modules, each with one job, by what they are for (docs/architecture.md orders th
 only modules of lower levels, so imports point one way and tests/test_architecture.py keeps it so):
 
 - contract: `schema` (the request schema, its validation, timestamps), `stations` (the station reference),
-  `city_files` (the City's file layouts, read in chunks), `features` (the model's features, `TripFeatures`);
-- model: `fast_pipeline` (the exact fast evaluation), `registry` (which version is in Production),
-  `model_store` (the verified local cache, loading), `model_holder` (hot reload), `shadow` (the challenger
+  `city_files` (the City's file layouts, read in chunks), `features` (the model's features, defined once),
+  `feature_step` (`TripFeatures`, the pipeline's first step);
+- model: `fast_pipeline` (the exact fast evaluation), `pipeline_reader` (a fitted pipeline read into it),
+  `model_files` (a cached version's manifest and saved fast form), `registry` (which version is in Production),
+  `model_store` (fetching into the verified cache, loading), `model_holder` (hot reload), `shadow` (the challenger
   scored beside the served model), `evaluation` (metrics and figures), `drift` (feature profiles);
 - work: `training` (candidates, time-ordered evaluation), `promotion` (the gate), `registration` (the MLflow
   run, the registry), `batch_scoring`, `batch_jobs`, `watch`, `monitoring` (scoring a labelled file),

@@ -53,7 +53,6 @@ from bikeshare_membership.model_store import (
     ModelRef,
     ModelUnavailable,
     ServedModel,
-    trip_membership,
 )
 from bikeshare_membership.prediction_log import PredictionLog
 from bikeshare_membership.schema import (
@@ -65,6 +64,7 @@ from bikeshare_membership.schema import (
     closed,
     parse_request_trip,
     parse_request_trips,
+    trip_membership,
 )
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from typing_extensions import TypedDict
 
 from bikeshare_membership import city_files, storage
 from bikeshare_membership.config import Settings
-from bikeshare_membership.model_store import LoadedModel, ModelRef, membership
-from bikeshare_membership.schema import MEMBER, closed
+from bikeshare_membership.model_store import LoadedModel, ModelRef
+from bikeshare_membership.schema import MEMBER, closed, membership
 
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
 OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"

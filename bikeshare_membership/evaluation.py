@@ -21,8 +21,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from bikeshare_membership.model_store import DECISION_THRESHOLD, membership
-from bikeshare_membership.schema import CASUAL, MEMBER
+from bikeshare_membership.schema import CASUAL, DECISION_THRESHOLD, MEMBER, membership
 
 
 def scores(is_member: np.ndarray, proba: np.ndarray, prefix: str) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""An exact, fast evaluation of the fitted membership pipeline, derived from it when a version is loaded.
+"""An exact, fast evaluation of the fitted membership pipeline, read from it when a version is loaded.
 
 scikit-learn spends milliseconds on one row (pandas, input validation, the boosted trees' thread pool),
 while the web service should answer a trip in microseconds. `FastPipeline` evaluates the same fitted
@@ -11,14 +11,15 @@ objects directly:
   columns, as per-feature tables of leaf masks evaluated for all rows at once in numpy (`TreeTables`); both
   summed in scikit-learn's order, through the same logistic link.
 
-The registry's model stays the single source of truth: this is built from the loaded pipeline, and
-`from_pipeline` checks it against `pipeline.predict_proba` before it is used. A checked form is saved with
-the cached version as plain arrays (`to_arrays`); `from_arrays` rebuilds it and checks it again against the
-probabilities scikit-learn gave, so the next load need not unpickle the pipeline. Anything it cannot evaluate
-exactly raises `UnsupportedPipeline`, and the caller keeps the scikit-learn path. That includes a scikit-learn
-release whose fitted objects differ from what this module reads: the boosted trees' private `_predictors`,
-`_baseline_prediction` and node records, the encoders' fitted attributes. Reading them is wrapped (`reading`),
-so a renamed or reshaped attribute costs the speed, never the service.
+The registry's model stays the single source of truth: pipeline_reader.py builds this from the loaded
+pipeline and checks it against `pipeline.predict_proba` before it is used. A checked form is saved with the
+cached version as plain arrays (`to_arrays`); `from_arrays` rebuilds it and checks it again against the
+probabilities scikit-learn gave, so the next load need not unpickle the pipeline, nor import scikit-learn: this
+module needs numpy and scipy only. Anything it cannot evaluate exactly raises `UnsupportedPipeline`, and the
+caller keeps the scikit-learn path. That includes a scikit-learn release whose fitted objects differ from what
+is read: the boosted trees' private `_predictors`, `_baseline_prediction` and node records, the encoders'
+fitted attributes. Reading them is wrapped (`reading`), so a renamed or reshaped attribute costs the speed,
+never the service.
 """
 
 from __future__ import annotations
@@ -27,24 +28,14 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
+from importlib.metadata import version
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import sklearn
 from scipy.special import expit
-from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, TargetEncoder
 
-from bikeshare_membership.features import (
-    FEATURE_CATALOGUE,
-    MAX_DURATION_SECONDS,
-    SCALAR_MATH,
-    TripFeatures,
-    trip_features,
-)
+from bikeshare_membership.features import MAX_DURATION_SECONDS, SCALAR_MATH, FittedFeatures, trip_features
 from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, ONE_SECOND, UNIX_EPOCH
 
 # Largest probability difference from scikit-learn that the self-check accepts (issue: within 1e-5).
@@ -77,7 +68,7 @@ def reading(what: str, *also: type[Exception]) -> Iterator[None]:
         raise
     except caught as error:
         raise UnsupportedPipeline(
-            f"cannot read {what} of scikit-learn {sklearn.__version__}: {type(error).__name__}: {error}"
+            f"cannot read {what} of scikit-learn {version('scikit-learn')}: {type(error).__name__}: {error}"
         ) from error
 
 
@@ -131,23 +122,6 @@ class BoostedTrees(NamedTuple):
 
     nodes: list[np.ndarray]
     baseline: float
-
-
-def boosted_trees(classifier: HistGradientBoostingClassifier) -> BoostedTrees:
-    """The classifier's trees and baseline.
-
-    Raises UnsupportedPipeline for a model neither evaluation takes exactly, and for trees it cannot read
-    (private attributes of the boosted trees).
-    """
-    with reading("the boosted trees"):
-        if list(classifier.classes_) != [0, 1] or classifier.n_trees_per_iteration_ != 1:
-            raise UnsupportedPipeline("only a binary classifier with classes [0, 1] is supported")
-        if getattr(classifier, "_preprocessor", None) is not None or classifier.is_categorical_ is not None:
-            raise UnsupportedPipeline("categorical features in the boosted trees are not supported")
-        trees = [predictors[0].nodes for predictors in classifier._predictors]
-        if any(tree["is_categorical"].any() for tree in trees):
-            raise UnsupportedPipeline("categorical splits are not supported")
-        return BoostedTrees(trees, float(np.ravel(classifier._baseline_prediction)[0]))
 
 
 def compile_trees(boosted: BoostedTrees, n_features: int) -> Callable[..., float]:
@@ -262,7 +236,7 @@ class FastPipeline:
     """`member_probability(trips)` equal to the pipeline's `predict_proba(trips)[:, 1]`."""
 
     def __init__(
-        self, features: TripFeatures, columns: list[tuple[int, StationEncoding | None]], boosted: BoostedTrees
+        self, features: FittedFeatures, columns: list[tuple[int, StationEncoding | None]], boosted: BoostedTrees
     ) -> None:
         """Unchecked until `verify`; raises UnsupportedPipeline for trees or features it cannot read."""
         self.features = features
@@ -278,29 +252,6 @@ class FastPipeline:
             )
             self.holidays = frozenset(features.holiday_days_.tolist())
         self.verified_against: np.ndarray | None = None  # scikit-learn's P(Member) of the check trips, once verified
-
-    @classmethod
-    def from_pipeline(cls, pipeline: Any) -> FastPipeline:
-        """Build from a fitted pipeline and verify it against the pipeline; raises UnsupportedPipeline.
-
-        Reading the fitted steps and evaluating the check trips the fast way are wrapped (`reading`): a
-        failure there is an UnsupportedPipeline. `pipeline.predict_proba` is not: if scikit-learn itself
-        cannot score the check trips, the model cannot be served at all, and the caller's load fails.
-        """
-        if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 3:
-            raise UnsupportedPipeline("expected the pipeline TripFeatures -> ColumnTransformer -> classifier")
-        features, encoder, classifier = (step for _, step in pipeline.steps)
-        if not isinstance(features, TripFeatures) or not isinstance(encoder, ColumnTransformer):
-            raise UnsupportedPipeline("expected TripFeatures then a ColumnTransformer")
-        if not isinstance(classifier, HistGradientBoostingClassifier):
-            raise UnsupportedPipeline(f"no exact fast form for {type(classifier).__name__}")
-        with reading("the fitted column steps"):
-            columns = model_columns(encoder)
-        fast = cls(features, columns, boosted_trees(classifier))
-        with reading("the features' fitted stations"):
-            check_trips = parity_check_trips(features, columns)
-        fast.verify(check_trips, pipeline.predict_proba(pd.DataFrame(check_trips)[MODEL_INPUT_COLUMNS])[:, 1])
-        return fast
 
     def verify(self, check_trips: dict[str, Any], expected: np.ndarray) -> None:
         """Check this form against `expected`, scikit-learn's P(Member) of `check_trips` (`parity_check_trips`:
@@ -346,10 +297,12 @@ class FastPipeline:
         """The form `to_arrays` gave, verified again against the same probabilities (so what was checked against
         scikit-learn is what serves); raises UnsupportedPipeline for arrays it cannot read or that disagree."""
         with reading("the saved fast form"):
-            features = TripFeatures(tuple(arrays["features"].tolist()))
-            features.station_ids_ = arrays["station_ids"]
-            features.station_coordinates_ = arrays["station_coordinates"]
-            features.holiday_days_ = arrays["holiday_days"]
+            features = FittedFeatures(
+                tuple(arrays["features"].tolist()),
+                arrays["station_ids"],
+                arrays["station_coordinates"],
+                arrays["holiday_days"],
+            )
             encodings = {
                 int(column): StationEncoding(
                     arrays[f"categories_{column}"], arrays[f"encodings_{column}"], float(missing), float(unknown)
@@ -401,30 +354,7 @@ class FastPipeline:
         )
 
 
-def model_columns(encoder: ColumnTransformer) -> list[tuple[int, StationEncoding | None]]:
-    """Each column the classifier sees, in its order: its feature's place in FEATURE_CATALOGUE, and the fitted
-    encoding of a station column (None for a feature passed through). Raises UnsupportedPipeline."""
-    columns: list[tuple[int, StationEncoding | None]] = []
-    for name, transformer, selected in encoder.transformers_:
-        positions = [FEATURE_CATALOGUE.index(column) for column in selected]
-        if transformer == "drop" or not positions:
-            continue
-        if transformer == "passthrough" or (isinstance(transformer, FunctionTransformer) and transformer.func is None):
-            columns += [(position, None) for position in positions]
-        elif isinstance(transformer, TargetEncoder) and transformer.target_type_ == "binary":
-            for position, categories, encodings in zip(
-                positions, transformer.categories_, transformer.encodings_, strict=True
-            ):
-                encoding = StationEncoding.from_fitted(
-                    np.asarray(categories, dtype="float64"), encodings, transformer.target_mean_
-                )
-                columns.append((position, encoding))
-        else:
-            raise UnsupportedPipeline(f"no exact fast form for the column step {name!r}")
-    return columns
-
-
-def parity_check_trips(features: TripFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:
+def parity_check_trips(features: FittedFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:
     """Trips that reach every kind of input: known, unknown and missing stations, round trips, every hour
     and weekday, durations from 0 s to beyond the cap. Drawn with a fixed seed, so a check is repeatable."""
     rng = np.random.default_rng(2017)

@@ -1,6 +1,7 @@
 """The model's features, defined once: `trip_features` computes them from the typed trip columns, and
-`TripFeatures`, the first step of every logged pipeline, applies them; the fast path (fast_pipeline.py)
-evaluates the same function.
+`FittedFeatures` applies them with a fitted model's stations and holidays. The pipeline's first step
+(`TripFeatures`, feature_step.py) and the fast form (fast_pipeline.py) both compute through it; this module
+needs no scikit-learn, so a process that serves a saved fast form never imports it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
-
-from bikeshare_membership.stations import station_index
 
 # --- Features ---------------------------------------------------------------------------------------
 
@@ -157,32 +155,22 @@ def trip_features(
     )
 
 
-class TripFeatures(TransformerMixin, BaseEstimator):
-    """The features of a trip, computed column-wise from `MODEL_INPUT_COLUMNS`; `features` names which.
+class FittedFeatures:
+    """The features a fitted model computes (`features`, a subset of FEATURE_CATALOGUE), from the station
+    coordinates and the holiday calendar it was fitted with. Stations stay as ids (`route` is from * 10000 + to);
+    the pipeline's encoder turns them into numbers."""
 
-    Fitting captures the station coordinates and the holiday calendar, so a logged pipeline carries the ones
-    it was trained with. Stations stay as ids (`route` is from * 10000 + to); the pipeline's encoder turns them
-    into numbers.
-    """
-
-    def __init__(self, features: tuple[str, ...] = DEFAULT_FEATURES) -> None:
+    def __init__(
+        self,
+        features: tuple[str, ...],
+        station_ids: np.ndarray,
+        station_coordinates: np.ndarray,
+        holiday_days: np.ndarray,
+    ) -> None:
         self.features = features
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """A model registered before `features` and the holiday calendar existed loads with what it used."""
-        state.setdefault("features", LEGACY_FEATURES)
-        state.setdefault("holiday_days_", np.empty(0, dtype="int64"))
-        super().__setstate__(state)
-
-    def fit(self, trips: TripColumns, target: Any = None) -> TripFeatures:
-        unknown = sorted(set(self.features) - set(FEATURE_CATALOGUE))
-        if unknown:
-            raise ValueError(f"unknown features {unknown}; known: {', '.join(FEATURE_CATALOGUE)}")
-        coordinates = station_index().coordinates
-        self.station_ids_ = np.array(sorted(coordinates), dtype="float64")
-        self.station_coordinates_ = np.radians(np.array([coordinates[int(i)] for i in self.station_ids_]))
-        self.holiday_days_ = ontario_holidays()
-        return self
+        self.station_ids_ = station_ids  # sorted, float64
+        self.station_coordinates_ = station_coordinates  # (n, 2) latitude, longitude in radians
+        self.holiday_days_ = holiday_days  # sorted day numbers since 1970-01-01
 
     def _coordinates(self, station_ids: np.ndarray) -> np.ndarray:
         """(n, 2) latitude/longitude in radians; NaN for an unknown station."""
@@ -209,15 +197,3 @@ class TripFeatures(TransformerMixin, BaseEstimator):
     def feature_matrix(self, trips: TripColumns) -> np.ndarray:
         """The (n, len(features)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
         return self.catalogue_matrix(trips)[:, self.positions]
-
-    def transform(self, trips: TripColumns) -> pd.DataFrame:
-        index = trips.index if isinstance(trips, pd.DataFrame) else None
-        return pd.DataFrame(self.feature_matrix(trips), columns=list(self.features), index=index)
-
-    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.array(self.features, dtype=object)
-
-
-# Registered models name this class `preprocess.TripFeatures` (skops stores the module and the class name):
-# the root module `preprocess` re-exports it, so that name resolves to this class wherever the class lives.
-TripFeatures.__module__ = "preprocess"

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from bikeshare_membership.model_store import trip_membership
-from bikeshare_membership.schema import CASUAL, MEMBER
+from bikeshare_membership.schema import CASUAL, MEMBER, trip_membership
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -1,11 +1,11 @@
 """The model store: a local cache of a registered version's artifacts, and loading it with its fast form.
 
-- Cache: `MODEL_CACHE_DIR/<name>/<version>/` holds the artifacts and `manifest.json` (each file's size and
-  SHA-256, and the registry facts), written last and moved into place atomically. A version is loaded only
-  if every file matches its manifest, so a partial or corrupt download is fetched again, never loaded. A
-  file lock per model makes processes that need the same version at once (Gunicorn workers reloading
-  together) download it once per host. Beside the artifacts, outside the manifest, `derived/fast-form.npz` keeps
-  the version's verified fast form, so later loads skip unpickling the pipeline (`load_directory`).
+- Cache: `MODEL_CACHE_DIR/<name>/<version>/` holds the artifacts and `manifest.json` (model_files.py), written
+  last and moved into place atomically. A version is loaded only if every file matches its manifest, so a
+  partial or corrupt download is fetched again, never loaded. A file lock per model makes processes that need
+  the same version at once (Gunicorn workers reloading together) download it once per host. The version's
+  verified fast form is saved beside it, so later loads skip unpickling the pipeline and importing
+  scikit-learn (`load_directory`).
 - Downloads: `s3://` artifacts straight from S3 with boto3 (storage.py: the default credential chain, so
   `AWS_PROFILE` picks a profile from `~/.aws`; `MLFLOW_S3_ENDPOINT_URL` for S3-compatible stores); any other
   artifact URI through MLflow's own client.
@@ -18,7 +18,6 @@ Which version is in Production is registry.py's; swapping in a newly promoted on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +38,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import requests
-import sklearn
 from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -49,32 +46,24 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 from typing_extensions import TypedDict
 
-import preprocess  # noqa: F401  unpickling resolves `preprocess.TripFeatures` to this release's class, never to
-
-# the older copy of preprocess.py an earlier model carries in its code/ folder (mlflow puts that on sys.path)
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
 from bikeshare_membership.features import TripColumns
-from bikeshare_membership.registry import NoProductionModel, alias_version, production_version
-from bikeshare_membership.schema import (
-    CASUAL,
-    MEMBER,
-    MODEL_INPUT_COLUMNS,
-    Membership,
-    Timestamp,
-    closed,
-    model_input,
+from bikeshare_membership.model_files import (
+    FAST_FORM,
+    MANIFEST,
+    CorruptCache,
+    fast_form_key,
+    file_manifest,
+    save_fast_form,
+    saved_fast_form,
+    verify_cached,
 )
-from bikeshare_membership.storage import atomic_path, download_s3_prefix, exclusive_lock, s3_client
+from bikeshare_membership.registry import NoProductionModel, alias_version, production_version
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, Timestamp, closed, model_input
+from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_client
 
-# P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
-DECISION_THRESHOLD = 0.5
-MANIFEST = "manifest.json"
-# A cached version's verified fast form (`FastPipeline.to_arrays`), derived here: outside the manifest's files.
-FAST_FORM = Path("derived") / "fast-form.npz"
-# What reading a saved fast form raises when it is missing, damaged, stale or of another shape.
-SAVED_FORM_ERRORS = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
 # Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime (model_holder.py).
 RELOAD_MARKER = "reload-requested"
 # What "cannot reach the registry or the bucket" looks like from the clients we use.
@@ -83,28 +72,29 @@ FETCH_ERRORS = (MlflowException, requests.RequestException, BotoCoreError, Clien
 log = logging.getLogger(__name__)
 
 
-def membership(member_probability: np.ndarray) -> np.ndarray:
-    """`Member` or `Casual` for each probability, at `DECISION_THRESHOLD`."""
-    return np.where(member_probability >= DECISION_THRESHOLD, MEMBER, CASUAL)
-
-
-def trip_membership(member_probability: float) -> Membership:
-    """`membership` of one probability, without an array."""
-    return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
-
-
 class ModelUnavailable(RuntimeError):
     """No model can be served: the reason fits on one line."""
 
 
-class CorruptCache(ValueError):
-    """A cached version whose files do not match its manifest."""
+def read_pipeline(directory: Path) -> Any:
+    """The fitted scikit-learn pipeline of the MLflow model in `directory`.
+
+    This release's `preprocess` is imported first, so that unpickling resolves `preprocess.TripFeatures` to this
+    release's class, never to the older copy of preprocess.py an earlier model carries in its code/ folder (MLflow
+    puts that on sys.path). Imported here, with scikit-learn: a version served by its saved fast form needs
+    neither.
+    """
+    import preprocess  # noqa: F401
+
+    return mlflow.sklearn.load_model(str(directory))
 
 
 def fast_form(pipeline: Any) -> FastPipeline | None:
     """The exact fast evaluation of `pipeline`, or None (and the scikit-learn path) if it has none."""
+    from bikeshare_membership.pipeline_reader import fast_pipeline_of  # scikit-learn's, as the pipeline is
+
     try:
-        return FastPipeline.from_pipeline(pipeline)
+        return fast_pipeline_of(pipeline)
     except UnsupportedPipeline as error:
         log.warning("serving through scikit-learn only: %s", error)
         return None
@@ -171,7 +161,7 @@ def in_memory(pipeline: Any) -> Callable[[], Any]:
 
 def from_directory(directory: Path) -> Callable[[], Any]:
     """`LoadedModel.load_pipeline` for the MLflow model in `directory`, loaded when called."""
-    return lambda: mlflow.sklearn.load_model(str(directory))
+    return lambda: read_pipeline(directory)
 
 
 @dataclass(frozen=True)
@@ -219,33 +209,6 @@ class LoadedModel:
 
     def served(self) -> ServedModel:
         return {**self.describe(), "loaded_at": self.loaded_at, "source": self.source, "origin": self.origin}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    return {
-        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST and path.relative_to(directory).parts[0] != FAST_FORM.parts[0]
-    }
-
-
-def verify_cached(directory: Path) -> dict[str, Any]:
-    """The manifest of a cached version, after checking every file against it; raises CorruptCache."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCache(f"{directory}: no readable manifest ({error})") from None
-    if _file_manifest(directory) != manifest["files"]:
-        raise CorruptCache(f"{directory}: files differ from the manifest")
-    return manifest
 
 
 class ModelStore:
@@ -351,7 +314,7 @@ class ModelStore:
                     artifact_uri=source, dst_path=str(staging_root), tracking_uri=self.settings.tracking_uri
                 )
                 Path(downloaded).rename(staging)
-            files = _file_manifest(staging)
+            files = file_manifest(staging)
             seconds = time.monotonic() - started
             manifest = {
                 "name": name,
@@ -385,40 +348,6 @@ class ModelStore:
         return manifest
 
 
-def fast_form_key(manifest: Mapping[str, Any]) -> str:
-    """What a saved fast form was derived from: the model's files, and the libraries that computed the
-    probabilities it was verified against."""
-    files = json.dumps(manifest["files"], sort_keys=True)
-    return hashlib.sha256(f"{files} scikit-learn {sklearn.__version__} numpy {np.__version__}".encode()).hexdigest()
-
-
-def saved_fast_form(path: Path, key: str) -> FastPipeline | None:
-    """The fast form saved at `path` for `key`, verified again; None if there is none, or it is stale or damaged
-    (then the caller derives it from the pipeline)."""
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            if str(saved["key"]) != key:
-                log.info("the saved fast form %s is of another model or library release", path)
-                return None
-            arrays = {name: saved[name] for name in saved.files}
-        return FastPipeline.from_arrays(arrays)
-    except FileNotFoundError:
-        return None
-    except SAVED_FORM_ERRORS as error:
-        log.warning("not using the saved fast form %s: %s", path, first_line(error))
-        return None
-
-
-def save_fast_form(path: Path, key: str, fast: FastPipeline) -> None:
-    """Save `fast` for `key`; a folder that cannot be written costs the next start its speed, nothing else."""
-    try:
-        arrays: dict[str, Any] = {"key": np.array(key), **fast.to_arrays()}
-        with atomic_path(path) as partial, open(partial, "wb") as file:
-            np.savez(file, **arrays)
-    except OSError as error:
-        log.warning("cannot save the fast form to %s: %s", path, first_line(error))
-
-
 def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) -> LoadedModel:
     """Load the MLflow model in `directory`, identified by its manifest, with its fast form.
 
@@ -434,7 +363,7 @@ def load_directory(directory: Path, manifest: dict[str, Any], origin: Origin) ->
     if saved is not None:
         fast, load_pipeline = saved, from_directory(directory)
     else:
-        pipeline = mlflow.sklearn.load_model(str(directory))
+        pipeline = read_pipeline(directory)
         fast, load_pipeline = fast_form(pipeline), in_memory(pipeline)
         if fast is not None and key:
             save_fast_form(directory / FAST_FORM, key, fast)

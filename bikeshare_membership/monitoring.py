@@ -22,8 +22,8 @@ from mlflow.exceptions import MlflowException
 
 from bikeshare_membership import city_files, drift, evaluation, storage
 from bikeshare_membership.config import Settings
-from bikeshare_membership.model_store import LoadedModel, membership
-from bikeshare_membership.schema import CASUAL, MEMBER
+from bikeshare_membership.model_store import LoadedModel
+from bikeshare_membership.schema import CASUAL, MEMBER, membership
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import preprocess
 from bikeshare_membership import drift, evaluation, promotion, training
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
-from bikeshare_membership.model_store import DECISION_THRESHOLD, load_model_version
+from bikeshare_membership.model_store import load_model_version
 from bikeshare_membership.registry import NoProductionModel, production_version
+from bikeshare_membership.schema import DECISION_THRESHOLD
 from bikeshare_membership.stations import DATA_DIR
 
 DEFAULT_DATA = sorted(DATA_DIR.glob("bikeshare-ridership-*.csv.gz"))

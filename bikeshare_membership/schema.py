@@ -53,6 +53,20 @@ _TYPE_PHRASES: Mapping[str, str] = {
 MEMBER: Final = "Member"
 CASUAL: Final = "Casual"
 Membership = Literal["Member", "Casual"]  # a prediction's answer
+# P(Member) at or above this is answered `Member`: proba is calibrated, so 0.5 means "more likely than not".
+DECISION_THRESHOLD = 0.5
+
+
+def membership(member_probability: np.ndarray) -> np.ndarray:
+    """`Member` or `Casual` for each probability, at `DECISION_THRESHOLD`."""
+    return np.where(member_probability >= DECISION_THRESHOLD, MEMBER, CASUAL)
+
+
+def trip_membership(member_probability: float) -> Membership:
+    """`membership` of one probability, without an array."""
+    return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
+
+
 LABELS = {
     "member": MEMBER,
     "annual member": MEMBER,

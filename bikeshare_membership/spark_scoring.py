@@ -16,8 +16,9 @@ registry's Production version, written as Parquet partitioned by the trip's star
    `SparkContext.addFile`, as MLflow's `spark_udf` ships its model: executors need no disk shared with the
    driver, and no access to the registry or the bucket. Each Python worker scores the trips it has just parsed
    (`mapInArrow`), loading the version once (a module-level cache keyed by the shipped folder, checked against
-   its manifest) and calling `LoadedModel.member_probability` on each Arrow batch, as batch.py and the service
-   do.
+   its manifest): its saved fast form, rebuilt from plain arrays and checked again, without MLflow or
+   scikit-learn; on each Arrow batch it makes the call batch.py and the service make through
+   `LoadedModel.member_probability`.
 4. Predictions go to Parquet partitioned by `trip_date` (`trip_id`, `membership`, `proba` in percent rounded to
    two decimals as the service answers, `model_name`, `model_version`), written by Spark from the one pass over
    the input. The rejects (`source`, `trip_id`, `reason`) and the counts come back to the driver with the tasks
@@ -44,7 +45,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial, reduce
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 import numpy as np
@@ -57,13 +58,15 @@ from threadpoolctl import threadpool_limits
 
 from bikeshare_membership import city_files
 from bikeshare_membership.config import Settings
-from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS, DateOrder, arrow_text
+from bikeshare_membership.features import TripColumns
+from bikeshare_membership.model_files import FAST_FORM, fast_form_key, saved_fast_form, verify_cached
+from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS, DateOrder, arrow_text, membership
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 # Spark's Python workers import this module to run its functions: what only the driver needs (MLflow's client,
-# the model store) is imported where it is used, so a worker that only reads files starts in a second, not five.
+# the model store, scikit-learn) is imported where it is used, so a worker starts in a second or two, not seven.
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +189,32 @@ def ship_model(spark: SparkSession, model: FetchedModel, staging: Path) -> Model
     return ModelRef(name=model.name, version=model.version, run_id=model.run_id, files=files)
 
 
-_LOADED: dict[str, Any] = {}
+class Scorer(Protocol):
+    """What a worker scores with: P(Member) for trips given as columns."""
+
+    def member_probability(self, trips: TripColumns) -> np.ndarray: ...
 
 
-def executor_model(ref: ModelRef) -> Any:
+_LOADED: dict[str, Scorer] = {}
+
+
+def executor_model(ref: ModelRef) -> Scorer:
     """The shipped version in this Python process, loaded on first use and kept: once per executor process,
-    not per batch or task (Spark reuses its Python workers). Its files are checked against their manifest first."""
-    if ref.files not in _LOADED:
-        from bikeshare_membership.model_store import load_directory, verify_cached
+    not per batch or task (Spark reuses its Python workers). Its files are checked against their manifest first.
 
+    The driver's fetch saved the version's verified fast form in the folder it ships (model_store.py), so a
+    worker builds it from those arrays, checks it again, and scores without MLflow or scikit-learn; a version
+    without one (a pipeline the fast form does not take) is loaded whole, as batch.py loads it.
+    """
+    if ref.files not in _LOADED:
         directory = Path(SparkFiles.get(ref.files))
-        _LOADED[ref.files] = load_directory(directory, verify_cached(directory), origin="path")
+        manifest = verify_cached(directory)
+        scorer: Scorer | None = saved_fast_form(directory / FAST_FORM, fast_form_key(manifest))
+        if scorer is None:
+            from bikeshare_membership.model_store import load_directory
+
+            scorer = load_directory(directory, manifest, origin="path")
+        _LOADED[ref.files] = scorer
     return _LOADED[ref.files]
 
 
@@ -520,8 +538,6 @@ def _scored_batches(
 ) -> Iterator[pa.RecordBatch]:
     """PARSED_SCHEMA batches in, their trips' predictions out; the rejects and counts to `tally` at the end."""
     model = executor_model(ref)
-    from bikeshare_membership.model_store import membership  # imported by now, with the model
-
     seen = Tally()
     with threadpool_limits(limits=1, user_api="openmp"):  # one core per task: Spark runs a task per core
         for batch in batches:

@@ -31,7 +31,8 @@ from sklearn.preprocessing import TargetEncoder
 from threadpoolctl import threadpool_limits
 
 from bikeshare_membership import city_files, evaluation
-from bikeshare_membership.features import DEFAULT_FEATURES, STATION_FEATURES, TripFeatures
+from bikeshare_membership.feature_step import TripFeatures
+from bikeshare_membership.features import DEFAULT_FEATURES, STATION_FEATURES
 from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS
 
 SEED = 42

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from graphlib import CycleError, TopologicalSorter
 
 from harness import ROOT
@@ -42,3 +44,15 @@ def test_the_package_has_no_import_cycle() -> None:
 def test_nothing_in_the_package_imports_the_app_or_a_command_line() -> None:
     importers = {module: imported & ENTRY_MODULES for module, imported in package_imports().items()}
     assert {module: found for module, found in importers.items() if found} == {}
+
+
+def test_what_scores_a_saved_fast_form_imports_neither_mlflow_nor_scikit_learn() -> None:
+    """A Spark worker starts from its daemon's imports, and builds the shipped version from its saved fast form
+    (model_files): neither pulls in MLflow or scikit-learn, seconds of every worker's start."""
+    script = (
+        "import sys\n"
+        "import bikeshare_membership.model_files, bikeshare_membership.spark_daemon\n"
+        "print(sorted(name for name in ('mlflow', 'sklearn', 'skops') if name in sys.modules))\n"
+    )
+    imported = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"

@@ -21,11 +21,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import TargetEncoder
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import city_files, fast_pipeline, schema, stations
+from bikeshare_membership import city_files, fast_pipeline, pipeline_reader, schema, stations
 from bikeshare_membership.config import Settings
-from bikeshare_membership.fast_pipeline import FastPipeline, UnsupportedPipeline
+from bikeshare_membership.fast_pipeline import UnsupportedPipeline
+from bikeshare_membership.model_files import FAST_FORM
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import FAST_FORM, LoadedModel, ModelStore, fast_form, in_memory
+from bikeshare_membership.model_store import LoadedModel, ModelStore, fast_form, in_memory
+from bikeshare_membership.pipeline_reader import fast_pipeline_of
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real
     )
     forest.fit(sample, target)
     with pytest.raises(UnsupportedPipeline, match="RandomForestClassifier"):
-        FastPipeline.from_pipeline(forest)
+        fast_pipeline_of(forest)
     assert fast_form(forest) is None
     served = LoadedModel(name="m", version="1", run_id="", load_pipeline=in_memory(forest), source="", origin="path")
     np.testing.assert_array_equal(served.member_probability(sample.head(5)), forest.predict_proba(sample.head(5))[:, 1])
@@ -124,7 +126,7 @@ def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: 
 
     monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
-        FastPipeline.from_pipeline(model.pipeline)
+        fast_pipeline_of(model.pipeline)
 
 
 def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,7 +134,7 @@ def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: 
     raw_scores = fast_pipeline.TreeTables.raw_scores
     monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
-        FastPipeline.from_pipeline(model.pipeline)
+        fast_pipeline_of(model.pipeline)
 
 
 @pytest.mark.parametrize("leaves", [20, 60])
@@ -146,7 +148,7 @@ def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
     classifier = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=leaves, min_samples_leaf=5).fit(
         features, target
     )
-    tables = fast_pipeline.TreeTables(fast_pipeline.boosted_trees(classifier), features.shape[1])
+    tables = fast_pipeline.TreeTables(pipeline_reader.boosted_trees(classifier), features.shape[1])
     assert tables.mask_type == (np.uint32 if leaves <= 32 else np.uint64)
     raw = tables.raw_scores([np.ascontiguousarray(column) for column in features.T])
     assert np.array_equal(raw, classifier.decision_function(features))
@@ -160,7 +162,7 @@ def test_trees_of_more_than_64_leaves_have_no_tables() -> None:
         features, target
     )
     with pytest.raises(UnsupportedPipeline, match="leaves"):
-        fast_pipeline.TreeTables(fast_pipeline.boosted_trees(classifier), features.shape[1])
+        fast_pipeline.TreeTables(pipeline_reader.boosted_trees(classifier), features.shape[1])
 
 
 def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_trips: pd.DataFrame) -> None:
@@ -246,7 +248,7 @@ def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A renamed or reshaped private attribute costs the fast form, never the model: from_pipeline raises
+    """A renamed or reshaped private attribute costs the fast form, never the model: fast_pipeline_of raises
     UnsupportedPipeline naming what it could not read, fast_form logs it and gives None, and the model
     answers through scikit-learn, the same probabilities as before the change, also through the service."""
     pipeline = copy.deepcopy(model.pipeline)
@@ -256,7 +258,7 @@ def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
     np.testing.assert_array_equal(pipeline.predict_proba(sample)[:, 1], expected)  # scikit-learn still works
 
     with pytest.raises(UnsupportedPipeline, match=r"^cannot read .* of scikit-learn .*: (AttributeError|ValueError)"):
-        FastPipeline.from_pipeline(pipeline)
+        fast_pipeline_of(pipeline)
     with caplog.at_level(logging.WARNING, logger="bikeshare_membership.model_store"):
         assert fast_form(pipeline) is None
     assert "serving through scikit-learn only: cannot read" in caplog.text
@@ -292,7 +294,7 @@ def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeyp
     trips = pd.DataFrame(schema.model_input([schema.parse_request_trip(schema.EXAMPLE_TRIP)]))
     np.testing.assert_array_equal(pipeline.predict_proba(trips), model.pipeline.predict_proba(trips))
     with pytest.raises(UnsupportedPipeline, match=r"cannot read the boosted trees .*SyntaxError"):
-        FastPipeline.from_pipeline(pipeline)
+        fast_pipeline_of(pipeline)
 
 
 def saved_form_path(settings: Settings, model: LoadedModel) -> Path:
@@ -324,7 +326,7 @@ def test_a_restart_serves_the_saved_fast_form_without_loading_the_pipeline(
     ]
     np.testing.assert_array_equal(again.pipeline.predict_proba(real_trips), first.pipeline.predict_proba(real_trips))
 
-    # A new process, as a restarted service is: the answer without skops (and every estimator it imports) loaded.
+    # A new process, as a restarted service is: the answer without skops, nor scikit-learn at all, imported.
     script = (
         "import sys\n"
         "from bikeshare_membership.config import Settings\n"
@@ -333,11 +335,12 @@ def test_a_restart_serves_the_saved_fast_form_without_loading_the_pipeline(
         f"settings = Settings(tracking_uri={own_registry.tracking_uri!r}, registered_model={own_registry.registered_model!r}, "
         f"model_cache_dir={own_registry.model_cache_dir!r})\n"
         "model = ModelStore(settings).load_production()\n"
-        "print(model.request_probabilities([parse_request_trip(EXAMPLE_TRIP)])[0], 'skops.io' in sys.modules)\n"
+        "print(model.request_probabilities([parse_request_trip(EXAMPLE_TRIP)])[0], 'skops.io' in sys.modules, "
+        "'sklearn' in sys.modules)\n"
     )
     restarted = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     expected = first.request_probabilities([schema.parse_request_trip(schema.EXAMPLE_TRIP)])[0]
-    assert restarted.stdout.split() == [repr(expected), "False"]
+    assert restarted.stdout.split() == [repr(expected), "False", "False"]
 
 
 @pytest.mark.parametrize("damage", ["a leaf changed", "truncated", "another release"])
@@ -356,7 +359,7 @@ def test_a_damaged_or_stale_saved_fast_form_is_derived_again(
         path.write_bytes(path.read_bytes()[:1000])
     else:
         np.savez(path, **{**arrays, "key": np.array("0" * 64)})
-    with caplog.at_level(logging.INFO, logger="bikeshare_membership.model_store"):
+    with caplog.at_level(logging.INFO, logger="bikeshare_membership"):  # model_store's and model_files' lines
         again = ModelStore(own_registry).load_production()
     assert again.fast is not None and "its saved fast form" not in caplog.text
     message = {

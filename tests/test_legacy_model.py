@@ -23,7 +23,7 @@ from harness import ROOT
 from mlflow.tracking import MlflowClient
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import features
+from bikeshare_membership import feature_step, features
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
@@ -73,7 +73,7 @@ def registered(
 def test_an_earlier_releases_model_loads_through_the_registry_and_scores_as_it_did(registered: Registered) -> None:
     model = ModelHolder.from_settings(registered.settings).model
     step = model.pipeline.named_steps["features"]
-    assert type(step) is features.TripFeatures  # this release's class, not the copy in the model's code/
+    assert type(step) is feature_step.TripFeatures  # this release's class, not the copy in the model's code/
     assert step.features == registered.release.features
     assert (len(step.holiday_days_) > 0) == registered.release.has_holidays
     assert model.fast is not None  # the exact fast form still derives from it and passes its self-check

@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
+from bikeshare_membership.model_files import MANIFEST, verify_cached
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.model_store import MANIFEST, ModelStore, verify_cached
+from bikeshare_membership.model_store import ModelStore
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 

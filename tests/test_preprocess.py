@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bikeshare_membership import city_files, features, schema, stations
+from bikeshare_membership import city_files, feature_step, features, schema, stations
 from bikeshare_membership.city_files import read_trips
 from bikeshare_membership.schema import InvalidTrip, parse_request_trip
 
@@ -296,7 +296,7 @@ def test_features_match_hand_computed_values() -> None:
             parse_request_trip({**TRIP, "trip_start_time": "1/3/2017 9:00", "trip_stop_time": "1/3/2017 9:10"}),
         ]
     )
-    computed = features.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips)
+    computed = feature_step.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips)
     first = computed.iloc[0]
     distance = 6371.0 * math.radians(43.645609 - 43.640132)  # due south, so the arc is the latitude difference
     assert first["duration_log"] == pytest.approx(math.log(601))
@@ -323,7 +323,7 @@ def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_a
     trips = schema.model_input(
         [parse_request_trip({**TRIP, "from_station_id": 7322, "to_station_id": 7492, "to_station_name": None})]
     )
-    computed = features.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
+    computed = feature_step.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
     assert (computed["from_lat"], computed["from_lon"]) == pytest.approx(
         (math.radians(43.6446926), math.radians(-79.3986795))
     )
@@ -333,14 +333,14 @@ def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_a
 
 def test_a_model_chooses_its_features_and_a_model_from_before_that_keeps_its_own() -> None:
     trips = schema.model_input([parse_request_trip(TRIP)])
-    chosen = features.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
+    chosen = feature_step.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
     assert list(chosen.transform(trips).columns) == ["duration_log", "holiday", "route"]
     with pytest.raises(ValueError, match="unknown features \\['speed'\\]"):
-        features.TripFeatures(("speed",)).fit(trips)
+        feature_step.TripFeatures(("speed",)).fit(trips)
     # A step pickled by an earlier release has no `features` and no holiday calendar: it computes the ten
     # features that release computed, so the pipeline it belongs to loads and scores as it did.
-    legacy = features.TripFeatures.__new__(features.TripFeatures)
-    fitted = features.TripFeatures().fit(trips)
+    legacy = feature_step.TripFeatures.__new__(feature_step.TripFeatures)
+    fitted = feature_step.TripFeatures().fit(trips)
     legacy.__setstate__({"station_ids_": fitted.station_ids_, "station_coordinates_": fitted.station_coordinates_})
     assert list(legacy.transform(trips).columns) == list(features.LEGACY_FEATURES)
     assert "month" in features.LEGACY_FEATURES and "month" not in features.DEFAULT_FEATURES
@@ -373,5 +373,5 @@ def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
         },
     ]
     requested = schema.model_input([parse_request_trip(record) for record in records])
-    step = features.TripFeatures().fit(parsed)
+    step = feature_step.TripFeatures().fit(parsed)
     pd.testing.assert_frame_equal(step.transform(parsed).reset_index(drop=True), step.transform(requested))
