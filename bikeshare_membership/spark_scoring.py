@@ -5,12 +5,14 @@ registry's Production version, written as Parquet partitioned by the trip's star
    It lists the inputs through Hadoop's file system (local paths, `hdfs://`, `s3a://`; files, folders, globs)
    and reads each CSV file's header line: its layout.
 2. CSV files (plain or gzip) are read by Spark's text source as raw line bytes: a plain file is split across
-   tasks, a gzip one is read by one. A first pass gathers each file's date evidence (`city_files.DateEvidence`),
-   so a file's order is decided over the whole file as schema.py's rule says; the second puts the file's header
-   in front of each task's run of its lines and reads them with city_files' own CSV reader under that order:
-   the same layouts, texts, stations, malformed rows and rejects as `batch.py score`. Parquet files and zips are
-   read whole, one per task (Spark's binaryFile source), by city_files' readers, as batch.py reads them: a
-   Parquet file's order decided over its own timestamp columns first, each CSV of a zip as a file of its own.
+   tasks, a gzip one is read by one. A task puts the file's header in front of each run of its lines and reads
+   them with city_files' own CSV reader: the same layouts, texts, stations, malformed rows and rejects as
+   `batch.py score`. A file's date order is decided over the whole file (schema.py's rule): each run is read in
+   the order its own dates show and its evidence (`city_files.DateEvidence`) comes back with the counts; a file
+   some run of which was read in another order than the whole file shows is scored again (`score_files`).
+   Parquet files and zips are read whole, one per task (Spark's binaryFile source), by city_files' readers, as
+   batch.py reads them: a Parquet file's order decided over its own timestamp columns first, each CSV of a zip
+   as a file of its own.
 3. The driver fetches the version through model_store (MLflow's artifact download, or boto3 for `s3://`, into
    its verified cache), checks that it loads, and ships the folder to every executor with
    `SparkContext.addFile`, as MLflow's `spark_udf` ships its model: executors need no disk shared with the
@@ -34,13 +36,14 @@ import csv
 import hashlib
 import io
 import logging
+import operator
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial, reduce
@@ -97,7 +100,6 @@ SCORED_SCHEMA = pa.schema(
         ("trip_date", pa.date32()),  # of the start, Toronto time
     ]
 )
-EVIDENCE_SCHEMA = "file string, day_first boolean, month_first boolean"
 _SPARK_TYPES = {
     pa.string(): "string",
     pa.float64(): "double",
@@ -364,7 +366,10 @@ class CsvFile:
 
     name: str  # as Spark names it, a URI (%-decoded)
     header: bytes  # its first line, as in the file
-    order: DateOrder | None = None  # decided over the whole file (`read_csv_files`)
+    layout: city_files.Layout
+    # The order the whole file shows, once known; None: each run of lines reads in the order it shows alone,
+    # and the driver checks that against the whole file's afterwards (`score_files`).
+    order: DateOrder | None = None
 
 
 def _one_core() -> None:
@@ -414,18 +419,22 @@ def _file_lines(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) ->
                 yield files[file], _csv_text(files[file].header, lines)
 
 
-def _csv_evidence(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _parse_csv(
+    files: dict[int, CsvFile], tally: Accumulator[Tally] | None, batches: Iterable[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    """Each run of a file's lines parsed under the file's order, or, while that is not known, under the order the
+    run's own dates show (the layout's if they show none), its evidence kept in `tally` for the driver's check."""
+    seen = Tally()
     for file, text in _file_lines(files, batches):
-        evidence = city_files.csv_bytes_evidence(text)
-        yield pa.RecordBatch.from_pylist(
-            [{"file": file.name, "day_first": evidence.day_first, "month_first": evidence.month_first}]
-        )
-
-
-def _parse_csv(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    for file, text in _file_lines(files, batches):
-        for parsed in city_files.read_csv_bytes(text, file.name, file.order):
+        order = file.order
+        if order is None:
+            evidence = city_files.csv_bytes_evidence(text)
+            seen.evidence.setdefault(file.name, set()).add(evidence)
+            order = evidence.order(file.layout)
+        for parsed in city_files.read_csv_bytes(text, file.name, order):
             yield from _parsed_batches(parsed, file.name)
+    if tally is not None:
+        tally.add(seen)
 
 
 def _parse_whole_files(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -469,34 +478,43 @@ def _parsed_batches(parsed: city_files.ParsedTrips, source: str) -> Iterator[pa.
 
 
 def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, dict[int, CsvFile]]:
-    """The files' lines (raw bytes, with the file's id and the split's start), and each file's header (its layout
-    checked: an unknown one fails the job, naming the file) and date order, decided over the whole file by a first
-    pass over its lines. A file's id is a hash of its name, so that each line does not carry the name itself."""
+    """The files' lines (raw bytes, with the file's id and the split's start), and each file's header and layout
+    (an unknown one fails the job, naming the file). A file's id is a hash of its name, so that each line does
+    not carry the name itself. Its date order is left to the pass that parses it (`score_files`)."""
     lines = spark.read.text([_literal(path) for path in paths]).select(
         F.col("value").cast("binary").alias("line"),
         F.xxhash64(F.input_file_name()).alias("file"),
         F.expr("input_file_block_start()").alias("block"),
     )
-    started, names = time.monotonic(), lines.inputFiles()
+    names = lines.inputFiles()
     row = spark.range(1).select(F.array(*(F.xxhash64(F.lit(name)) for name in names))).first()  # no worker
     assert row is not None
-    hashes = row[0]
-    ids = dict(zip(names, hashes, strict=True))
+    ids = dict(zip(names, row[0], strict=True))
     if len(set(ids.values())) != len(names):
         raise ValueError("two input files' names have the same hash: score them in separate jobs")
-    files, layouts = {}, {}
+    files = {}
     for name, file in ids.items():
-        files[file] = CsvFile(name=unquote(name), header=_first_line(spark, name))
+        header = _first_line(spark, name)
         try:
-            layouts[file] = city_files.detect_layout(city_files.header_names(files[file].header))
+            layout = city_files.detect_layout(city_files.header_names(header))
         except ValueError as error:
-            raise ValueError(f"{files[file].name}: {error}") from None
-    evidence = {files[file].name: city_files.DateEvidence() for file in files}
-    for row in lines.mapInArrow(partial(_csv_evidence, files), EVIDENCE_SCHEMA).collect():
-        evidence[row.file] |= city_files.DateEvidence(row.day_first, row.month_first)
-    orders = {file: evidence[csv.name].order(layouts[file]) for file, csv in files.items()}
-    log.info("read the headers and decided the date order of %d CSV files in %.1fs", len(files), _since(started))
-    return lines, {file: replace(csv, order=orders[file]) for file, csv in files.items()}
+            raise ValueError(f"{unquote(name)}: {error}") from None
+        files[file] = CsvFile(name=unquote(name), header=header, layout=layout)
+    return lines, files
+
+
+def decide_orders(inputs: Inputs, evidence: Mapping[str, set[city_files.DateEvidence]]) -> tuple[Inputs, list[str]]:
+    """`inputs` with each CSV file's date order, the one its runs' evidence shows together (schema.py's rule over
+    the whole file), and the files some run of which was read in another order (its own dates showing none, or
+    the other one): those must be read again."""
+    decided, misread = {}, []
+    for file, facts in inputs.csv_files.items():
+        runs = evidence.get(facts.name, set())
+        order = reduce(operator.or_, runs, city_files.DateEvidence()).order(facts.layout)
+        decided[file] = replace(facts, order=order)
+        if any(run.order(facts.layout) != order for run in runs):
+            misread.append(facts.name)
+    return replace(inputs, csv_files=decided), misread
 
 
 # --- Scoring ------------------------------------------------------------------------------------------
@@ -512,12 +530,16 @@ class Tally:
     members: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     rejects: list[tuple[str, str | None, str]] = field(default_factory=list)
+    # The date evidence of each run of a CSV file's lines read before the file's order was known, by file.
+    evidence: dict[str, set[city_files.DateEvidence]] = field(default_factory=dict)
 
     def add(self, other: Tally) -> Tally:
         self.scored += other.scored
         self.members += other.members
         self.rejected.update(other.rejected)
         self.rejects += other.rejects[: REJECTS_KEPT - len(self.rejects)]
+        for file, evidence in other.evidence.items():
+            self.evidence.setdefault(file, set()).update(evidence)
         return self
 
     @property
@@ -588,33 +610,34 @@ class Inputs:
 
 
 def read_inputs(spark: SparkSession, locations: Sequence[str]) -> Inputs:
-    """List the files at `locations` and read what their rows need: each CSV's header and date order (a first
-    pass over its lines)."""
+    """List the files at `locations` and read what their rows need: each CSV's header and layout."""
     csv, whole = list_inputs(spark, locations)
     lines, files = read_csv_files(spark, csv) if csv else (None, {})
     return Inputs(csv_lines=lines, csv_files=files, whole_files=whole)
 
 
 def parsed_trips(spark: SparkSession, inputs: Inputs) -> DataFrame:
-    """Every input row as PARSED_SCHEMA: the trips in the schema's types, and the rejects with the reason."""
-    return _read(spark, inputs, None)
+    """Every input row as PARSED_SCHEMA: the trips in the schema's types, and the rejects with the reason. A CSV
+    file whose order `inputs` does not give is read in the order each run of its lines shows alone."""
+    return _read(spark, inputs, None, None)
 
 
 def scored_trips(spark: SparkSession, inputs: Inputs, ref: ModelRef, tally: Accumulator[Tally]) -> DataFrame:
-    """The predictions (SCORED_SCHEMA), each Python worker scoring the trips it has just parsed; the rejects and
-    the counts go to `tally` as the tasks finish."""
-    return _read(spark, inputs, partial(_scored_batches, ref, tally))
+    """The predictions (SCORED_SCHEMA), each Python worker scoring the trips it has just parsed; the rejects, the
+    counts and the date evidence of CSV files read without their order go to `tally` as the tasks finish."""
+    return _read(spark, inputs, partial(_scored_batches, ref, tally), tally)
 
 
 def _read(
     spark: SparkSession,
     inputs: Inputs,
     score: Callable[[Iterable[pa.RecordBatch]], Iterable[pa.RecordBatch]] | None,
+    tally: Accumulator[Tally] | None,
 ) -> DataFrame:
     schema = spark_schema(PARSED_SCHEMA if score is None else SCORED_SCHEMA)
     frames = []
     if inputs.csv_lines is not None:
-        parse = partial(_parse_csv, inputs.csv_files)
+        parse = partial(_parse_csv, inputs.csv_files, tally)
         frames.append(inputs.csv_lines.mapInArrow(parse if score is None else partial(_then, parse, score), schema))
     if inputs.whole_files:
         whole = spark.read.format("binaryFile").load([_literal(path) for path in inputs.whole_files])
@@ -644,6 +667,7 @@ class SparkSummary:
     seconds: float
     spark_start_seconds: float
     model: dict[str, str]
+    rescored_files: list[str]  # CSV files scored a second time, in the order only the whole file showed
 
     @property
     def rows_per_s(self) -> float:
@@ -653,6 +677,8 @@ class SparkSummary:
         """The one-line summary a person reads at the end of a run, as batch.py's."""
         reasons = ", ".join(f"{count:,} {reason}" for reason, count in self.rejected_by_reason.items())
         rejected = f"{self.rejected:,} rejected ({reasons}) -> {self.rejects}" if self.rejected else "0 rejected"
+        if self.rescored_files:
+            rejected += f"; {len(self.rescored_files):,} CSV files scored twice (their date order shown as a whole)"
         files = f"{self.inputs:,} file{'s' * (self.inputs != 1)}"
         return (
             f"{self.rows:,} rows from {files} in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s, "
@@ -684,24 +710,30 @@ def score_files(
     """Score every trip of the files at `locations` with `model`, writing predictions to `output` (Parquet,
     partitioned by `trip_date`) and the rejects to `rejects` (CSV; default `<output>.rejects`).
 
-    `model` may still be on its way (a Future): it is needed once the inputs are listed and their date orders
-    decided. One pass over the input writes the predictions; the rejects come back with the counts (a Tally) and
-    are written from the driver, unless there are more than REJECTS_KEPT: then a second pass, without the model,
-    reads them.
+    `model` may still be on its way (a Future): it is needed once the inputs are listed. One pass over the input
+    writes the predictions; the rejects come back with the counts (a Tally) and are written from the driver,
+    unless there are more than REJECTS_KEPT: then a second pass, without the model, reads them.
+
+    A CSV file's date order is decided over the whole file (schema.py), and a task sees only its part. So each
+    run of lines is read in the order its own dates show, and their evidence comes back with the counts: if some
+    run of a file was read in another order than the whole file shows (its dates showing none, as 7/1/2016 ...
+    7/12/2016 do, or the other order), the predictions are written again with every file in its order. The
+    City's files show their order in every part, so one pass is the rule and the second one the exception.
     """
     started = time.monotonic()
     rejects = rejects or rejects_location(output)
-    mode = "overwrite" if overwrite else "errorifexists"
     if not overwrite:
         _refuse_existing(spark, [output, rejects])
     inputs = read_inputs(spark, locations)
-    tally = spark.sparkContext.accumulator(Tally(), TallyParam())
     with tempfile.TemporaryDirectory(prefix="bikeshare-spark-model-") as staging:
         ref = ship_model(spark, model.result() if isinstance(model, Future) else model, Path(staging))
-        predictions = scored_trips(spark, inputs, ref, tally).select(prediction_columns(ref, with_probability))
         written = time.monotonic()
-        predictions.write.mode(mode).partitionBy("trip_date").parquet(output)
-    seen: Tally = tally.value
+        mode = "overwrite" if overwrite else "errorifexists"
+        seen = _write_predictions(spark, inputs, ref, output, mode, with_probability)
+        inputs, misread = decide_orders(inputs, seen.evidence)
+        if misread:
+            log.info("scoring again in the date order each whole file shows: %s", ", ".join(misread))
+            seen = _write_predictions(spark, inputs, ref, output, "overwrite", with_probability)
     log.info("read, scored and wrote %d predictions in %.1fs", seen.scored, _since(written))
     written = time.monotonic()
     if seen.all_rejects_kept:
@@ -722,10 +754,22 @@ def score_files(
         seconds=_since(started) + spark_start_seconds,
         spark_start_seconds=spark_start_seconds,
         model=ref.describe(),
+        rescored_files=misread,
     )
 
 
 REJECT_COLUMNS = ("source", "trip_id", "reason")
+
+
+def _write_predictions(
+    spark: SparkSession, inputs: Inputs, ref: ModelRef, output: str, mode: str, with_probability: bool
+) -> Tally:
+    """One pass over the input: the predictions written to `output`, and what the tasks saw."""
+    tally = spark.sparkContext.accumulator(Tally(), TallyParam())
+    predictions = scored_trips(spark, inputs, ref, tally).select(prediction_columns(ref, with_probability))
+    predictions.write.mode(mode).partitionBy("trip_date").parquet(output)
+    result: Tally = tally.value
+    return result
 
 
 def _refuse_existing(spark: SparkSession, locations: Sequence[str]) -> None:

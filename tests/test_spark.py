@@ -246,6 +246,7 @@ def test_every_layout_gives_batch_pys_predictions_and_rejects(
     assert "2018/Bike share ridership 2023-07.csv" in set(rejects["source"])
     # The 2017 Q4 sample's NULLNULL row, four bad rows, and the zipped one.
     assert len(rejects) == summary.rejected == 6
+    assert summary.rescored_files == []  # every part of every file shows its order: one pass
     print(f"\nspark job over {summary.inputs} files: {summary.line()}")
 
 
@@ -309,6 +310,7 @@ def test_a_file_read_by_several_tasks_is_read_in_the_date_order_the_whole_file_s
 
     predictions = read_predictions(output)
     assert summary.scored == len(predictions) == 12_000 and summary.rejected == 0
+    assert [Path(name).name for name in summary.rescored_files] == [path.name]  # the first split was read day-first
     assert set(predictions["trip_date"].astype(str).str[:7]) == {"2016-07"}
     assert sorted(predictions["trip_id"].astype(int)) == list(range(12_000))  # each header left out once
 
