@@ -184,7 +184,7 @@ def ship_model(spark: SparkSession, model: FetchedModel, staging: Path) -> Model
     files, as MLflow's `spark_udf` ships a model: every executor fetches it from the driver, so executors need
     no disk shared with the driver and no access to the registry or its bucket. `staging` holds the copy until
     the job ends."""
-    key = f"{model.tracking_uri}|{model.name}|{model.version}".encode()
+    key = f"{model.tracking_uri}|{model.name}|{model.version}|{model.directory}".encode()  # what was shipped
     files = f"model-{model.version}-{hashlib.sha256(key).hexdigest()[:12]}"
     shutil.copytree(model.directory, staging / files)
     spark.sparkContext.addFile(str(staging / files), recursive=True)

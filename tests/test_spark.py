@@ -28,6 +28,7 @@ from test_preprocess import Q1_2017, Q3_2017, Q4_2017, Y2018, Y2023, Y2025
 from bikeshare_membership import app as service_app
 from bikeshare_membership import batch_scoring, city_files, spark_scoring, stations
 from bikeshare_membership.config import Settings
+from bikeshare_membership.model_files import FAST_FORM
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
 from bikeshare_membership.schema import EXAMPLE_TRIP, parse_request_trip
@@ -286,6 +287,28 @@ def test_unknown_and_missing_stations_are_scored_as_the_service_scores_them(
     assert parsed[0]["from_station_id"] == 99999 and 99999 not in stations.station_index().coordinates  # unknown
     assert np.isnan(parsed[1]["from_station_id"]) and np.isnan(parsed[1]["to_station_id"])  # missing
     assert not np.isnan(parsed[2]["from_station_id"]) and not np.isnan(parsed[2]["to_station_id"])  # by name
+
+
+def test_a_version_shipped_without_its_saved_fast_form_is_loaded_whole_and_scores_the_same(
+    spark: SparkSession, spark_run, layout_files: list[Path], settings: Settings, tmp_path: Path
+) -> None:
+    """A worker scores with the fast form the driver saved in the shipped folder; a folder without one (a
+    pipeline the fast form does not take, a driver cache it could not be saved in) is loaded whole, with MLflow
+    and scikit-learn: the same predictions, to the bit."""
+    _, predictions, _ = spark_run
+    fetched = spark_scoring.fetch_model(settings, spark_scoring.resolve_version(settings))
+    bare = tmp_path / "version-without-its-fast-form"
+    shutil.copytree(fetched.directory, bare, ignore=shutil.ignore_patterns(FAST_FORM.parts[0]))
+    output = tmp_path / "predictions"
+    inputs = [str(layout_files[0].parent)]
+    summary = spark_scoring.score_files(
+        spark, replace(fetched, directory=bare), inputs, str(output), with_probability=True
+    )
+    again = read_predictions(output)
+    assert summary.scored == len(again) == len(predictions)
+    joined = predictions.merge(again, on="trip_id", suffixes=("", "_whole"), validate="one_to_one")
+    assert len(joined) == len(predictions)
+    assert (joined["probability"] == joined["probability_whole"]).all()
 
 
 # --- a file in parts ----------------------------------------------------------------------------------
