@@ -717,8 +717,9 @@ def score_files(
     A CSV file's date order is decided over the whole file (schema.py), and a task sees only its part. So each
     run of lines is read in the order its own dates show, and their evidence comes back with the counts: if some
     run of a file was read in another order than the whole file shows (its dates showing none, as 7/1/2016 ...
-    7/12/2016 do, or the other order), the predictions are written again with every file in its order. The
-    City's files show their order in every part, so one pass is the rule and the second one the exception.
+    7/12/2016 do, or the other order), the predictions are written again with every file in its order. A run
+    whose dates show no order is read in its layout's, which is its file's unless the file departs from its
+    layout (as the City's 2016 Q3 file does), so one pass is the rule and the second one the exception.
     """
     started = time.monotonic()
     rejects = rejects or rejects_location(output)
