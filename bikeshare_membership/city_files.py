@@ -19,9 +19,11 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import operator
 import zipfile
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import reduce
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -117,7 +119,8 @@ class ParsedTrips:
 
     trips: pd.DataFrame
     rejects: pd.DataFrame
-    date_order: DateOrder
+    date_order: DateOrder  # the order the slash dates were read in
+    date_evidence: DateEvidence  # what they show, whatever order they were read in
 
 
 _DECIMAL_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
@@ -187,8 +190,9 @@ def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None 
     `date_order` overrides the layout's default, for a chunk of a file whose earlier chunks showed it.
     """
     frame = _schema_frame(raw, layout)
-    (start, stop), order = parse_timestamp_columns(
-        [frame["trip_start_time"], frame["trip_stop_time"]], date_order or layout.date_order
+    default_order = date_order or layout.date_order
+    (start, stop), evidence = parse_timestamp_columns(
+        [frame["trip_start_time"], frame["trip_stop_time"]], default_order
     )
     duration = pd.Series(parse_numbers(frame["trip_duration_seconds"]), index=frame.index)
     from_name, to_name = _text_column(frame["from_station_name"]), _text_column(frame["to_station_name"])
@@ -220,7 +224,12 @@ def parse_frame(raw: pd.DataFrame, layout: Layout, date_order: DateOrder | None 
         }
     )
     rejects = pd.DataFrame({"trip_id": frame["trip_id"][bad], "reason": reasons[bad]})
-    return ParsedTrips(trips=trips[~bad], rejects=rejects, date_order=order)
+    return ParsedTrips(
+        trips=trips[~bad],
+        rejects=rejects,
+        date_order=order_from_evidence(*evidence, default_order),
+        date_evidence=DateEvidence(*evidence),
+    )
 
 
 CHUNK_ROWS = 131_072  # trips parsed and scored at a time: large enough to be cheap per trip, small in memory
@@ -450,16 +459,6 @@ def read_csv_bytes(
         yield chunk.parsed
 
 
-def csv_bytes_evidence(data: bytes) -> DateEvidence:
-    """The date evidence of CSV text in memory, header line first: its two timestamp columns alone are read."""
-    header = header_names(data[: data.find(b"\n") + 1 or len(data)])
-    reader = _open_csv(header, pa.BufferReader(data), _timestamp_columns(header, detect_layout(header)), [])
-    evidence = DateEvidence()
-    for batch in reader:
-        evidence |= _evidence(batch)
-    return evidence
-
-
 def _timestamp_columns(header: Sequence[str], layout: Layout) -> list[str]:
     return [name for name in header if layout.columns.get(name.strip()) in ("trip_start_time", "trip_stop_time")]
 
@@ -486,4 +485,5 @@ def read_trips(path: str | Path) -> ParsedTrips:
         trips=pd.concat([parsed.trips for parsed in chunks], ignore_index=True),
         rejects=pd.concat([parsed.rejects for parsed in chunks], ignore_index=True),
         date_order=chunks[-1].date_order,
+        date_evidence=reduce(operator.or_, (parsed.date_evidence for parsed in chunks), DateEvidence()),
     )

@@ -362,8 +362,9 @@ def slash_date_evidence(columns: Sequence[pa.Array]) -> tuple[bool, bool]:
     return _slash_evidence(_field_numbers(parts, "first"), _field_numbers(parts, "second"), slash)
 
 
-def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tuple[np.ndarray, DateOrder]:
-    """`parse_timestamps` over distinct texts, in Arrow and numpy: datetime64[s], NaT where not valid."""
+def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tuple[np.ndarray, tuple[bool, bool]]:
+    """`parse_timestamps` over distinct texts, in Arrow and numpy: datetime64[s], NaT where not valid; and the
+    slash dates' evidence (day_first, month_first), which decided the order they were read in."""
     parts = pc.extract_regex(texts, _SLASH_TIMESTAMP_PATTERN)
     slash = parts.is_valid().to_numpy(zero_copy_only=False)
     first, second = _field_numbers(parts, "first"), _field_numbers(parts, "second")
@@ -372,8 +373,8 @@ def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tup
     two_digit_year = pc.equal(pc.utf8_length(pc.fill_null(parts.field("year"), "")), 2).to_numpy(zero_copy_only=False)
     year = _field_numbers(parts, "year") + np.where(two_digit_year, 2000, 0)
 
-    order = order_from_evidence(*_slash_evidence(first, second, slash), default_order)
-    month, day = (first, second) if order == "MDY" else (second, first)
+    evidence = _slash_evidence(first, second, slash)
+    month, day = (first, second) if order_from_evidence(*evidence, default_order) == "MDY" else (second, first)
 
     valid = slash & (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60)
     valid &= seconds < 60
@@ -388,26 +389,28 @@ def _parse_distinct_timestamps(texts: pa.Array, default_order: DateOrder) -> tup
         positions = np.flatnonzero(iso)
         parsed = [_from_iso(text) for text in texts.take(positions).to_pylist()]
         moments[positions] = np.array(parsed, dtype="datetime64[s]")
-    return moments, order
+    return moments, evidence
 
 
 def parse_timestamp_columns(
     columns: Sequence[pd.Series], default_order: DateOrder
-) -> tuple[list[pd.Series], DateOrder]:
-    """`parse_timestamps` for file columns, vectorised: each distinct text is parsed once.
+) -> tuple[list[pd.Series], tuple[bool, bool]]:
+    """`parse_timestamps` for file columns, vectorised: each distinct text is parsed once. With the columns, the
+    slash dates' evidence (day_first, month_first): they were read in `order_from_evidence(*evidence,
+    default_order)`.
 
     A file's chunk has a few thousand distinct minutes among a hundred thousand timestamps, so the texts
     are dictionary-encoded in Arrow and only the dictionary is parsed.
     """
     encoded = pc.dictionary_encode(pa.concat_arrays([arrow_text(column) for column in columns]))
-    moments, order = _parse_distinct_timestamps(encoded.dictionary, default_order)
+    moments, evidence = _parse_distinct_timestamps(encoded.dictionary, default_order)
     lookup = np.append(moments, np.datetime64("NaT"))  # a missing text picks the trailing NaT
     values = lookup[pc.fill_null(encoded.indices, len(moments)).to_numpy()]
     results, start = [], 0
     for column in columns:
         results.append(pd.Series(values[start : start + len(column)], index=column.index))
         start += len(column)
-    return results, order
+    return results, evidence
 
 
 def _checked_values(record: Mapping[str, Any], item: int | None) -> list[Any]:

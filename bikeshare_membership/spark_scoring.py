@@ -367,8 +367,8 @@ class CsvFile:
     name: str  # as Spark names it, a URI (%-decoded)
     header: bytes  # its first line, as in the file
     layout: city_files.Layout
-    # The order the whole file shows, once known; None: each run of lines reads in the order it shows alone,
-    # and the driver checks that against the whole file's afterwards (`score_files`).
+    # The order the whole file shows, once known; None: a run of lines whose dates show no order is read in the
+    # layout's, and the driver checks that against the whole file's afterwards (`score_files`).
     order: DateOrder | None = None
 
 
@@ -422,16 +422,14 @@ def _file_lines(files: dict[int, CsvFile], batches: Iterable[pa.RecordBatch]) ->
 def _parse_csv(
     files: dict[int, CsvFile], tally: Accumulator[Tally] | None, batches: Iterable[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
-    """Each run of a file's lines parsed under the file's order, or, while that is not known, under the order the
-    run's own dates show (the layout's if they show none), its evidence kept in `tally` for the driver's check."""
+    """Each run of a file's lines parsed as city_files parses a chunk: in the order its dates show, else in the
+    file's (the layout's while the file's is not known). Until it is known, what the dates showed goes to `tally`
+    for the driver's check."""
     seen = Tally()
     for file, text in _file_lines(files, batches):
-        order = file.order
-        if order is None:
-            evidence = city_files.csv_bytes_evidence(text)
-            seen.evidence.setdefault(file.name, set()).add(evidence)
-            order = evidence.order(file.layout)
-        for parsed in city_files.read_csv_bytes(text, file.name, order):
+        for parsed in city_files.read_csv_bytes(text, file.name, file.order):
+            if file.order is None:
+                seen.evidence.setdefault(file.name, set()).add(parsed.date_evidence)
             yield from _parsed_batches(parsed, file.name)
     if tally is not None:
         tally.add(seen)
@@ -504,15 +502,16 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
 
 
 def decide_orders(inputs: Inputs, evidence: Mapping[str, set[city_files.DateEvidence]]) -> tuple[Inputs, list[str]]:
-    """`inputs` with each CSV file's date order, the one its runs' evidence shows together (schema.py's rule over
-    the whole file), and the files some run of which was read in another order (its own dates showing none, or
-    the other one): those must be read again."""
+    """`inputs` with each CSV file's date order, the one its parts' evidence shows together (schema.py's rule over
+    the whole file), and the files that must be read again: a part whose dates showed an order was read in it,
+    as it would be again, but one whose dates showed none (or both) was read in the layout's order, which is
+    wrong where the whole file shows another."""
     decided, misread = {}, []
     for file, facts in inputs.csv_files.items():
-        runs = evidence.get(facts.name, set())
-        order = reduce(operator.or_, runs, city_files.DateEvidence()).order(facts.layout)
+        parts = evidence.get(facts.name, set())
+        order = reduce(operator.or_, parts, city_files.DateEvidence()).order(facts.layout)
         decided[file] = replace(facts, order=order)
-        if any(run.order(facts.layout) != order for run in runs):
+        if order != facts.layout.date_order and any(part.day_first == part.month_first for part in parts):
             misread.append(facts.name)
     return replace(inputs, csv_files=decided), misread
 
@@ -530,7 +529,7 @@ class Tally:
     members: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     rejects: list[tuple[str, str | None, str]] = field(default_factory=list)
-    # The date evidence of each run of a CSV file's lines read before the file's order was known, by file.
+    # What the dates of each part of a CSV file read before the file's order was known showed, by file.
     evidence: dict[str, set[city_files.DateEvidence]] = field(default_factory=dict)
 
     def add(self, other: Tally) -> Tally:
@@ -677,13 +676,14 @@ class SparkSummary:
         """The one-line summary a person reads at the end of a run, as batch.py's."""
         reasons = ", ".join(f"{count:,} {reason}" for reason, count in self.rejected_by_reason.items())
         rejected = f"{self.rejected:,} rejected ({reasons}) -> {self.rejects}" if self.rejected else "0 rejected"
-        if self.rescored_files:
-            rejected += f"; {len(self.rescored_files):,} CSV files scored twice (their date order shown as a whole)"
+        rescored = len(self.rescored_files)
+        rescored_note = f"; {rescored:,} CSV files scored twice (their date order shown as a whole)" if rescored else ""
         files = f"{self.inputs:,} file{'s' * (self.inputs != 1)}"
         return (
             f"{self.rows:,} rows from {files} in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s, "
             f"Spark started in {self.spark_start_seconds:.1f}s): {self.scored:,} scored, {self.member_share:.1%} "
-            f"predicted Member -> {self.output}; {rejected}; model {self.model['name']} version {self.model['version']}"
+            f"predicted Member -> {self.output}; {rejected}{rescored_note}; "
+            f"model {self.model['name']} version {self.model['version']}"
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -165,7 +165,8 @@ def test_file_columns_read_timestamps_by_the_request_rule(texts: list[str | None
         expected, expected_order = schema.parse_timestamps(texts, default)
         half = len(texts) // 2
         columns = [pd.Series(texts[:half], dtype=object), pd.Series(texts[half:], dtype="str")]
-        (first, second), order = schema.parse_timestamp_columns(columns, default)
+        (first, second), evidence = schema.parse_timestamp_columns(columns, default)
+        order = schema.order_from_evidence(*evidence, default)
         assert order == expected_order
         assert [None if pd.isna(moment) else moment.to_pydatetime() for moment in [*first, *second]] == expected
 
