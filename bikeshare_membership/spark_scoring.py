@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 CSV_SUFFIXES = (".csv", ".csv.gz")  # read as lines, split across tasks
 WHOLE_FILE_SUFFIXES = (".parquet", ".zip")  # read whole, one per task
 REJECTS_SUFFIX = ".rejects"
+XXHASH64_SEED = 42  # Spark's F.xxhash64
 # Rows per Arrow batch between Spark and a Python worker: a chunk as batch.py parses and scores it.
 ARROW_BATCH_ROWS = city_files.CHUNK_ROWS
 # What a worker's parsing hands to its scoring: trips (reason null) and rejects (reason set) of one schema.
@@ -485,9 +486,7 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
         F.expr("input_file_block_start()").alias("block"),
     )
     names = lines.inputFiles()
-    row = spark.range(1).select(F.array(*(F.xxhash64(F.lit(name)) for name in names))).first()  # no worker
-    assert row is not None
-    ids = dict(zip(names, row[0], strict=True))
+    ids = {name: _xxhash64(spark, name) for name in names}
     if len(set(ids.values())) != len(names):
         raise ValueError("two input files' names have the same hash: score them in separate jobs")
     files = {}
@@ -499,6 +498,18 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
             raise ValueError(f"{unquote(name)}: {error}") from None
         files[file] = CsvFile(name=unquote(name), header=header, layout=layout)
     return lines, files
+
+
+def _xxhash64(spark: SparkSession, text: str) -> int:
+    """`F.xxhash64(F.lit(text))`, computed by the function Spark's own expression calls rather than by a Spark
+    job: the job's first one costs seconds of the JVM's warming up before any file is read."""
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    return int(
+        jvm.org.apache.spark.sql.catalyst.expressions.XXH64.hashUTF8String(
+            jvm.org.apache.spark.unsafe.types.UTF8String.fromString(text), XXHASH64_SEED
+        )
+    )
 
 
 def decide_orders(inputs: Inputs, evidence: Mapping[str, set[city_files.DateEvidence]]) -> tuple[Inputs, list[str]]:
