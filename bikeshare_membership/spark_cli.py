@@ -19,13 +19,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bikeshare_membership import jsonlog
 from bikeshare_membership.config import Settings
 from bikeshare_membership.errors import first_line
-from bikeshare_membership.spark_classes import ClassArchive
 from bikeshare_membership.spark_scoring import (
+    FetchedModel,
     fetch_model,
     local_class_archive,
     resolve_version,
@@ -34,10 +33,6 @@ from bikeshare_membership.spark_scoring import (
     stop_session,
     under_spark_submit,
 )
-
-if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
-    from pyspark.sql import SparkSession
 
 PROGRAM = "spark_score.py"
 
@@ -81,16 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     classes = None
     if settings.spark_class_cache and not under_spark_submit():
         classes = local_class_archive(Path(settings.spark_class_cache).expanduser())
-    try:
-        spark, version, start_seconds = start_with_version(settings, args.model_version, args.master, classes)
-    except Exception as error:  # no Production version, no registry, no Spark: one line
-        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
-        return 2
-    done = False
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-model") as pool:
-            # The driver fetches and loads the version while Spark lists the inputs and reads their date order.
-            model = pool.submit(fetch_model, settings, version)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as pool:
+        # The driver resolves, fetches and loads the version while Spark starts and lists the inputs (Java runs in
+        # a process of its own): the job needs the version only once the inputs are listed.
+        model = pool.submit(resolve_and_fetch, settings, args.model_version)
+        try:
+            started = time.monotonic()
+            spark = start_session(args.master, classes=classes)
+            start_seconds = time.monotonic() - started
+        except Exception as error:  # no Java, a bad master: one line
+            print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
+            return 2
+        done = False
+        try:
             summary = score_files(
                 spark,
                 model,
@@ -101,36 +99,18 @@ def main(argv: list[str] | None = None) -> int:
                 with_probability=args.probability,
                 spark_start_seconds=start_seconds,
             )
-        done = True
-    except Exception as error:  # an input missing or unreadable, an output that exists, a model or worker error
-        print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)
-        return 2
-    finally:
-        stop_session(spark, classes, keep_classes=done)
+            done = True
+        except Exception as error:  # no Production version, an input missing or unreadable, an output that exists,
+            print(f"{PROGRAM}: {one_line(error)}", file=sys.stderr)  # a model or a worker's error: one line
+            return 2
+        finally:
+            stop_session(spark, classes, keep_classes=done)
     if args.summary_file:
         args.summary_file.write_text(json.dumps(summary.as_dict(), indent=1))
     print(summary.line())
     return 0
 
 
-def start_with_version(
-    settings: Settings, version: str | None, master: str | None, classes: ClassArchive | None
-) -> tuple[SparkSession, ModelVersion, float]:
-    """Spark's session, started in a thread while this one resolves the version (Java starts in a process of its
-    own, so the two overlap); the version; and the seconds the session took to start. If there is no version to
-    score, the session is stopped (quietly: its logs show warnings only) and the error raised."""
-
-    def start() -> tuple[SparkSession, float]:
-        started = time.monotonic()
-        return start_session(master, classes=classes), time.monotonic() - started
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-start") as pool:
-        starting = pool.submit(start)
-        try:
-            found = resolve_version(settings, version)
-        except BaseException:
-            if starting.exception() is None:
-                stop_session(starting.result()[0], classes, keep_classes=False)
-            raise
-        spark, start_seconds = starting.result()
-    return spark, found, start_seconds
+def resolve_and_fetch(settings: Settings, version: str | None) -> FetchedModel:
+    """The Production version, or `version`, in the driver's cache and checked to load."""
+    return fetch_model(settings, resolve_version(settings, version))

@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial, reduce
 from pathlib import Path
@@ -318,6 +318,9 @@ def start_session(
 
 def _configured(spark: SparkSession) -> SparkSession:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_BATCH_ROWS))
+    # Python tracebacks in full (one_line keeps their last line anyway): a SQL job's Python workers then come from
+    # the daemon `start_python_workers` started, whose environment lacks SPARK_SIMPLIFIED_TRACEBACK.
+    spark.conf.set("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled", "false")
     return spark
 
 
@@ -792,10 +795,14 @@ def score_files(
     """
     started = time.monotonic()
     rejects = rejects or rejects_location(output)
-    if not overwrite:
-        _refuse_existing(spark, [output, rejects])
-    inputs = read_inputs(spark, locations)
-    with tempfile.TemporaryDirectory(prefix="bikeshare-spark-model-") as staging:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="python-workers") as pool,
+        tempfile.TemporaryDirectory(prefix="bikeshare-spark-model-") as staging,
+    ):
+        pool.submit(start_python_workers, spark)
+        if not overwrite:
+            _refuse_existing(spark, [output, rejects])
+        inputs = read_inputs(spark, locations)
         ref = ship_model(spark, model.result() if isinstance(model, Future) else model, Path(staging))
         written = time.monotonic()
         mode = "overwrite" if overwrite else "errorifexists"
@@ -840,6 +847,22 @@ def _write_predictions(
     predictions.write.mode(mode).partitionBy("trip_date").parquet(output)
     result: Tally = tally.value
     return result
+
+
+def start_python_workers(spark: SparkSession) -> None:
+    """Have Spark fork its Python workers now, with a job of one empty task a core: they import the job's modules
+    (DAEMON_MODULE) while the driver lists the inputs and plans the pass, rather than after it, with the cores
+    idle (docs/spark.md has the measurements). The pass's tasks reuse them. A worker that cannot start is the
+    pass's error to report, so this one is only logged."""
+    cores = spark.sparkContext.defaultParallelism
+    try:
+        spark.sparkContext.parallelize(range(cores), cores).foreachPartition(_no_rows)
+    except Exception as error:
+        log.warning("the Python workers did not start ahead of the pass: %s", str(error).splitlines()[0])
+
+
+def _no_rows(rows: Iterable[int]) -> None:
+    pass
 
 
 def _refuse_existing(spark: SparkSession, locations: Sequence[str]) -> None:
