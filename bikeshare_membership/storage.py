@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import boto3
-from botocore.config import Config as BotoConfig
-
 from bikeshare_membership.config import Settings
 
 S3_SCHEME = "s3://"
@@ -62,7 +59,11 @@ def inside(folder: str, name: str) -> str:
 @cache
 def s3_client(settings: Settings) -> Any:  # boto3 generates its client types at run time
     """The S3 client of this process for `settings`: bounded timeouts and retries, the default credential chain
-    (AWS_PROFILE), resolved once."""
+    (AWS_PROFILE), resolved once. boto3 is imported here, by the processes that reach S3: a Spark worker, which
+    imports this module for `atomic_path` (through model_files), starts without it."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
     config = BotoConfig(
         connect_timeout=settings.fetch_timeout_seconds,
         read_timeout=settings.fetch_timeout_seconds,

@@ -48,11 +48,11 @@ def test_nothing_in_the_package_imports_the_app_or_a_command_line() -> None:
 
 def test_what_scores_a_saved_fast_form_imports_neither_mlflow_nor_scikit_learn() -> None:
     """A Spark worker starts from its daemon's imports, and builds the shipped version from its saved fast form
-    (model_files): neither pulls in MLflow or scikit-learn, seconds of every worker's start."""
+    (model_files): neither pulls in MLflow, scikit-learn or boto3, seconds of every worker's start."""
     script = (
         "import sys\n"
         "import bikeshare_membership.model_files, bikeshare_membership.spark_daemon\n"
-        "print(sorted(name for name in ('mlflow', 'sklearn', 'skops') if name in sys.modules))\n"
+        "print(sorted(name for name in ('mlflow', 'sklearn', 'skops', 'boto3') if name in sys.modules))\n"
     )
     imported = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
