@@ -51,31 +51,43 @@ class ClassArchive:
         valid for Spark's `class_path` (os.replace, so two first runs at once leave one whole archive)."""
         if self.saving is None or not self.saving.exists():
             return
-        check = subprocess.run(
-            [
-                *(str(self.java), *self.java_options.split(), f"-XX:SharedArchiveFile={self.base}:{self.saving}"),
-                *("-XX:+PrintSharedArchiveAndExit", "-cp", class_path, "-version"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check.returncode != 0 or "archive is valid" not in check.stdout:
-            log.warning("Java did not find the classes it saved valid: later runs start without them")
-            self.discard()
-            return
-        os.replace(self.saving, self.spark)
-        log.info("saved the classes Spark loaded to %s: later runs start from them", self.spark)
+        try:
+            check = subprocess.run(
+                [
+                    *(str(self.java), *self.java_options.split(), f"-XX:SharedArchiveFile={self.base}:{self.saving}"),
+                    *("-XX:+PrintSharedArchiveAndExit", "-cp", class_path, "-version"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if check.returncode == 0 and "archive is valid" in check.stdout:
+                os.replace(self.saving, self.spark)
+                log.info("saved the classes Spark loaded to %s: later runs start from them", self.spark)
+                return
+            problem = "Java did not find them valid"
+        except (OSError, subprocess.SubprocessError) as error:
+            problem = str(error)
+        log.warning("the classes Spark loaded were not kept (%s): later runs start without them", problem)
+        self.discard()
 
     def remove(self) -> None:
         """Remove the archive (Java refused it): the next run saves it again."""
-        for archive in (self.spark, self.base):
-            archive.unlink(missing_ok=True)
+        _remove(self.spark, self.base)
 
     def discard(self) -> None:
         """Once Java has exited: drop what a failed run saved (it may lack the classes a job loads, or be cut short)."""
         if self.saving is not None:
-            self.saving.unlink(missing_ok=True)
+            _remove(self.saving)
+
+
+def _remove(*files: Path) -> None:
+    """Remove `files`; one that cannot be removed is logged, not raised: the job does not depend on it."""
+    for file in files:
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not remove %s: %s", file, error)
 
 
 def class_archive(cache: Path, java_home: Path, spark_home: Path, java_options: str) -> ClassArchive | None:
@@ -92,13 +104,16 @@ def class_archive(cache: Path, java_home: Path, spark_home: Path, java_options: 
         base = folder / BASE
         if not base.exists():
             dumping = folder / f"{BASE}.{os.getpid()}.part"
-            subprocess.run(
-                [str(java_home / "bin" / "java"), "-Xshare:dump", f"-XX:SharedArchiveFile={dumping}"],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(dumping, base)
+            try:
+                subprocess.run(
+                    [str(java_home / "bin" / "java"), "-Xshare:dump", f"-XX:SharedArchiveFile={dumping}"],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                os.replace(dumping, base)
+            finally:
+                _remove(dumping)
     except (OSError, subprocess.SubprocessError) as error:
         log.warning("Spark starts without a class archive in %s: %s", cache, error)
         return None

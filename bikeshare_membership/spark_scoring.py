@@ -39,6 +39,7 @@ import logging
 import operator
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -325,8 +326,9 @@ def _configured(spark: SparkSession) -> SparkSession:
 
 
 def stop_session(spark: SparkSession, classes: ClassArchive | None = None, keep_classes: bool = True) -> None:
-    """Stop the session; if it was started with `classes` still to save, end its Java too (Java saves them as it
-    exits), then keep them if Java saved them and the run did not fail (`keep_classes`), else discard them."""
+    """Stop the session; if it was started with `classes` still to save, end its Java too: if the run did not
+    fail (`keep_classes`), Java saves them as it exits and they are kept; if it did, Java is killed, saving
+    nothing (a failed run's classes may lack the job's)."""
     if classes is None or classes.saving is None:
         spark.stop()
         return
@@ -339,8 +341,14 @@ def stop_session(spark: SparkSession, classes: ClassArchive | None = None, keep_
     if gateway is not None:
         gateway.shutdown()
         java = gateway.proc  # set by pyspark's launch_gateway
-        java.stdin.close()  # Spark's gateway server exits at the end of its input
-        saved = java.wait(timeout=JAVA_EXIT_SECONDS) == 0
+        if keep_classes:
+            java.stdin.close()  # Spark's gateway server exits at the end of its input
+        else:
+            java.kill()
+        try:
+            saved = java.wait(timeout=JAVA_EXIT_SECONDS) == 0
+        except subprocess.TimeoutExpired:
+            java.kill()
         SparkContext._gateway = SparkContext._jvm = None  # a later session starts a Java of its own
     if saved and keep_classes:
         classes.keep(class_path)

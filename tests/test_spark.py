@@ -415,6 +415,7 @@ def test_a_registry_without_a_production_version_fails_in_one_line(
         f"at {settings.tracking_uri}"
     )
     assert not (tmp_path / "out").exists()
+    assert not list(class_cache.glob("*/*.part"))  # a failed run's Java is killed, saving no classes
 
 
 def test_the_command_line_scores_files_and_an_existing_output_is_refused_in_one_line(
