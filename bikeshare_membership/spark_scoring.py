@@ -332,9 +332,7 @@ def stop_session(spark: SparkSession, classes: ClassArchive | None = None, keep_
     if classes is None or classes.saving is None:
         spark.stop()
         return
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
-    class_path = str(jvm.System.getProperty("java.class.path"))
+    class_path = str(_jvm(spark)[0].System.getProperty("java.class.path"))
     spark.stop()
     gateway = SparkContext._gateway
     saved = False
@@ -572,8 +570,7 @@ def read_csv_files(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
 def _xxhash64(spark: SparkSession, text: str) -> int:
     """`F.xxhash64(F.lit(text))`, computed by the function Spark's own expression calls rather than by a Spark
     job: the job's first one costs seconds of the JVM's warming up before any file is read."""
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
+    jvm, _ = _jvm(spark)
     return int(
         jvm.org.apache.spark.sql.catalyst.expressions.XXH64.hashUTF8String(
             jvm.org.apache.spark.unsafe.types.UTF8String.fromString(text), XXHASH64_SEED
