@@ -226,10 +226,13 @@ class TreeTables:
                 np.take(masks, np.searchsorted(thresholds, column), axis=0, out=looked_up, mode="clip")
                 reachable &= looked_up
         exit_bit = np.bitwise_count(reachable ^ (reachable - 1))  # the lowest set bit's position, from 1
-        scores = np.empty((rows, self.trees + 1))
-        scores[:, 0] = self.baseline
-        scores[:, 1:] = self.leaf_values[exit_bit + self.leaf_offsets]
-        return np.cumsum(scores, axis=1)[:, -1]  # added one tree after another, as scikit-learn adds them
+        # A row per tree, after the baseline's, summed down each column: numpy adds along an axis that is not the
+        # fast one in memory value after value, scikit-learn's order (its pairwise summation is for the fast
+        # axis, which a single column would be: hence two columns at least).
+        scores = np.empty((self.trees + 1, max(rows, 2)))
+        scores[0], scores[1:, rows:] = self.baseline, 0.0
+        scores[1:, :rows] = self.leaf_values[(exit_bit + self.leaf_offsets).T]
+        return np.add.reduce(scores, axis=0)[:rows]
 
 
 class FastPipeline:
