@@ -32,7 +32,7 @@ from typing_extensions import TypedDict
 from bikeshare_membership import city_files, storage
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_store import LoadedModel, ModelRef
-from bikeshare_membership.schema import MEMBER, closed, membership
+from bikeshare_membership.schema import MEMBER, closed, membership, percent
 
 OUTPUT_SUFFIXES = (".csv.gz", ".csv", ".parquet")
 OUTPUT_RULE = f"must end with {', '.join(OUTPUT_SUFFIXES)} (or / for a folder)"
@@ -258,7 +258,7 @@ def _prediction_table(trip_ids: pd.Series, labels: np.ndarray, proba: np.ndarray
         [
             pa.array(trip_ids.astype("str"), type=pa.large_string(), from_pandas=True),
             pa.array(labels, type=pa.string()),
-            pa.array(np.round(proba * 100, 2), type=pa.float64()),
+            pa.array(percent(proba), type=pa.float64()),
             pa.repeat(pa.scalar(model.name), count),
             pa.repeat(pa.scalar(model.version), count),
         ],

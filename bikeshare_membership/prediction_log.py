@@ -48,6 +48,7 @@ from prometheus_client import Counter
 
 from bikeshare_membership import storage
 from bikeshare_membership.config import Settings
+from bikeshare_membership.schema import trip_percent
 
 if TYPE_CHECKING:
     from bikeshare_membership.model_store import LoadedModel
@@ -219,7 +220,7 @@ class PredictionLog:
             "member_probability": [probability for *_, scored, _, _ in taken for _, probability in scored],
             "membership": [answer["membership"] for answer in answers],
             "shadow_model_version": pa.array(shadow_versions, pa.string()).take(_positions(repeats)),
-            "shadow_proba": [None if value is None else round(value * 100, 2) for value in shadow_probabilities],
+            "shadow_proba": [None if value is None else trip_percent(value) for value in shadow_probabilities],
             "shadow_member_probability": shadow_probabilities,
         }
         for name in TRIP_COLUMNS:

@@ -67,6 +67,31 @@ def trip_membership(member_probability: float) -> Membership:
     return MEMBER if member_probability >= DECISION_THRESHOLD else CASUAL
 
 
+# Hundredths this close to a half may be a half that `percent * 100` rounded away: those are rounded by Python.
+_NEAR_HALF = 1e-6
+
+
+def percent(member_probability: np.ndarray) -> np.ndarray:
+    """Each probability in percent, 2 decimals: `trip_percent` of each, bit for bit, as arrays.
+
+    `rint(percent * 100) / 100` is that value wherever the product's rounding error cannot cross a half (IEEE
+    division gives the double nearest to the hundredths, as Python's `round` does); the rare values near a half
+    are rounded by Python itself. numpy's own `round` scales and rounds the same way without that care, so it
+    differs in the last digit now and then.
+    """
+    percents = member_probability * 100
+    hundredths = percents * 100
+    rounded = np.rint(hundredths) / 100
+    for index in np.flatnonzero(np.abs(hundredths - np.floor(hundredths) - 0.5) <= _NEAR_HALF):
+        rounded[index] = trip_percent(float(member_probability[index]))
+    return rounded
+
+
+def trip_percent(member_probability: float) -> float:
+    """One probability in percent, 2 decimals, as the service answers it (Python's `round`)."""
+    return round(member_probability * 100, 2)
+
+
 LABELS = {
     "member": MEMBER,
     "annual member": MEMBER,

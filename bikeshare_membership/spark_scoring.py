@@ -64,7 +64,7 @@ from bikeshare_membership import city_files
 from bikeshare_membership.config import Settings
 from bikeshare_membership.features import TripColumns
 from bikeshare_membership.model_files import FAST_FORM, fast_form_key, saved_fast_form, verify_cached
-from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS, DateOrder, arrow_text, membership
+from bikeshare_membership.schema import MEMBER, MODEL_INPUT_COLUMNS, DateOrder, arrow_text, membership, percent
 from bikeshare_membership.spark_classes import ClassArchive, class_archive
 
 if TYPE_CHECKING:
@@ -654,7 +654,7 @@ def _scored_batches(
                 [
                     trips.column("trip_id"),
                     pa.array(labels, pa.string()),
-                    pa.array(np.round(probability * 100, 2), pa.float64()),
+                    pa.array(percent(probability), pa.float64()),
                     pa.array(probability, pa.float64()),
                     trips.column("trip_start_time").cast(pa.date32()),
                 ],

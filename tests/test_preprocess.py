@@ -376,3 +376,22 @@ def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
     requested = schema.model_input([parse_request_trip(record) for record in records])
     step = feature_step.TripFeatures().fit(parsed)
     pd.testing.assert_frame_equal(step.transform(parsed).reset_index(drop=True), step.transform(requested))
+
+
+def test_percent_rounds_arrays_as_python_rounds_each_probability() -> None:
+    """Lists, batch files and Spark answer `percent` of arrays; a single trip `trip_percent` of its float. Random
+    probabilities, and the ones next to every half-hundredth of a percent (where the scaled product may round
+    across the half): the same doubles."""
+    halves = (np.arange(20_000) + 0.5) / 1_000_000
+    probabilities = np.concatenate(
+        [
+            np.random.default_rng(7).random(200_000),
+            halves,
+            np.nextafter(halves, 0),
+            np.nextafter(halves, 1),
+            [0.0, 1.0, 0.125, 0.00005, 0.99995, 5e-324],
+        ]
+    )
+    expected = [schema.trip_percent(value) for value in probabilities.tolist()]
+    assert schema.percent(probabilities).tolist() == expected
+    assert np.round(probabilities * 100, 2).tolist() != expected  # what the near halves are there for
