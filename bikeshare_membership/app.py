@@ -62,6 +62,7 @@ from bikeshare_membership.schema import (
     DateOrder,
     InvalidTrip,
     Membership,
+    RequestTrips,
     closed,
     membership,
     parse_request_trip,
@@ -180,7 +181,7 @@ def _date_order() -> DateOrder | None:
     raise Refused(400, "INVALID_PARAMETER_VALUE", "must be MDY or DMY", field="date_order")
 
 
-def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) -> list[dict[str, Any]]:
+def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) -> RequestTrips:
     if not isinstance(body, list | dict):
         raise Refused(400, "BAD_REQUEST", "the body must be a trip object or a list of trip objects")
     records = body if isinstance(body, list) else [body]
@@ -193,7 +194,7 @@ def _validated_trips(body: Any, date_order: DateOrder | None, max_trips: int) ->
         return (
             parse_request_trips(records, date_order)
             if isinstance(body, list)
-            else [parse_request_trip(body, date_order)]
+            else RequestTrips.one(parse_request_trip(body, date_order))
         )
     except InvalidTrip as error:
         where = "" if error.item is None else f"trip {error.item}: "
@@ -211,13 +212,17 @@ def _settings() -> Settings:
     return current_app.extensions["settings"]
 
 
+# A request's validated trips and their probabilities, in the answers' order.
+Scored = tuple[RequestTrips, list[float]]
+
+
 @api.post("/predict")
 def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
-    scored: list[tuple[dict[str, Any], float]] = []
+    scored: list[Scored] = []
     answer = predictions(_read_json(), model, _date_order(), _settings().max_trips_per_request, scored)
     request.environ[recorder.PREDICTIONS_ENVIRON] = answer.get("predictions", [answer])  # counted after sending
-    request.environ[recorder.SCORED_ENVIRON] = (model, scored)  # the prediction log's, after sending
+    request.environ[recorder.SCORED_ENVIRON] = (model, *scored[0])  # the prediction log's, after sending
     return json_response(answer)
 
 
@@ -226,10 +231,10 @@ def predictions(
     model: LoadedModel,
     date_order: DateOrder | None = None,
     max_trips: int = Settings.max_trips_per_request,
-    scored: list[tuple[dict[str, Any], float]] | None = None,
+    scored: list[Scored] | None = None,
 ) -> Prediction | Predictions:
     """The answer to a parsed /predict body: validation, features and model, without HTTP. `scored`, if given,
-    gets each validated trip with its probability, in the answers' order."""
+    gets the validated trips with their probabilities."""
     trips = _validated_trips(body, date_order, max_trips)
     probabilities = model.request_probabilities(trips)
     if len(probabilities) == 1:  # one trip's numbers in Python: a numpy call costs about a microsecond
@@ -238,11 +243,11 @@ def predictions(
         array = np.array(probabilities)
         memberships, percents = membership(array).tolist(), percent(array).tolist()
     answers: list[TripPrediction] = [
-        {"trip_id": trip["trip_id"], "membership": label, "proba": proba}
-        for trip, label, proba in zip(trips, memberships, percents, strict=True)
+        {"trip_id": trip_id, "membership": label, "proba": proba}
+        for trip_id, label, proba in zip(trips.columns["trip_id"], memberships, percents, strict=True)
     ]
     if scored is not None:
-        scored.extend(zip(trips, probabilities, strict=True))
+        scored.append((trips, probabilities))
     if isinstance(body, list):
         return {"predictions": answers, "model": model.describe()}
     return {**answers[0], "model": model.describe()}

@@ -102,16 +102,14 @@ def trips_predicted(answers: list[dict[str, Any]]) -> None:
     observe_all(PROBA, [answer["proba"] for answer in answers])
 
 
-def shadow_compared(
-    answered: Sequence[tuple[str, Sequence[tuple[Any, float]]]], scores: Sequence[ShadowScores]
-) -> None:
-    """Compare the shadow's scores with the answers: per request, the version that answered and each trip with
-    its probability; `scores`, the shadow's for the same trips."""
+def shadow_compared(answered: Sequence[tuple[str, Sequence[float]]], scores: Sequence[ShadowScores]) -> None:
+    """Compare the shadow's scores with the answers: per request, the version that answered and each trip's
+    probability; `scores`, the shadow's for the same trips."""
     agreed: Tally[tuple[str, str, str]] = Tally()
     differences: dict[tuple[str, str], list[float]] = {}
     failed: Tally[str] = Tally()
-    for (served_version, scored), shadow in zip(answered, scores, strict=True):
-        for (_, served), probability in zip(scored, shadow["probabilities"], strict=True):
+    for (served_version, served_probabilities), shadow in zip(answered, scores, strict=True):
+        for served, probability in zip(served_probabilities, shadow["probabilities"], strict=True):
             if probability is None:
                 failed[shadow["version"]] += 1
                 continue

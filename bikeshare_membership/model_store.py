@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,7 +61,7 @@ from bikeshare_membership.model_files import (
     verify_cached,
 )
 from bikeshare_membership.registry import NoProductionModel, alias_version, production_version
-from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, Timestamp, closed, model_input
+from bikeshare_membership.schema import MODEL_INPUT_COLUMNS, RequestTrips, Timestamp, closed
 from bikeshare_membership.storage import download_s3_prefix, exclusive_lock, s3_client
 
 # Touched by `POST /admin/reload`; every worker's refresh thread checks its mtime (model_holder.py).
@@ -197,12 +197,12 @@ class LoadedModel:
         classes = list(self.pipeline.classes_)
         return self.pipeline.predict_proba(frame[MODEL_INPUT_COLUMNS])[:, classes.index(1)]
 
-    def request_probabilities(self, trips: Sequence[Mapping[str, Any]]) -> list[float]:
-        """P(Member) for validated request trips (`schema.parse_request_trip`); one trip through the fast
-        form skips the columns and arrays (the same values)."""
+    def request_probabilities(self, trips: RequestTrips) -> list[float]:
+        """P(Member) for a request's validated trips; one trip through the fast form skips the arrays (the same
+        values)."""
         if self.fast is not None and len(trips) == 1:
-            return [self.fast.trip_probability(*(trips[0][column] for column in MODEL_INPUT_COLUMNS))]
-        return self.member_probability(model_input(trips)).tolist()
+            return [self.fast.trip_probability(*(trips.columns[column][0] for column in MODEL_INPUT_COLUMNS))]
+        return self.member_probability(trips.model_input()).tolist()
 
     def describe(self) -> ModelRef:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}

@@ -48,7 +48,7 @@ from prometheus_client import Counter
 
 from bikeshare_membership import storage
 from bikeshare_membership.config import Settings
-from bikeshare_membership.schema import trip_percent
+from bikeshare_membership.schema import RequestTrips, trip_percent
 
 if TYPE_CHECKING:
     from bikeshare_membership.model_store import LoadedModel
@@ -102,11 +102,9 @@ WRITTEN = Counter("bikeshare_prediction_log_written", "Answered trips written to
 
 log = logging.getLogger(__name__)
 
-# What a request keeps: request id, time answered (epoch seconds), model name and version,
-# [(trip, probability)], answers, the shadow's scores.
-Answered = tuple[
-    str, float, str, str, Sequence[tuple[dict[str, Any], float]], Sequence[dict[str, Any]], "ShadowScores | None"
-]
+# What a request keeps: request id, time answered (epoch seconds), model name and version, validated trips,
+# their probabilities, answers, the shadow's scores.
+Answered = tuple[str, float, str, str, RequestTrips, Sequence[float], Sequence[dict[str, Any]], "ShadowScores | None"]
 
 
 def _positions(repeats: list[int]) -> np.ndarray:
@@ -145,20 +143,21 @@ class PredictionLog:
         request_id: str,
         answered_at: float,
         model: LoadedModel,
-        scored: Sequence[tuple[dict[str, Any], float]],
+        trips: RequestTrips,
+        probabilities: Sequence[float],
         answers: Sequence[dict[str, Any]],
         shadow: ShadowScores | None = None,
     ) -> None:
-        """Queue a request's answered trips (`scored`: each validated trip and its probability, in the order
-        of `answers`; `shadow`: the shadow's scores of them); drop and count them if the worker already holds
+        """Queue a request's answered trips (validated, with their probabilities, in the order of `answers`;
+        `shadow`: the shadow's scores of them); drop and count them if the worker already holds
         PREDICTION_LOG_MAX_PENDING (counted at once: the writer may be stuck on a destination that does not
         answer)."""
-        count = len(scored)
+        count = len(trips)
         if self.kept - self.released + count > self.max_pending:
             DROPPED.inc(count)
             return
         self.kept += count
-        self.pending.append((request_id, answered_at, model.name, model.version, scored, answers, shadow))
+        self.pending.append((request_id, answered_at, model.name, model.version, trips, probabilities, answers, shadow))
 
     # --- The writer ---------------------------------------------------------------------------------------
 
@@ -201,30 +200,30 @@ class PredictionLog:
             return
         # Column by column with comprehensions, and Arrow for the rest (NaN -> null, the timestamps): a few
         # microseconds a trip on the writer's thread, which holds the interpreter meanwhile.
-        repeats = [len(scored) for *_, scored, _, _ in taken]
-        trips = [trip for *_, scored, _, _ in taken for trip, _ in scored]
+        repeats = [len(trips) for *_, trips, _, _, _ in taken]
+        trip_columns = RequestTrips.joined([trips for *_, trips, _, _, _ in taken]).columns
         answers = [answer for *_, answered, _ in taken for answer in answered]
         shadow_versions = [None if shadow is None else shadow["version"] for *_, shadow in taken]
         shadow_probabilities = [
             probability
-            for *_, scored, _, shadow in taken
-            for probability in (shadow["probabilities"] if shadow else [None] * len(scored))
+            for *_, trips, _, _, shadow in taken
+            for probability in (shadow["probabilities"] if shadow else [None] * len(trips))
         ]
         columns: dict[str, Any] = {
             "request_id": pa.array([item[0] for item in taken], pa.string()).take(_positions(repeats)),
             "answered_at": pa.array((np.repeat([item[1] for item in taken], repeats) * 1e6).astype("int64")),
-            "trip_id": [None if trip["trip_id"] is None else str(trip["trip_id"]) for trip in trips],
+            "trip_id": [None if trip_id is None else str(trip_id) for trip_id in trip_columns["trip_id"]],
             "model_name": pa.array([item[2] for item in taken], pa.string()).take(_positions(repeats)),
             "model_version": pa.array([item[3] for item in taken], pa.string()).take(_positions(repeats)),
             "proba": [answer["proba"] for answer in answers],
-            "member_probability": [probability for *_, scored, _, _ in taken for _, probability in scored],
+            "member_probability": [value for *_, probabilities, _, _ in taken for value in probabilities],
             "membership": [answer["membership"] for answer in answers],
             "shadow_model_version": pa.array(shadow_versions, pa.string()).take(_positions(repeats)),
             "shadow_proba": [None if value is None else trip_percent(value) for value in shadow_probabilities],
             "shadow_member_probability": shadow_probabilities,
         }
         for name in TRIP_COLUMNS:
-            columns[name] = pa.array([trip[name] for trip in trips], SCHEMA.field(name).type, from_pandas=True)
+            columns[name] = pa.array(trip_columns[name], SCHEMA.field(name).type, from_pandas=True)
         columns["answered_at"] = columns["answered_at"].cast(SCHEMA.field("answered_at").type)
         batch = pa.RecordBatch.from_pydict({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
         self.batches.append(batch)

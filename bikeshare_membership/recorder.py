@@ -33,12 +33,13 @@ if TYPE_CHECKING:
     from bikeshare_membership.model_holder import ModelHolder
     from bikeshare_membership.model_store import LoadedModel
     from bikeshare_membership.prediction_log import PredictionLog
+    from bikeshare_membership.schema import RequestTrips
     from bikeshare_membership.shadow import ShadowScores
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replaced by the id the request got
 PREDICTIONS_ENVIRON = "bikeshare.predictions"  # the answers of POST /predict, for the prediction metrics
-# POST /predict's (model, [(validated trip, probability)]), in the answers' order, for the prediction log
+# POST /predict's (model, validated trips, their probabilities), in the answers' order, for the prediction log
 SCORED_ENVIRON = "bikeshare.scored"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
@@ -58,7 +59,7 @@ class Record(NamedTuple):
     created: float
     line: dict[str, Any]
     answers: list[dict[str, Any]] | None
-    scored: tuple[LoadedModel, list[tuple[dict[str, Any], float]]] | None
+    scored: tuple[LoadedModel, RequestTrips, list[float]] | None
 
 
 class Answered(NamedTuple):
@@ -67,7 +68,8 @@ class Answered(NamedTuple):
     request_id: str
     created: float
     model: LoadedModel
-    scored: list[tuple[dict[str, Any], float]]
+    trips: RequestTrips
+    probabilities: list[float]
     answers: list[dict[str, Any]]
 
 
@@ -163,11 +165,13 @@ class RequestRecorder:
         scores: list[ShadowScores] | None = None
         if self.holder.shadow is not None:
             try:
-                scores = self.holder.shadow.score([[trip for trip, _ in request.scored] for request in answered])
+                scores = self.holder.shadow.score([request.trips for request in answered])
             except Exception:  # the prediction log's rows must not go with a shadow's failure
                 log.exception("shadow: could not score answered trips")
             if scores is not None:
-                metrics.shadow_compared([(request.model.version, request.scored) for request in answered], scores)
+                metrics.shadow_compared(
+                    [(request.model.version, request.probabilities) for request in answered], scores
+                )
         if self.prediction_log is not None:
             for index, request in enumerate(answered):
                 self.prediction_log.keep(*request, shadow=None if scores is None else scores[index])

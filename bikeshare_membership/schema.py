@@ -520,7 +520,56 @@ def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: i
     }
 
 
-def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = None) -> list[dict[str, Any]]:
+class RequestTrips:
+    """A request's validated trips as columns: each REQUEST_SCHEMA field a list, in the request's order, of the
+    values `parse_request_trip` gives. The request path reads the columns (`model_input`, the trip ids); a trip
+    as a dict (`trips[i]`) is built only where one is asked for."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        self.columns = columns  # by field name, in TRIP_FIELDS order
+
+    @classmethod
+    def of(cls, trips: Iterable[Mapping[str, Any]]) -> RequestTrips:
+        """The columns of trips validated one by one (`parse_request_trip`'s dicts)."""
+        trips = list(trips)
+        return cls({name: [trip[name] for trip in trips] for name in TRIP_FIELDS})
+
+    @classmethod
+    def one(cls, trip: Mapping[str, Any]) -> RequestTrips:
+        """`of` a single trip, in a third of its time (the single-trip request's path)."""
+        return cls({name: [trip[name]] for name in TRIP_FIELDS})
+
+    @classmethod
+    def joined(cls, parts: Sequence[RequestTrips]) -> RequestTrips:
+        """Several requests' trips, one after another."""
+        return cls({name: [value for part in parts for value in part.columns[name]] for name in TRIP_FIELDS})
+
+    def __len__(self) -> int:
+        return len(self.columns["trip_id"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {name: column[index] for name, column in self.columns.items()}
+
+    def records(self) -> list[dict[str, Any]]:
+        """Each trip as `parse_request_trip` gives it."""
+        return [self[index] for index in range(len(self))]
+
+    def model_input(self) -> dict[str, np.ndarray]:
+        """The columns the model takes (`MODEL_INPUT_COLUMNS`), as arrays, without pandas."""
+        return {
+            # Seconds in Python, then one cast: numpy converts datetime objects one by one, several times slower.
+            "trip_start_time": np.array(
+                [(moment - UNIX_EPOCH) // ONE_SECOND for moment in self.columns["trip_start_time"]], dtype="int64"
+            ).astype("datetime64[s]"),
+            "trip_duration_seconds": np.array(self.columns["trip_duration_seconds"], dtype="float64"),
+            "from_station_id": np.array(self.columns["from_station_id"], dtype="float64"),
+            "to_station_id": np.array(self.columns["to_station_id"], dtype="float64"),
+        }
+
+
+def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = None) -> RequestTrips:
     """`parse_request_trip` of each trip of a list (`item`: its position), validated as columns: each field
     across the trips in one pass, each distinct text (timestamp, station id, name, label) read once.
 
@@ -529,7 +578,7 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
     first bad trip is refused exactly as it would be alone, with the same field, item and message.
     """
     if not all(type(record) is dict for record in records):
-        return [parse_request_trip(record, date_order, item) for item, record in enumerate(records)]
+        return RequestTrips.of(parse_request_trip(record, date_order, item) for item, record in enumerate(records))
     trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
         [record.get(trip_field.name) for record in records] for trip_field in REQUEST_SCHEMA
     )
@@ -553,34 +602,27 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
         if begin is None or end is None or end < begin
     )
 
-    trips = [
-        {
-            "trip_id": trip_id,
-            "trip_start_time": begin,
-            "trip_stop_time": end,
-            "trip_duration_seconds": float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan,
-            "from_station_id": from_station,
-            "from_station_name": from_station_name,
-            "to_station_id": to_station,
-            "to_station_name": to_station_name,
-            "user_type": label,
-        }
-        for trip_id, begin, end, seconds, from_station, from_station_name, to_station, to_station_name, label in zip(
-            trip_ids,
-            begins,
-            ends,
-            durations,
-            from_ids,
-            _read_texts(from_names, _text),
-            to_ids,
-            _read_texts(to_names, _text),
-            labels,
+    columns: dict[str, list[Any]] = dict(
+        zip(
+            TRIP_FIELDS,
+            (
+                trip_ids,
+                begins,
+                ends,
+                [float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan for seconds in durations],
+                from_ids,
+                _read_texts(from_names, _text),
+                to_ids,
+                _read_texts(to_names, _text),
+                labels,
+            ),
             strict=True,
         )
-    ]
+    )
     for item in sorted(doubtful):
-        trips[item] = parse_request_trip(records[item], date_order, item)
-    return trips
+        for name, value in parse_request_trip(records[item], date_order, item).items():
+            columns[name][item] = value
+    return RequestTrips(columns)
 
 
 def _read_texts(column: list[Any], read: Callable[[str], Any]) -> list[Any]:
@@ -656,16 +698,3 @@ def _trip_moments(
 # What a trip's two slash timestamps show (bit 1: a first number over 12, bit 2: a second number over 12):
 # one of the two decides the order; neither or both leave the default (evident_date_order's rule).
 _ORDER_SHOWN: dict[int, DateOrder] = {1: "DMY", 2: "MDY"}
-
-
-def model_input(trips: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Validated request trips as the columns the model takes (`MODEL_INPUT_COLUMNS`), without pandas."""
-    return {
-        # Seconds in Python, then one cast: numpy converts datetime objects one by one, several times slower.
-        "trip_start_time": np.array(
-            [(trip["trip_start_time"] - UNIX_EPOCH) // ONE_SECOND for trip in trips], dtype="int64"
-        ).astype("datetime64[s]"),
-        "trip_duration_seconds": np.array([trip["trip_duration_seconds"] for trip in trips], dtype="float64"),
-        "from_station_id": np.array([trip["from_station_id"] for trip in trips], dtype="float64"),
-        "to_station_id": np.array([trip["to_station_id"] for trip in trips], dtype="float64"),
-    }

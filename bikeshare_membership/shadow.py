@@ -17,14 +17,13 @@ schedule and on `POST /admin/reload`, and loads through the same model store and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from typing_extensions import TypedDict
 
 from bikeshare_membership.errors import first_line
 from bikeshare_membership.model_store import FETCH_ERRORS, LoadedModel, ModelStore, ServedModel
-from bikeshare_membership.schema import closed
+from bikeshare_membership.schema import RequestTrips, closed
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +82,12 @@ class Shadow:
     def state(self) -> ShadowState:
         return {"alias": self.alias, "model": self.model.served() if self.model else None, "error": self.error}
 
-    def score(self, requests: Sequence[Sequence[Mapping[str, Any]]]) -> list[ShadowScores] | None:
+    def score(self, requests: Sequence[RequestTrips]) -> list[ShadowScores] | None:
         """The shadow's P(Member) for each request's validated trips, in order; None when there is no shadow."""
         model = self.model  # read once: a swap meanwhile takes effect at the next batch
         if model is None:
             return None
-        trips = [trip for request in requests for trip in request]
+        trips = RequestTrips.joined(requests)
         probabilities = self._probabilities(model, trips)
         scores: list[ShadowScores] = []
         start = 0
@@ -97,7 +96,7 @@ class Shadow:
             start += len(request)
         return scores
 
-    def _probabilities(self, model: LoadedModel, trips: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    def _probabilities(self, model: LoadedModel, trips: RequestTrips) -> list[float | None]:
         """All trips in one call; if that fails, trip by trip, with None for each trip that fails."""
         try:
             return list(model.request_probabilities(trips))
@@ -106,9 +105,9 @@ class Shadow:
                 self.failing_version = model.version
                 log.exception("shadow: version %s fails on answered trips; scoring them one by one", model.version)
         scored: list[float | None] = []
-        for trip in trips:
+        for trip in trips.records():
             try:
-                scored.append(model.request_probabilities([trip])[0])
+                scored.append(model.request_probabilities(RequestTrips.of([trip]))[0])
             except Exception:
                 scored.append(None)
         return scored

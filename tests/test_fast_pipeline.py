@@ -70,7 +70,7 @@ def test_request_columns_and_frames_agree(model: LoadedModel) -> None:
         },
         {"trip_start_time": "10/01/17 00:00:01", "trip_stop_time": "10/01/17 00:00:27", "trip_duration_seconds": 26},
     ]
-    columns = schema.model_input([schema.parse_request_trip(record) for record in records])
+    columns = schema.RequestTrips.of([schema.parse_request_trip(record) for record in records]).model_input()
     expected = model.pipeline.predict_proba(pd.DataFrame(columns))[:, 1]
     np.testing.assert_allclose(model.member_probability(columns), expected, rtol=0, atol=1e-5)
 
@@ -176,9 +176,12 @@ def test_single_trips_one_at_a_time_match_scikit_learn(model: LoadedModel, real_
     sample = real_trips.sample(2000, random_state=4)
     expected = model.pipeline.predict_proba(sample)[:, 1]
     records = cast(list[dict[str, Any]], sample.to_dict("records"))  # the frame's column names are strings
-    trips = [{**trip, "trip_start_time": trip["trip_start_time"].to_pydatetime()} for trip in records]
+    trips = [  # the fields the frame lacks (trip_id) as None
+        {**dict.fromkeys(schema.TRIP_FIELDS), **trip, "trip_start_time": trip["trip_start_time"].to_pydatetime()}
+        for trip in records
+    ]
     assert all(type(trip["trip_start_time"]) is datetime for trip in trips)
-    one_by_one = [model.request_probabilities([trip])[0] for trip in trips]
+    one_by_one = [model.request_probabilities(schema.RequestTrips.of([trip]))[0] for trip in trips]
     np.testing.assert_allclose(one_by_one, expected, rtol=0, atol=1e-5)
     assert np.max(np.abs(np.array(one_by_one) - expected)) == 0
 
@@ -275,7 +278,7 @@ def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
     client = service_app.create_app(settings, ModelHolder(None, served)).test_client()
     response = client.post("/predict", json=schema.EXAMPLE_TRIP)
     assert response.status_code == 200, response.get_data(as_text=True)
-    trip = schema.model_input([schema.parse_request_trip(schema.EXAMPLE_TRIP)])
+    trip = schema.RequestTrips.of([schema.parse_request_trip(schema.EXAMPLE_TRIP)]).model_input()
     assert response.get_json()["proba"] == round(model.pipeline.predict_proba(pd.DataFrame(trip))[0, 1] * 100, 2)
     assert response.get_json()["model"]["version"] == "9"
 
@@ -296,7 +299,7 @@ def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeyp
     deep = copy.copy(classifier._predictors[0][0])
     deep.nodes = chain
     monkeypatch.setattr(classifier, "_predictors", [*classifier._predictors, [deep]])
-    trips = pd.DataFrame(schema.model_input([schema.parse_request_trip(schema.EXAMPLE_TRIP)]))
+    trips = pd.DataFrame(schema.RequestTrips.of([schema.parse_request_trip(schema.EXAMPLE_TRIP)]).model_input())
     np.testing.assert_array_equal(pipeline.predict_proba(trips), model.pipeline.predict_proba(trips))
     with pytest.raises(UnsupportedPipeline, match=r"cannot read the boosted trees .*SyntaxError"):
         fast_pipeline_of(pipeline)
@@ -336,15 +339,15 @@ def test_a_restart_serves_the_saved_fast_form_without_loading_the_pipeline(
         "import sys\n"
         "from bikeshare_membership.config import Settings\n"
         "from bikeshare_membership.model_store import ModelStore\n"
-        "from bikeshare_membership.schema import EXAMPLE_TRIP, parse_request_trip\n"
+        "from bikeshare_membership.schema import EXAMPLE_TRIP, RequestTrips, parse_request_trip\n"
         f"settings = Settings(tracking_uri={own_registry.tracking_uri!r}, registered_model={own_registry.registered_model!r}, "
         f"model_cache_dir={own_registry.model_cache_dir!r})\n"
         "model = ModelStore(settings).load_production()\n"
-        "print(model.request_probabilities([parse_request_trip(EXAMPLE_TRIP)])[0], 'skops.io' in sys.modules, "
+        "print(model.request_probabilities(RequestTrips.of([parse_request_trip(EXAMPLE_TRIP)]))[0], 'skops.io' in sys.modules, "
         "'sklearn' in sys.modules)\n"
     )
     restarted = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    expected = first.request_probabilities([schema.parse_request_trip(schema.EXAMPLE_TRIP)])[0]
+    expected = first.request_probabilities(schema.RequestTrips.of([schema.parse_request_trip(schema.EXAMPLE_TRIP)]))[0]
     assert restarted.stdout.split() == [repr(expected), "False", "False"]
 
 

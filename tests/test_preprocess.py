@@ -277,7 +277,7 @@ def test_station_names_resolve_through_spacing_and_spelling_drifts() -> None:
 def test_features_match_hand_computed_values() -> None:
     # Union Station (7033) 43.645609,-79.380386 -> York St / Queens Quay W (7076) 43.640132,-79.380464,
     # on Saturday 2017-07-15 at 14:30, for 600 s.
-    trips = schema.model_input(
+    trips = schema.RequestTrips.of(
         [
             parse_request_trip(
                 {
@@ -296,7 +296,7 @@ def test_features_match_hand_computed_values() -> None:
             parse_request_trip({**TRIP, "trip_start_time": "1/2/2017 9:00", "trip_stop_time": "1/2/2017 9:10"}),
             parse_request_trip({**TRIP, "trip_start_time": "1/3/2017 9:00", "trip_stop_time": "1/3/2017 9:10"}),
         ]
-    )
+    ).model_input()
     computed = feature_step.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips)
     first = computed.iloc[0]
     distance = 6371.0 * math.radians(43.645609 - 43.640132)  # due south, so the arc is the latitude difference
@@ -321,9 +321,9 @@ def test_features_match_hand_computed_values() -> None:
 def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_an_unconfirmed_one() -> None:
     """7322 was `King St W / Brant St` in 2023 and names another place in the 2025 snapshot: its features use
     the 2019 coordinates, whose name agrees; 7492 (`324 Cherry St`) is confirmed by no snapshot: no place."""
-    trips = schema.model_input(
+    trips = schema.RequestTrips.of(
         [parse_request_trip({**TRIP, "from_station_id": 7322, "to_station_id": 7492, "to_station_name": None})]
-    )
+    ).model_input()
     computed = feature_step.TripFeatures(features.FEATURE_CATALOGUE).fit(trips).transform(trips).iloc[0]
     assert (computed["from_lat"], computed["from_lon"]) == pytest.approx(
         (math.radians(43.6446926), math.radians(-79.3986795))
@@ -333,7 +333,7 @@ def test_features_of_a_moved_station_use_the_place_the_trips_knew_and_none_for_a
 
 
 def test_a_model_chooses_its_features_and_a_model_from_before_that_keeps_its_own() -> None:
-    trips = schema.model_input([parse_request_trip(TRIP)])
+    trips = schema.RequestTrips.of([parse_request_trip(TRIP)]).model_input()
     chosen = feature_step.TripFeatures(("duration_log", "holiday", "route")).fit(trips)
     assert list(chosen.transform(trips).columns) == ["duration_log", "holiday", "route"]
     with pytest.raises(ValueError, match="unknown features \\['speed'\\]"):
@@ -373,7 +373,7 @@ def test_features_of_a_file_and_of_requests_agree(tmp_path: Path) -> None:
             "to_station_name": "Fringe Next Stage - 7219",
         },
     ]
-    requested = schema.model_input([parse_request_trip(record) for record in records])
+    requested = schema.RequestTrips.of([parse_request_trip(record) for record in records]).model_input()
     step = feature_step.TripFeatures().fit(parsed)
     pd.testing.assert_frame_equal(step.transform(parsed).reset_index(drop=True), step.transform(requested))
 

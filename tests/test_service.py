@@ -25,7 +25,7 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
-from bikeshare_membership.schema import InvalidTrip, model_input, parse_request_trip, parse_request_trips
+from bikeshare_membership.schema import InvalidTrip, RequestTrips, parse_request_trip, parse_request_trips
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -65,7 +65,7 @@ def validated_alone(records: list[Any], date_order: Any) -> list[dict[str, Any]]
 
 def validated_as_columns(records: list[Any], date_order: Any) -> list[dict[str, Any]] | tuple[Any, ...]:
     try:
-        return parse_request_trips(records, date_order)
+        return parse_request_trips(records, date_order).records()
     except InvalidTrip as error:
         return error.field, error.message, error.item
 
@@ -115,7 +115,7 @@ def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model:
 
 
 def test_proba_is_the_pipelines_probability(client: FlaskClient, model: LoadedModel) -> None:
-    expected = model.member_probability(model_input([parse_request_trip(TRIP)]))[0]
+    expected = model.member_probability(RequestTrips.of([parse_request_trip(TRIP)]).model_input())[0]
     assert client.post("/predict", json=TRIP).get_json()["proba"] == round(expected * 100, 2)
 
 

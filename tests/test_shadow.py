@@ -94,8 +94,10 @@ def in_process_answers(model: LoadedModel, payloads: list[Any]) -> list[tuple[An
     """Each body answered in this process by `model`, with each validated trip and its exact probability."""
     answered = []
     for body in payloads:
-        scored: list[tuple[Any, float]] = []
-        answered.append((service_app.predictions(body, model, scored=scored), scored))
+        scored: list[service_app.Scored] = []
+        answer = service_app.predictions(body, model, scored=scored)
+        ((trips, probabilities),) = scored
+        answered.append((answer, list(zip(trips.records(), probabilities, strict=True))))
     return answered
 
 

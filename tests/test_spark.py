@@ -32,7 +32,7 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.model_files import FAST_FORM
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
-from bikeshare_membership.schema import EXAMPLE_TRIP, parse_request_trip
+from bikeshare_membership.schema import EXAMPLE_TRIP, RequestTrips, parse_request_trip
 from bikeshare_membership.spark_cli import one_line
 
 BUNDLED = sorted(stations.DATA_DIR.glob("bikeshare-ridership-2023-*.csv.gz"))
@@ -278,7 +278,7 @@ def test_unknown_and_missing_stations_are_scored_as_the_service_scores_them(
     answer = client.post("/predict", json=trips)
     assert answer.status_code == 200, answer.text
     served = {item["trip_id"]: item for item in answer.get_json()["predictions"]}
-    raw = model.request_probabilities([parse_request_trip(trip) for trip in trips])
+    raw = model.request_probabilities(RequestTrips.of([parse_request_trip(trip) for trip in trips]))
     spark_rows = predictions.set_index("trip_id").loc[list(STATION_ROWS)]
     for (trip_id, row), probability in zip(spark_rows.iterrows(), raw, strict=True):
         assert row["membership"] == served[trip_id]["membership"]
