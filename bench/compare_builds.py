@@ -72,7 +72,7 @@ def main() -> int:
         p99s: dict[str, list[float]] = {build: [] for build in urls}
         for round_number in range(1, args.rounds + 1):
             for build, url in urls.items():
-                result = run_wrk(url, body_for("service", 1), 1, args.seconds, work)
+                result = run_wrk(url, body_for("service", "single", 1), 1, args.seconds, work)
                 if result.errors:
                     sys.exit(f"{build} answered {result.errors} requests with errors: see {work}")
                 p50s[build].append(result.p50_ms * 1000)

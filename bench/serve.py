@@ -5,8 +5,9 @@
 On free loopback ports it starts: this service under its production Gunicorn configuration, `mlflow
 models serve` on the same registered model version, and a no-op Flask app under the same Gunicorn
 configuration (the floor: HTTP and Flask, no model). wrk, in its own process, drives each with the same
-bounded load: single trips at 1, 8 and 32 connections, and 100-trip and 1,000-trip lists (the example trip
-repeated) at 8, for --duration seconds each. It prints req/s, p50/p99 latency and errors for each, the
+bounded load: single trips at 1, 8 and 32 connections, and at 8 lists: of 100 and 1,000 trips (the example trip
+repeated) and of 100 distinct trips (`varied_trips`, as a dispatcher's last minute would be), for --duration
+seconds each. It prints req/s, p50/p99 latency and errors for each, the
 ratios, and the in-process cost per trip through the service's code path without HTTP: one trip, and lists
 of the example trip repeated and of varied trips (distinct times, durations and stations). The last line is
 one JSON object. With --observed a fourth server joins, side by side: the service with the prediction log
@@ -38,6 +39,7 @@ from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_store import LoadedModel, ModelStore
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
+from bikeshare_membership.schema import parse_request_trip
 from bikeshare_membership.stations import station_index
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,15 @@ MODEL = "bikeshare-serve-bench"
 MLFLOW_ROW = ["2017-01-01T00:00:00", 223.0, 7051.0, 7089.0]
 MLFLOW_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station_id", "to_station_id"]
 FLOOR_APP = "bench.noop_app:app"  # the HTTP floor: reads the body, answers a constant
-SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch100", 8, 100), ("batch1000", 8, 1000)]
+# (kind, connections, trips): lists of the example trip repeated, and `varied100`, lists of distinct trips
+SCENARIOS = [
+    ("single", 1, 1),
+    ("single", 8, 1),
+    ("single", 32, 1),
+    ("batch100", 8, 100),
+    ("varied100", 8, 100),
+    ("batch1000", 8, 1000),
+]
 
 
 @dataclass
@@ -61,10 +71,20 @@ class Result:
     errors: int
 
 
-def body_for(server: str, trips: int) -> bytes:
+def body_for(server: str, kind: str, trips: int) -> bytes:
+    """The request body of a scenario: the example trip, repeated `trips` times, or `varied_trips` for `varied`
+    kinds; for `mlflow models serve`, the same trips as its signature's rows."""
+    varied = kind.startswith("varied")
+    records = varied_trips(trips) if varied else [TRIP] * trips
     if server == "mlflow":
-        return orjson.dumps({"dataframe_split": {"columns": MLFLOW_COLUMNS, "data": [MLFLOW_ROW] * trips}})
-    return orjson.dumps(TRIP if trips == 1 else [TRIP] * trips)
+        rows = [mlflow_row(record) for record in records] if varied else [MLFLOW_ROW] * trips
+        return orjson.dumps({"dataframe_split": {"columns": MLFLOW_COLUMNS, "data": rows}})
+    return orjson.dumps(TRIP if trips == 1 else records)
+
+
+def mlflow_row(record: dict[str, Any]) -> list[Any]:
+    trip = parse_request_trip(record)
+    return [trip["trip_start_time"].isoformat(), *(float(trip[column]) for column in MLFLOW_COLUMNS[1:])]
 
 
 def milliseconds(text: str) -> float:
@@ -207,7 +227,7 @@ def main() -> int:
         print(f"{'server':8} {'load':10} {'clients':>7} {'req/s':>9} {'trips/s':>9} {'p50 ms':>8} {'p99 ms':>8} errors")
         for kind, connections, trips in SCENARIOS:
             for server, url in servers.items():
-                result = run_wrk(url, body_for(server, trips), connections, args.duration, work)
+                result = run_wrk(url, body_for(server, kind, trips), connections, args.duration, work)
                 results[server, kind, connections] = result
                 rates = f"{result.requests_per_s:>9.0f} {result.requests_per_s * trips:>9.0f}"
                 latency = f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
@@ -232,6 +252,7 @@ def main() -> int:
         "single_c1_p50_ms": round(service_c1.p50_ms, 3),
         "single_c1_p50_vs_floor": round(service_c1.p50_ms / floor_c1.p50_ms, 2),
         "batch100_c8_trips_per_s": round(results["service", "batch100", 8].requests_per_s * 100),
+        "varied100_c8_trips_per_s": round(results["service", "varied100", 8].requests_per_s * 100),
         "batch1000_c8_trips_per_s": round(results["service", "batch1000", 8].requests_per_s * 1000),
         "errors": sum(result.errors for (server, _, _), result in results.items() if server in ("service", "observed")),
         "in_process_us_per_trip": {name: round(value, 1) for name, value in in_process_us.items()},
@@ -248,6 +269,7 @@ def main() -> int:
         f"single trip, 8 clients: {summary['single_c8_ratio_vs_mlflow']}x mlflow models serve; "
         f"1 client p50 {summary['single_c1_p50_ms']} ms = {summary['single_c1_p50_vs_floor']}x the no-op floor; "
         f"lists at 8 clients: {summary['batch100_c8_trips_per_s']} trips/s (100), "
+        f"{summary['varied100_c8_trips_per_s']} trips/s (100 distinct), "
         f"{summary['batch1000_c8_trips_per_s']} trips/s (1,000)"
     )
     print(json.dumps(summary))
