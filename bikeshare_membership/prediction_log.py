@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -102,9 +102,18 @@ WRITTEN = Counter("bikeshare_prediction_log_written", "Answered trips written to
 
 log = logging.getLogger(__name__)
 
-# What a request keeps: request id, time answered (epoch seconds), model name and version, validated trips,
-# their probabilities, answers, the shadow's scores.
-Answered = tuple[str, float, str, str, RequestTrips, Sequence[float], Sequence[dict[str, Any]], "ShadowScores | None"]
+
+class Answered(NamedTuple):
+    """What a request keeps until the writer converts it."""
+
+    request_id: str
+    answered_at: float  # epoch seconds
+    model_name: str
+    model_version: str
+    trips: RequestTrips
+    probabilities: Sequence[float]
+    answers: Sequence[dict[str, Any]]
+    shadow: ShadowScores | None
 
 
 def _positions(repeats: list[int]) -> np.ndarray:
@@ -157,7 +166,9 @@ class PredictionLog:
             DROPPED.inc(count)
             return
         self.kept += count
-        self.pending.append((request_id, answered_at, model.name, model.version, trips, probabilities, answers, shadow))
+        self.pending.append(
+            Answered(request_id, answered_at, model.name, model.version, trips, probabilities, answers, shadow)
+        )
 
     # --- The writer ---------------------------------------------------------------------------------------
 
@@ -200,25 +211,28 @@ class PredictionLog:
             return
         # Column by column with comprehensions, and Arrow for the rest (NaN -> null, the timestamps): a few
         # microseconds a trip on the writer's thread, which holds the interpreter meanwhile.
-        repeats = [len(trips) for *_, trips, _, _, _ in taken]
-        trip_columns = RequestTrips.joined([trips for *_, trips, _, _, _ in taken]).columns
-        answers = [answer for *_, answered, _ in taken for answer in answered]
-        shadow_versions = [None if shadow is None else shadow["version"] for *_, shadow in taken]
+        repeats = [len(request.trips) for request in taken]
+        positions = _positions(repeats)  # each request's row, once per trip
+        trip_columns = RequestTrips.joined([request.trips for request in taken]).columns
+        answers = [answer for request in taken for answer in request.answers]
+        shadow_versions = [None if request.shadow is None else request.shadow["version"] for request in taken]
         shadow_probabilities = [
             probability
-            for *_, trips, _, _, shadow in taken
-            for probability in (shadow["probabilities"] if shadow else [None] * len(trips))
+            for request in taken
+            for probability in (request.shadow["probabilities"] if request.shadow else [None] * len(request.trips))
         ]
         columns: dict[str, Any] = {
-            "request_id": pa.array([item[0] for item in taken], pa.string()).take(_positions(repeats)),
-            "answered_at": pa.array((np.repeat([item[1] for item in taken], repeats) * 1e6).astype("int64")),
+            "request_id": pa.array([request.request_id for request in taken], pa.string()).take(positions),
+            "answered_at": pa.array(
+                (np.repeat([request.answered_at for request in taken], repeats) * 1e6).astype("int64")
+            ),
             "trip_id": [None if trip_id is None else str(trip_id) for trip_id in trip_columns["trip_id"]],
-            "model_name": pa.array([item[2] for item in taken], pa.string()).take(_positions(repeats)),
-            "model_version": pa.array([item[3] for item in taken], pa.string()).take(_positions(repeats)),
+            "model_name": pa.array([request.model_name for request in taken], pa.string()).take(positions),
+            "model_version": pa.array([request.model_version for request in taken], pa.string()).take(positions),
             "proba": [answer["proba"] for answer in answers],
-            "member_probability": [value for *_, probabilities, _, _ in taken for value in probabilities],
+            "member_probability": [value for request in taken for value in request.probabilities],
             "membership": [answer["membership"] for answer in answers],
-            "shadow_model_version": pa.array(shadow_versions, pa.string()).take(_positions(repeats)),
+            "shadow_model_version": pa.array(shadow_versions, pa.string()).take(positions),
             "shadow_proba": [None if value is None else trip_percent(value) for value in shadow_probabilities],
             "shadow_member_probability": shadow_probabilities,
         }

@@ -580,7 +580,7 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
     if not all(type(record) is dict for record in records):
         return RequestTrips.of(parse_request_trip(record, date_order, item) for item, record in enumerate(records))
     trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
-        [record.get(trip_field.name) for record in records] for trip_field in REQUEST_SCHEMA
+        [record.get(name) for record in records] for name in TRIP_FIELDS
     )
     doubtful = {item for item, value in enumerate(trip_ids) if type(value) not in _ID_TYPES}
     doubtful.update(

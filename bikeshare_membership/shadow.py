@@ -107,7 +107,7 @@ class Shadow:
         scored: list[float | None] = []
         for trip in trips.records():
             try:
-                scored.append(model.request_probabilities(RequestTrips.of([trip]))[0])
+                scored.append(model.request_probabilities(RequestTrips.one(trip))[0])
             except Exception:
                 scored.append(None)
         return scored
