@@ -652,15 +652,22 @@ def _label(text: str) -> str | object | None:
 def _station_ids(ids: list[Any], names: list[Any]) -> list[float | None]:
     """One end's station ids as `parse_request_trip` resolves them (by name when the id is missing); None
     where the columns do not vouch for the trip."""
-    texts = _read_texts(ids, _station_id_text)
+    texts = {text: _station_id_text(text) for text in {value for value in ids if type(value) is str}}
     resolved = [
-        float(value) if type(value) is int else text if type(value) is str else math.nan if value is None else None
-        for value, text in zip(ids, texts, strict=True)
+        float(value)
+        if type(value) is int
+        else texts[value]
+        if type(value) is str
+        else math.nan
+        if value is None
+        else None  # neither a whole number, text nor missing: not vouched for
+        for value in ids
     ]
     index = station_index()
     found: dict[str, float] = {}
-    for item, (value, name) in enumerate(zip(resolved, names, strict=True)):
-        if value is not None and math.isnan(value) and type(name) is str and _text(name) is not None:
+    for item in [item for item, value in enumerate(resolved) if value != value]:  # NaN: missing, looked up by name
+        name = names[item]
+        if type(name) is str and _text(name) is not None:
             if name not in found:
                 station = index.id_for(_text(name))
                 found[name] = math.nan if station is None else float(station)
@@ -672,26 +679,24 @@ def _trip_moments(
     starts: list[Any], stops: list[Any], default_order: DateOrder
 ) -> tuple[list[datetime | None], list[datetime | None]]:
     """Each trip's start and stop as `parse_timestamps` reads a trip's pair: in the order either text shows, else
-    `default_order`. Each distinct text is matched once, each distinct (text, order) read once; None where a
-    text is not a valid timestamp (or not a text)."""
+    `default_order`. Each distinct text is matched once and read in `default_order` once; only a trip whose texts
+    show the other order is read again, in it. None where a text is not a valid timestamp (or not a text)."""
     parts = {
         text: _slash_parts(text)
         for text in {text for column in (starts, stops) for text in column if type(text) is str}
     }
     shows = {text: 0 if found is None else (found[0] > 12) | (found[1] > 12) << 1 for text, found in parts.items()}
-    orders = [
-        _ORDER_SHOWN.get(shows[start] | shows[stop], default_order) if type(start) is type(stop) is str else None
-        for start, stop in zip(starts, stops, strict=True)
-    ]
-    read: dict[tuple[str, DateOrder], datetime | None] = {}
-    for column in (starts, stops):
-        for text, order in zip(column, orders, strict=True):
-            if order is not None and (text, order) not in read:
-                read[text, order] = _read_timestamp(text, parts[text], order)
-    begins, ends = (
-        [None if order is None else read[text, order] for text, order in zip(column, orders, strict=True)]
-        for column in (starts, stops)
-    )
+    read = {text: _read_timestamp(text, found, default_order) for text, found in parts.items()}
+    begins, ends = ([read[text] if type(text) is str else None for text in column] for column in (starts, stops))
+    if any(shows.values()):  # some text shows its order: the trips whose pair shows the other one are read in it
+        for item, (start, stop) in enumerate(zip(starts, stops, strict=True)):
+            shown = (shows[start] if type(start) is str else 0) | (shows[stop] if type(stop) is str else 0)
+            order = _ORDER_SHOWN.get(shown, default_order)
+            if order != default_order:
+                begins[item], ends[item] = (
+                    None if type(text) is not str else _read_timestamp(text, parts[text], order)
+                    for text in (start, stop)
+                )
     return begins, ends
 
 
