@@ -22,9 +22,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Final, Literal, cast
+from operator import attrgetter
+from typing import Annotated, Any, Final, Literal, Union, cast
 from zoneinfo import ZoneInfo
 
+import msgspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -259,6 +261,51 @@ MODEL_INPUT_COLUMNS = ["trip_start_time", "trip_duration_seconds", "from_station
 UNIX_EPOCH = datetime(1970, 1, 1)  # naive, like the trips' Toronto wall-clock times
 ONE_SECOND = timedelta(seconds=1)
 
+
+def _decoded_type(trip_field: TripField) -> Any:
+    """A field's JSON types as msgspec checks them while it decodes: integers within int64 (orjson reads every one
+    of those exactly), numbers as floats (an integer too, as `float` would convert it), non-negative where the field
+    must be."""
+    kinds: dict[JsonType, Any] = {
+        "integer": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
+        "number": Annotated[float, msgspec.Meta(ge=0)] if trip_field.non_negative else float,
+        "string": str,
+        "null": None,
+    }
+    return Union[tuple(kinds[kind] for kind in trip_field.types)]  # noqa: UP007 (the types are data here)
+
+
+# A trip whose fields all have their JSON types, as msgspec decodes it: REQUEST_SCHEMA's fields in its order, a
+# missing optional field None. Any other field makes the body go the way of `parse_request_trip`'s checks
+# (`typed_trips`): msgspec would skip its value unread, where orjson refuses some (`1e999`, a lone surrogate).
+TypedTrip = msgspec.defstruct(
+    "TypedTrip",
+    [
+        (trip_field.name, _decoded_type(trip_field))
+        if trip_field.required
+        else (trip_field.name, _decoded_type(trip_field), None)
+        for trip_field in REQUEST_SCHEMA
+    ],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    gc=False,  # strings and numbers only: no cycle to collect
+)
+_TRIPS_BODY = msgspec.json.Decoder(Union[list[TypedTrip], TypedTrip])  # type: ignore[valid-type]  # noqa: UP007
+
+
+def typed_trips(body: bytes) -> Any:
+    """A /predict body decoded by msgspec in C, each trip a `TypedTrip` (a list of them, or one), when every trip has
+    REQUEST_SCHEMA's fields only, each of its JSON types; else None, and the caller reads the body with orjson and
+    validates it field by field (`parse_request_trip`), which names the problem.
+
+    What msgspec accepts here orjson reads to the same values (tests/test_service.py), so the answer does not depend
+    on the way a body took; only its cost does: no dict per trip, no type check in Python."""
+    try:
+        return _TRIPS_BODY.decode(body)
+    except msgspec.DecodeError:  # msgspec.ValidationError is one
+        return None
+
+
 DateOrder = Literal["MDY", "DMY"]
 DATE_ORDERS: tuple[DateOrder, ...] = ("MDY", "DMY")
 DEFAULT_REQUEST_DATE_ORDER: DateOrder = "MDY"
@@ -482,16 +529,20 @@ def _station_id(value: int | str | None, field: str, item: int | None) -> float:
 
 
 def parse_request_trip(record: Any, date_order: DateOrder | None = None, item: int | None = None) -> dict[str, Any]:
-    """Validate one trip as sent to the service (REQUEST_SCHEMA) and return it in the schema's types.
+    """Validate one trip as sent to the service (REQUEST_SCHEMA: parsed JSON, or a `TypedTrip`) and return it in the
+    schema's types.
 
     Raises InvalidTrip naming the field (and `item`, its position in a list): first the schema's presence and
     type checks in field order, then the values: dates, their order, labels and station ids.
     """
-    if not isinstance(record, Mapping):
+    values: Sequence[Any]
+    if type(record) is TypedTrip:  # its types were checked as it was decoded
+        values = msgspec.structs.astuple(record)
+    elif isinstance(record, Mapping):
+        values = _checked_values(record, item)
+    else:
         raise InvalidTrip(None, "a trip must be a JSON object", item)
-    trip_id, start_text, stop_text, duration, from_id, from_name, to_id, to_name, user_type = _checked_values(
-        record, item
-    )
+    trip_id, start_text, stop_text, duration, from_id, from_name, to_id, to_name, user_type = values
     (start, stop), _ = parse_timestamps([start_text, stop_text], date_order or DEFAULT_REQUEST_DATE_ORDER)
     if start is None or stop is None:
         field = "trip_start_time" if start is None else "trip_stop_time"
@@ -571,25 +622,34 @@ class RequestTrips:
 
 def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = None) -> RequestTrips:
     """`parse_request_trip` of each trip of a list (`item`: its position), validated as columns: each field
-    across the trips in one pass, each distinct text (timestamp, station id, name, label) read once.
+    across the trips in one pass, each distinct text (timestamp, station id, name, label) read once. A list of
+    `TypedTrip`s skips the type checks.
 
     The columns vouch only for trips in the usual forms. Any other trip (one with a problem, or a rarer form
     such as a station id sent as `7051.0`) is validated alone by `parse_request_trip`, in list order, so the
     first bad trip is refused exactly as it would be alone, with the same field, item and message.
     """
-    if not all(type(record) is dict for record in records):
+    doubtful: set[int] = set()
+    if all(type(record) is TypedTrip for record in records):  # their types were checked as they were decoded
+        trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
+            list(map(attrgetter(name), records)) for name in TRIP_FIELDS
+        )
+    elif all(type(record) is dict for record in records):
+        trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
+            [record.get(name) for record in records] for name in TRIP_FIELDS
+        )
+        doubtful.update(item for item, value in enumerate(trip_ids) if type(value) not in _ID_TYPES)
+        doubtful.update(
+            item
+            for item, value in enumerate(durations)
+            if type(value) not in _NUMBER_TYPES or not 0 <= value < math.inf
+        )
+        for column in (starts, stops):
+            doubtful.update(item for item, value in enumerate(column) if type(value) is not str)
+        for column in (from_names, to_names, user_types):
+            doubtful.update(item for item, value in enumerate(column) if value is not None and type(value) is not str)
+    else:
         return RequestTrips.of(parse_request_trip(record, date_order, item) for item, record in enumerate(records))
-    trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
-        [record.get(name) for record in records] for name in TRIP_FIELDS
-    )
-    doubtful = {item for item, value in enumerate(trip_ids) if type(value) not in _ID_TYPES}
-    doubtful.update(
-        item for item, value in enumerate(durations) if type(value) not in _NUMBER_TYPES or not 0 <= value < math.inf
-    )
-    for column in (starts, stops):
-        doubtful.update(item for item, value in enumerate(column) if type(value) is not str)
-    for column in (from_names, to_names, user_types):
-        doubtful.update(item for item, value in enumerate(column) if value is not None and type(value) is not str)
     labels = _read_texts(user_types, _label)
     doubtful.update(item for item, label in enumerate(labels) if label is _INVALID)
     from_ids, to_ids = _station_ids(sent_from_ids, from_names), _station_ids(sent_to_ids, to_names)

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from flask.testing import FlaskClient
 from harness import ROOT
@@ -25,7 +26,15 @@ from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
-from bikeshare_membership.schema import InvalidTrip, RequestTrips, parse_request_trip, parse_request_trips
+from bikeshare_membership.schema import (
+    REQUEST_SCHEMA,
+    TRIP_FIELDS,
+    InvalidTrip,
+    RequestTrips,
+    parse_request_trip,
+    parse_request_trips,
+    typed_trips,
+)
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -101,7 +110,75 @@ def test_lists_validated_as_columns_equal_trip_by_trip_validation(date_order: An
         expected = comparable(validated_alone(records, date_order))
         assert comparable(validated_as_columns(records, date_order)) == expected, records
         outcomes.add("refused" if isinstance(expected, tuple) else "valid")
-    assert outcomes == {"refused", "valid"}
+        # As the service reads the same list sent as JSON: typed by msgspec where it can be, else as orjson reads it.
+        body = orjson.dumps(records)
+        typed = typed_trips(body)
+        if typed is not None:
+            sent = orjson.loads(body)
+            expected = comparable(validated_alone(sent, date_order))
+            assert comparable(validated_as_columns(typed, date_order)) == expected, records
+            assert comparable(validated_alone(typed, date_order)) == expected, records
+            outcomes.add("typed " + ("refused" if isinstance(expected, tuple) else "valid"))
+    assert outcomes == {"refused", "valid", "typed refused", "typed valid"}
+
+
+# JSON texts a field may be sent as: each type's usual and edge forms, and values of other types.
+JSON_VALUES = [
+    *("0", "-0", "7051", "-5", "223.5", "-0.0", "1e2", "1E-400", "1e999", "2.5e308", "4.9e-324", "0.1"),
+    *(str(2**63 - 1), str(-(2**63)), str(2**63), str(2**64 - 1), str(2**64), "123456789012345678901234567890"),
+    *("0.30000000000000004", "9007199254740993", "1.00000000000000011102230246251565404236316680908203125"),
+    *('"1/1/2017 0:00"', '"2017-01-01T00:00:00Z"', '" 7051 "', '"NULL"', '"Member"', '""', '"\\u00e9\\t\\""'),
+    *('"\\ud83d\\ude00"', '"\\u0000"', '"\\ud800"', '"caf\u00e9"', "true", "false", "null", "[]", "{}", "[1, {}]"),
+]
+
+
+def trip_text(rng: random.Random) -> str:
+    """A trip as JSON text: each field sent or left out, as a valid value or any of JSON_VALUES, now and then twice
+    (the last one counts) or with a field of another name."""
+    members = []
+    for trip_field in REQUEST_SCHEMA:
+        if rng.random() < 0.1 and not trip_field.required:
+            continue
+        valid = json.dumps(TRIP[trip_field.name])
+        for _ in range(2 if rng.random() < 0.05 else 1):
+            members.append(f'"{trip_field.name}": {rng.choice(JSON_VALUES) if rng.random() < 0.3 else valid}')
+    if rng.random() < 0.05:
+        members.append(f'"bike_id": {rng.choice(JSON_VALUES)}')
+    rng.shuffle(members)
+    return "{" + ", ".join(members) + "}"
+
+
+def test_typed_trips_read_the_same_values_as_orjson() -> None:
+    """Whatever msgspec decodes as trips, orjson reads as the same trips: each field's value and type (a number's as
+    `float` converts it), a missing field as None. Bodies it cannot type are left to orjson (None)."""
+    rng = random.Random(2017)
+    outcomes = set()
+    for _ in range(3000):
+        texts = [trip_text(rng) for _ in range(rng.choice([1, 1, 2, 5]))]
+        body = (texts[0] if rng.random() < 0.3 else "[" + ", ".join(texts) + "]").encode()
+        typed = typed_trips(body)
+        outcomes.add(typed is not None)
+        if typed is None:
+            continue
+        sent = orjson.loads(body)
+        typed_list, sent_list = (typed, sent) if isinstance(sent, list) else ([typed], [sent])
+        for decoded, record in zip(typed_list, sent_list, strict=True):
+            for name in TRIP_FIELDS:
+                value = record.get(name)
+                if name == "trip_duration_seconds":
+                    value = float(value)
+                assert (type(getattr(decoded, name)), repr(getattr(decoded, name))) == (type(value), repr(value)), body
+    assert outcomes == {True, False}
+
+
+def test_a_body_typed_or_not_gets_the_same_answer(client: FlaskClient, model: LoadedModel) -> None:
+    """A list msgspec types and the same list with a field of another name, which it leaves to orjson: the same
+    predictions; and a single trip either way."""
+    trips = [dict(TRIP, trip_id=item, trip_duration_seconds=60 * item) for item in range(50)]
+    untyped = [*trips[:-1], {**trips[-1], "bike_id": 1}]
+    assert typed_trips(orjson.dumps(trips)) is not None and typed_trips(orjson.dumps(untyped)) is None
+    assert client.post("/predict", json=trips).get_json() == client.post("/predict", json=untyped).get_json()
+    assert client.post("/predict", json=TRIP).get_json() == client.post("/predict", json={**TRIP, "x": 1}).get_json()
 
 
 def test_single_trip_gets_membership_proba_and_model(client: FlaskClient, model: LoadedModel) -> None:
