@@ -239,8 +239,7 @@ def predict() -> Response:
     model = _holder().model  # read once: this request is answered by this version, even if a swap happens
     scored: list[Scored] = []
     answer = predictions(_read_trips(), model, _date_order(), _settings().max_trips_per_request, scored)
-    request.environ[recorder.PREDICTIONS_ENVIRON] = answer.get("predictions", [answer])  # counted after sending
-    request.environ[recorder.SCORED_ENVIRON] = (model, *scored[0])  # the prediction log's, after sending
+    request.environ[recorder.SCORED_ENVIRON] = (model, *scored[0])  # counted and logged after sending (recorder.py)
     return json_response(answer)
 
 

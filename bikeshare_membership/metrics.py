@@ -16,17 +16,17 @@ process's first batch, with one warning.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import os
 import threading
 from collections import Counter as Tally
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from bikeshare_membership.schema import CASUAL, MEMBER, trip_membership
+from bikeshare_membership.schema import CASUAL, DECISION_THRESHOLD, MEMBER, percent, trip_membership
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -92,14 +92,15 @@ def requests_answered(answered: list[tuple[str, str, int, float]]) -> None:
         observe_all(LATENCY.labels(endpoint), values)
 
 
-def trips_predicted(answers: list[dict[str, Any]]) -> None:
-    """Count answered trips by class and add their probabilities (in percent, as answered) to the histogram."""
-    members = sum(answer["membership"] == MEMBER for answer in answers)
+def trips_predicted(member_probabilities: np.ndarray) -> None:
+    """Count answered trips by class and add their probabilities, in percent, to the histogram: from each trip's
+    P(Member), as the answers were made (`membership`, `percent`)."""
+    members = int(np.count_nonzero(member_probabilities >= DECISION_THRESHOLD))
     if members:
         MEMBER_TRIPS.inc(members)
-    if members < len(answers):
-        CASUAL_TRIPS.inc(len(answers) - members)
-    observe_all(PROBA, [answer["proba"] for answer in answers])
+    if members < len(member_probabilities):
+        CASUAL_TRIPS.inc(len(member_probabilities) - members)
+    observe_all(PROBA, percent(member_probabilities))
 
 
 def shadow_compared(answered: Sequence[tuple[str, Sequence[float]]], scores: Sequence[ShadowScores]) -> None:
@@ -129,10 +130,10 @@ _batched_writes: bool | None = None
 _deciding = threading.Lock()
 
 
-def observe_all(histogram: Histogram, values: list[float]) -> None:
+def observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """`histogram.observe` of each value, with one write per bucket touched where prometheus_client's internals
     allow it (`batched_writes_refused`), else by `observe` of each value: the batch is never lost."""
-    if not values:
+    if not len(values):
         return
     if _batched_writes is None:
         _decide(histogram)
@@ -140,7 +141,7 @@ def observe_all(histogram: Histogram, values: list[float]) -> None:
         _observe_batched(histogram, values)
     else:
         for value in values:
-            histogram.observe(value)
+            histogram.observe(float(value))
 
 
 def _decide(histogram: Histogram) -> None:
@@ -170,12 +171,14 @@ def batched_writes_refused(histogram: Histogram) -> str | None:
     return None
 
 
-def _observe_batched(histogram: Histogram, values: list[float]) -> None:
+def _observe_batched(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """What `observe` of each value writes, summed: its stored buckets are not cumulative, index i counts the
-    values in (bound i-1, bound i]."""
-    histogram._sum.inc(sum(values))
-    for bucket, count in Tally(bisect.bisect_left(histogram._upper_bounds, value) for value in values).items():
-        histogram._buckets[bucket].inc(count)
+    values in (bound i-1, bound i] (`searchsorted` on the left, as `observe`'s own bisect)."""
+    values = np.asarray(values, dtype="float64")
+    histogram._sum.inc(float(values.sum()))
+    counts = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"), minlength=1)
+    for bucket in np.flatnonzero(counts).tolist():
+        histogram._buckets[bucket].inc(int(counts[bucket]))
 
 
 def model_served(model: LoadedModel, replaced: LoadedModel | None = None) -> None:

@@ -48,7 +48,7 @@ from prometheus_client import Counter
 
 from bikeshare_membership import storage
 from bikeshare_membership.config import Settings
-from bikeshare_membership.schema import RequestTrips, trip_percent
+from bikeshare_membership.schema import RequestTrips, membership, percent, trip_percent
 
 if TYPE_CHECKING:
     from bikeshare_membership.model_store import LoadedModel
@@ -112,7 +112,6 @@ class Answered(NamedTuple):
     model_version: str
     trips: RequestTrips
     probabilities: Sequence[float]
-    answers: Sequence[dict[str, Any]]
     shadow: ShadowScores | None
 
 
@@ -154,10 +153,9 @@ class PredictionLog:
         model: LoadedModel,
         trips: RequestTrips,
         probabilities: Sequence[float],
-        answers: Sequence[dict[str, Any]],
         shadow: ShadowScores | None = None,
     ) -> None:
-        """Queue a request's answered trips (validated, with their probabilities, in the order of `answers`;
+        """Queue a request's answered trips (validated, with their probabilities, in the order of its answers;
         `shadow`: the shadow's scores of them); drop and count them if the worker already holds
         PREDICTION_LOG_MAX_PENDING (counted at once: the writer may be stuck on a destination that does not
         answer)."""
@@ -166,9 +164,7 @@ class PredictionLog:
             DROPPED.inc(count)
             return
         self.kept += count
-        self.pending.append(
-            Answered(request_id, answered_at, model.name, model.version, trips, probabilities, answers, shadow)
-        )
+        self.pending.append(Answered(request_id, answered_at, model.name, model.version, trips, probabilities, shadow))
 
     # --- The writer ---------------------------------------------------------------------------------------
 
@@ -214,7 +210,7 @@ class PredictionLog:
         repeats = [len(request.trips) for request in taken]
         positions = _positions(repeats)  # each request's row, once per trip
         trip_columns = RequestTrips.joined([request.trips for request in taken]).columns
-        answers = [answer for request in taken for answer in request.answers]
+        probabilities = np.concatenate([request.probabilities for request in taken])
         shadow_versions = [None if request.shadow is None else request.shadow["version"] for request in taken]
         shadow_probabilities = [
             probability
@@ -229,9 +225,9 @@ class PredictionLog:
             "trip_id": [None if trip_id is None else str(trip_id) for trip_id in trip_columns["trip_id"]],
             "model_name": pa.array([request.model_name for request in taken], pa.string()).take(positions),
             "model_version": pa.array([request.model_version for request in taken], pa.string()).take(positions),
-            "proba": [answer["proba"] for answer in answers],
-            "member_probability": [value for request in taken for value in request.probabilities],
-            "membership": [answer["membership"] for answer in answers],
+            "proba": percent(probabilities),  # as answered
+            "member_probability": probabilities,
+            "membership": membership(probabilities).tolist(),
             "shadow_model_version": pa.array(shadow_versions, pa.string()).take(positions),
             "shadow_proba": [None if value is None else trip_percent(value) for value in shadow_probabilities],
             "shadow_member_probability": shadow_probabilities,

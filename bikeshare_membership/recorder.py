@@ -23,6 +23,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 from bikeshare_membership import jsonlog, metrics
 
 if TYPE_CHECKING:
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI passes it; replaced by the id the request got
-PREDICTIONS_ENVIRON = "bikeshare.predictions"  # the answers of POST /predict, for the prediction metrics
-# POST /predict's (model, validated trips, their probabilities), in the answers' order, for the prediction log
+# POST /predict's (model, validated trips, their probabilities), in the answers' order: for the prediction metrics,
+# the shadow and the prediction log
 SCORED_ENVIRON = "bikeshare.scored"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
@@ -53,12 +55,11 @@ log = logging.getLogger(__name__)
 
 
 class Record(NamedTuple):
-    """A request once its response is sent: when, its log line, and for POST /predict its answers and the
-    model that gave them with each validated trip and its probability (SCORED_ENVIRON)."""
+    """A request once its response is sent: when, its log line, and for POST /predict the model that answered
+    with each validated trip and its probability (SCORED_ENVIRON)."""
 
     created: float
     line: dict[str, Any]
-    answers: list[dict[str, Any]] | None
     scored: tuple[LoadedModel, RequestTrips, list[float]] | None
 
 
@@ -70,7 +71,6 @@ class Answered(NamedTuple):
     model: LoadedModel
     trips: RequestTrips
     probabilities: list[float]
-    answers: list[dict[str, Any]]
 
 
 class RequestRecorder:
@@ -108,7 +108,7 @@ class RequestRecorder:
     def keep(self, line: dict[str, Any], environ: WSGIEnvironment) -> None:
         """The request's record, once its response is sent."""
         line["model_version"] = self.holder.model.version
-        self.pending.append(Record(time.time(), line, environ.get(PREDICTIONS_ENVIRON), environ.get(SCORED_ENVIRON)))
+        self.pending.append(Record(time.time(), line, environ.get(SCORED_ENVIRON)))
         if not self.flushing or len(self.pending) > MAX_PENDING:
             self.flush()
 
@@ -142,21 +142,19 @@ class RequestRecorder:
         if not records:
             return
         metrics.requests_answered(
-            [(line["endpoint"], line["method"], line["status"], line["seconds"]) for _, line, _, _ in records]
+            [(line["endpoint"], line["method"], line["status"], line["seconds"]) for _, line, _ in records]
         )
-        metrics.trips_predicted([answer for _, _, answers, _ in records if answers for answer in answers])
+        probabilities = [record.scored[2] for record in records if record.scored]
+        if probabilities:
+            metrics.trips_predicted(np.concatenate(probabilities))
         lines = []
-        for created, line, _, _ in records:
+        for created, line, _ in records:
             line["duration_ms"] = round(line.pop("seconds") * 1000, 3)
             lines.append((created, line))
         jsonlog.write_info_lines("predict.requests", "request", lines)
         if self.holder.shadow is None and self.prediction_log is None:
             return
-        answered = [
-            Answered(line["request_id"], created, *scored, answers)
-            for created, line, answers, scored in records
-            if answers and scored
-        ]
+        answered = [Answered(line["request_id"], created, *scored) for created, line, scored in records if scored]
         if answered:
             self._answered(answered)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 from conftest import rename_attribute, service_env
@@ -32,7 +33,7 @@ from bikeshare_membership import jsonlog, metrics, recorder
 from bikeshare_membership.config import Settings
 from bikeshare_membership.metrics import PROBA_BUCKETS
 from bikeshare_membership.model_holder import ModelHolder
-from bikeshare_membership.schema import CASUAL, MEMBER
+from bikeshare_membership.schema import CASUAL, MEMBER, trip_percent
 from bikeshare_membership.schema import EXAMPLE_TRIP as TRIP
 
 # A 2023 trip the test model scores as likelier a Member, so that both classes are (usually) counted.
@@ -383,22 +384,24 @@ def test_histograms_count_every_value_also_without_prometheus_client_internals(
     monkeypatch.setattr(metrics, "_batched_writes", None)  # this process decides again, at its next batch
     if change:
         PROMETHEUS_INTERNALS_CHANGED[change](monkeypatch, metrics.PROBA)
-    probas = [0.0, 3.25, 10.0, 10.01, 49.99, 50.0, 73.2, 99.99, 100.0] * 5
-    answers = [{"membership": MEMBER if proba >= 50 else CASUAL, "proba": proba} for proba in probas]
+    probabilities = np.array([0.0, 0.0325, 0.1, 0.1001, 0.099996, 0.4999, 0.5, 0.732, 0.9999, 1.0] * 5)
     public = CollectorRegistry()
     reference = Histogram(
         "bikeshare_prediction_proba_percent", "public observe", buckets=PROBA_BUCKETS, registry=public
     )
-    for proba in probas:
-        reference.observe(proba)
+    for probability in probabilities:
+        reference.observe(trip_percent(probability))  # as answered: 0.099996 is 10.0, in the bucket up to 10
 
     before = parsed(metrics.exposition())
     with caplog.at_level(logging.WARNING, logger=metrics.__name__):
-        metrics.trips_predicted(answers[:7])
-        metrics.trips_predicted([])
-        metrics.trips_predicted(answers[7:])
+        metrics.trips_predicted(probabilities[:7])
+        metrics.trips_predicted(probabilities[:0])
+        metrics.trips_predicted(probabilities[7:])
     after = parsed(metrics.exposition())
 
+    # Members from the probabilities, as the answers: 0.4999 (49.99%) is Casual, 0.5 a Member.
+    counted = delta(after, before, "bikeshare_predictions_total")
+    assert counted == {labels(membership=MEMBER): 20, labels(membership=CASUAL): 30}
     expected = parsed(generate_latest(public))
     for sample in ("_count", "_sum", "_bucket"):
         name = f"bikeshare_prediction_proba_percent{sample}"
