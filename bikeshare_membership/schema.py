@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime, timedelta
-from operator import attrgetter
 from typing import Annotated, Any, Final, Literal, Union, cast
 from zoneinfo import ZoneInfo
 
@@ -630,9 +629,9 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
     first bad trip is refused exactly as it would be alone, with the same field, item and message.
     """
     doubtful: set[int] = set()
-    if all(type(record) is TypedTrip for record in records):  # their types were checked as they were decoded
+    if records and all(type(record) is TypedTrip for record in records):  # types checked as they were decoded
         trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
-            list(map(attrgetter(name), records)) for name in TRIP_FIELDS
+            list(column) for column in zip(*map(msgspec.structs.astuple, records), strict=True)
         )
     elif all(type(record) is dict for record in records):
         trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
