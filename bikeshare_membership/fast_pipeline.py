@@ -339,14 +339,14 @@ class FastPipeline:
     def member_probability(self, trips: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
         """P(Member) for trips given as columns (a DataFrame, or arrays): features, encodings and trees as arrays,
         BLOCK_ROWS trips at a time."""
-        catalogue = self.features.catalogue_matrix(trips)
+        catalogue = self.features.catalogue_columns(trips)
         columns = [
-            encoding.encode_column(catalogue[:, position]) if encoding else catalogue[:, position]
+            encoding.encode_column(catalogue[position]) if encoding else catalogue[position]
             for position, encoding in self.columns
         ]
         raw = [
             self.tables.raw_scores([column[start : start + BLOCK_ROWS] for column in columns])
-            for start in range(0, len(catalogue), BLOCK_ROWS)
+            for start in range(0, len(columns[0]), BLOCK_ROWS)
         ]
         return expit(np.concatenate(raw) if raw else np.empty(0))  # the link scikit-learn's binomial loss uses
 

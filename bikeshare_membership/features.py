@@ -185,6 +185,10 @@ class FittedFeatures:
 
     def catalogue_matrix(self, trips: TripColumns) -> np.ndarray:
         """The (n, len(FEATURE_CATALOGUE)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
+        return np.column_stack(self.catalogue_columns(trips))
+
+    def catalogue_columns(self, trips: TripColumns) -> list[np.ndarray]:
+        """`catalogue_matrix`'s columns, each its own float64 array (no matrix to build and slice again)."""
         seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
         duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
         from_id = np.asarray(trips["from_station_id"], dtype="float64")
@@ -192,7 +196,7 @@ class FittedFeatures:
         ends = self._coordinates(np.concatenate([from_id, to_id]))
         origin, destination = ends[: len(from_id)], ends[len(from_id) :]
         values = trip_features(seconds, duration, from_id, to_id, origin.T, destination.T, self.holiday_days_)
-        return np.column_stack(values).astype("float64", copy=False)
+        return [np.asarray(value, dtype="float64") for value in values]
 
     def feature_matrix(self, trips: TripColumns) -> np.ndarray:
         """The (n, len(features)) float64 features of `MODEL_INPUT_COLUMNS` given as columns."""
