@@ -19,14 +19,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
-from harness import clean_env, run_train, start_gunicorn, stop  # noqa: E402
-from serve import FLOOR_APP, body_for, run_wrk  # noqa: E402
+from harness import run_train, start_gunicorn, stop  # noqa: E402
+from serve import FLOOR_APP, body_for, run_wrk, wrk_workspace  # noqa: E402
 
 FLOOR = "floor"
 
@@ -46,14 +45,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=4, help="of wrk per build and round")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("bench/compare_builds.py needs wrk: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix="compare-builds-"))
-    env = clean_env() | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "MODEL_REFRESH_SECONDS": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    work, env = wrk_workspace("bench/compare_builds.py", "compare-builds-")
     worktrees: list[Path] = []
     processes = []
     try:

@@ -100,6 +100,20 @@ def found(pattern: str, text: str) -> tuple[str, ...]:
     return match.groups()
 
 
+def wrk_workspace(script: str, prefix: str) -> tuple[Path, dict[str, str]]:
+    """For a script driving servers with wrk: exits if wrk is missing; else a new temporary folder and the servers'
+    environment, with a SQLite registry in that folder, no registry checks and no telemetry."""
+    if shutil.which("wrk") is None:
+        sys.exit(f"{script} needs wrk: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    env = clean_env() | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "MODEL_REFRESH_SECONDS": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    return work, env
+
+
 def run_wrk(url: str, body: bytes, connections: int, duration: int, work: Path) -> Result:
     script = work / "post.lua"
     script.write_text(

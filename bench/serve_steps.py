@@ -22,15 +22,14 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test harness: real processes on free ports
 
-from harness import clean_env, run_train, start_gunicorn, stop  # noqa: E402
-from serve import FLOOR_APP, body_for, run_wrk  # noqa: E402
+from harness import run_train, start_gunicorn, stop  # noqa: E402
+from serve import FLOOR_APP, body_for, run_wrk, wrk_workspace  # noqa: E402
 from step_apps import STEPS  # noqa: E402
 
 SERVERS = (*STEPS, "floor")
@@ -65,14 +64,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="of wrk per server, scenario and round")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("bench/serve_steps.py needs wrk: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix="serve-steps-"))
-    env = clean_env() | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "MODEL_REFRESH_SECONDS": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    work, env = wrk_workspace("bench/serve_steps.py", "serve-steps-")
     processes = []
     p50_ms: dict[str, list[float]] = {server: [] for server in SERVERS}
     trips_per_s: dict[str, list[float]] = {server: [] for server in SERVERS}
