@@ -9,7 +9,8 @@ configuration, the service and its variants (bench/step_apps.py: without the rec
 then without validation) and the no-op floor (bench/noop_app.py), all serving one model trained by train.py.
 Round after round, wrk drives each in turn: single trips at 1 client (p50) and lists of 100 trips at 8 clients
 (trips/s, and the Gunicorn workers' CPU time per list, read from /proc). A step's cost is the difference between
-the variant with it and the one without. The last line is one JSON object of the medians.
+the variant with it and the one without; with fewer than 3 rounds a small step's difference can come out
+negative on a noisy machine. The last line is one JSON object of the medians.
 """
 
 from __future__ import annotations
