@@ -686,8 +686,13 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
 
 def _read_texts(column: list[Any], read: Callable[[str], Any]) -> list[Any]:
     """`read` of each text in the column, each distinct text read once; None for any other value."""
-    once = {text: read(text) for text in {value for value in column if type(value) is str}}
+    once = _read_distinct_texts(column, read)
     return [once[value] if type(value) is str else None for value in column]
+
+
+def _read_distinct_texts(column: list[Any], read: Callable[[str], Any]) -> dict[str, Any]:
+    """`read` of each distinct text in the column, by text."""
+    return {text: read(text) for text in {value for value in column if type(value) is str}}
 
 
 _ID_TYPES = (int, str, type(None))  # exact types: a bool is an int to isinstance
@@ -711,7 +716,7 @@ def _label(text: str) -> str | object | None:
 def _station_ids(ids: list[Any], names: list[Any]) -> list[float | None]:
     """One end's station ids as `parse_request_trip` resolves them (by name when the id is missing); None
     where the columns do not vouch for the trip."""
-    texts = {text: _station_id_text(text) for text in {value for value in ids if type(value) is str}}
+    texts = _read_distinct_texts(ids, _station_id_text)
     resolved = [
         float(value)
         if type(value) is int
