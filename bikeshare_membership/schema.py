@@ -647,6 +647,8 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
             doubtful.update(item for item, value in enumerate(column) if type(value) is not str)
         for column in (from_names, to_names, user_types):
             doubtful.update(item for item, value in enumerate(column) if value is not None and type(value) is not str)
+        # As floats, as a typed trip's are already (NaN for a doubtful trip: it is validated alone below).
+        durations = [float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan for seconds in durations]
     else:
         return RequestTrips.of(parse_request_trip(record, date_order, item) for item, record in enumerate(records))
     labels = _read_texts(user_types, _label)
@@ -668,7 +670,7 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
                 trip_ids,
                 begins,
                 ends,
-                [float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan for seconds in durations],
+                durations,
                 from_ids,
                 _read_texts(from_names, _text),
                 to_ids,
