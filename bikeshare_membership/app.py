@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
+from gunicorn.http.body import Body, LengthReader
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import Field, WithJsonSchema
 from typing_extensions import TypedDict
@@ -173,13 +174,27 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
         raise _body_too_large(limit)
     if declared is None and not environ.get("wsgi.input_terminated"):
         return b""  # no length and no end marked by the server: HTTP says there is no body
-    data = environ["wsgi.input"].read(limit + 1 if declared is None else declared)
+    data = (
+        environ["wsgi.input"].read(limit + 1)
+        if declared is None
+        else _declared_length_reader(environ["wsgi.input"]).read(declared)
+    )
     if len(data) > limit:
         raise _body_too_large(limit)
     if declared is not None and len(data) != declared:
         message = f"the body ended after {len(data)} of the {declared} bytes its Content-Length says"
         raise Refused(400, "MALFORMED_REQUEST", message)
     return data
+
+
+def _declared_length_reader(stream: Any) -> Any:
+    """What reads a body of a declared length: under Gunicorn, its `LengthReader`, which takes the socket's chunks
+    as they come. Gunicorn's `Body.read` around it asks for 1 KiB at a time, each call copying the rest of the
+    chunk it holds: a 100-trip list cost about 0.1 ms more of a worker's time (docs/performance.md). Any other
+    server's stream reads itself."""
+    if type(stream) is Body and type(stream.reader) is LengthReader:
+        return stream.reader
+    return stream
 
 
 def _body_too_large(limit: int) -> Refused:

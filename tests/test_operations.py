@@ -4,6 +4,7 @@ and `POST /admin/reload` against a real registry."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -20,9 +21,12 @@ from urllib.parse import urlparse
 import pytest
 import requests
 from conftest import service_env
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.unreader import IterUnreader
 from harness import ROOT, start_gunicorn, stop
 from mlflow.tracking import MlflowClient
 
+from bikeshare_membership import app as service_app
 from bikeshare_membership import promotion
 from bikeshare_membership.config import Settings
 from bikeshare_membership.registry import production_version
@@ -133,6 +137,36 @@ def test_chunked_body_under_the_limit_is_answered(limited_service: str) -> None:
         raw_exchange(url, post_head(url, "Transfer-Encoding: chunked"), chunked(json.dumps(TRIP).encode(), 50))
     )
     assert status == 200 and body["trip_id"] == TRIP["trip_id"]
+
+
+def test_a_list_arriving_in_pieces_is_read_whole(limited_service: str) -> None:
+    """The body reaches the socket in pieces smaller than Gunicorn's 8 kB read, split mid-trip, with pauses
+    between them: read through Gunicorn's length reader (`_declared_length_reader`), every trip is answered."""
+    url = limited_service
+    payload = json.dumps([{**TRIP, "trip_id": item} for item in range(250)]).encode()
+    assert 60_000 < len(payload) < 100_000
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(payload), 7_001):
+            time.sleep(0.01)
+            yield payload[start : start + 7_001]
+
+    status, body = parse_answer(raw_exchange(url, post_head(url, f"Content-Length: {len(payload)}"), pieces()))
+    assert status == 200
+    assert [prediction["trip_id"] for prediction in body["predictions"]] == list(range(250))
+
+
+def test_gunicorn_bodies_of_a_declared_length_are_read_by_its_length_reader() -> None:
+    """The fast read depends on Gunicorn's classes; a Gunicorn whose classes change falls back to `Body.read`,
+    and this test says so. Any other stream reads itself."""
+    payload = bytes(range(256)) * 80
+    stream = Body(LengthReader(IterUnreader([payload[:5_000], payload[5_000:]]), len(payload)))
+    reader = service_app._declared_length_reader(stream)
+    assert reader is stream.reader
+    assert reader.read(len(payload)) == payload
+    assert stream.read(1) == b""  # the body is consumed, as `Body.read` leaves it
+    other = io.BytesIO(payload)
+    assert service_app._declared_length_reader(other) is other
 
 
 # --- Graceful shutdown ------------------------------------------------------------------------------
