@@ -97,7 +97,7 @@ class StationEncoding:
         """`encode` of each value of a float64 column, as one array."""
         if not len(self.categories):
             return np.where(np.isnan(values), self.missing, self.unknown)
-        position = np.minimum(np.searchsorted(self.categories, values), len(self.categories) - 1)
+        position = np.minimum(self.categories.searchsorted(values), len(self.categories) - 1)
         found = np.where(self.categories[position] == values, self.encodings[position], self.unknown)
         return np.where(np.isnan(values), self.missing, found)
 
@@ -223,7 +223,7 @@ class TreeTables:
         for column, table in zip(columns, self.tables, strict=True):
             if table is not None:
                 thresholds, masks = table
-                np.take(masks, np.searchsorted(thresholds, column), axis=0, out=looked_up, mode="clip")
+                masks.take(thresholds.searchsorted(column), axis=0, out=looked_up, mode="clip")
                 reachable &= looked_up
         exit_bit = np.bitwise_count(reachable ^ (reachable - 1))  # the lowest set bit's position, from 1
         # A row per tree, after the baseline's, summed down each column: numpy adds along an axis that is not the

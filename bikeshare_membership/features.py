@@ -62,7 +62,7 @@ def _is_in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
     hundred values, where `np.isin` spends its time sorting or hashing (docs/performance.md)."""
     if not len(sorted_values):
         return np.zeros(np.shape(values), dtype=bool)
-    position = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    position = np.minimum(sorted_values.searchsorted(values), len(sorted_values) - 1)
     return sorted_values[position] == values
 
 
@@ -174,7 +174,7 @@ class FittedFeatures:
 
     def _coordinates(self, station_ids: np.ndarray) -> np.ndarray:
         """(n, 2) latitude/longitude in radians; NaN for an unknown station."""
-        position = np.minimum(np.searchsorted(self.station_ids_, station_ids), len(self.station_ids_) - 1)
+        position = np.minimum(self.station_ids_.searchsorted(station_ids), len(self.station_ids_) - 1)
         known = self.station_ids_[position] == station_ids
         return np.where(known[:, None], self.station_coordinates_[position], np.nan)
 
@@ -190,7 +190,7 @@ class FittedFeatures:
     def catalogue_columns(self, trips: TripColumns) -> list[np.ndarray]:
         """`catalogue_matrix`'s columns, each its own float64 array (no matrix to build and slice again)."""
         seconds = np.asarray(trips["trip_start_time"], dtype="datetime64[s]").astype("int64")
-        duration = np.clip(np.asarray(trips["trip_duration_seconds"], dtype="float64"), 0, MAX_DURATION_SECONDS)
+        duration = np.asarray(trips["trip_duration_seconds"], dtype="float64").clip(0, MAX_DURATION_SECONDS)
         from_id = np.asarray(trips["from_station_id"], dtype="float64")
         to_id = np.asarray(trips["to_station_id"], dtype="float64")
         ends = self._coordinates(np.concatenate([from_id, to_id]))

@@ -83,7 +83,7 @@ def percent(member_probability: np.ndarray) -> np.ndarray:
     percents = member_probability * 100
     hundredths = percents * 100
     rounded = np.rint(hundredths) / 100
-    for index in np.flatnonzero(np.abs(hundredths - np.floor(hundredths) - 0.5) <= _NEAR_HALF):
+    for index in (np.abs(hundredths - np.floor(hundredths) - 0.5) <= _NEAR_HALF).nonzero()[0]:
         rounded[index] = trip_percent(float(member_probability[index]))
     return rounded
 
