@@ -25,6 +25,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     MODEL_PORT=9696 \
     MODEL_CACHE_DIR=/var/cache/bikeshare-membership \
+    NUMBA_CACHE_DIR=/var/cache/bikeshare-membership/numba \
     MLFLOW_DISABLE_TELEMETRY=true \
     GIT_PYTHON_REFRESH=quiet
 COPY --from=builder /opt/venv /opt/venv

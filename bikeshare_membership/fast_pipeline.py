@@ -7,15 +7,15 @@ objects directly:
 - features: `features.trip_features`, the very definition the pipeline's first step runs (on arrays for
   lists, on Python numbers with math's functions for one trip);
 - stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
-- the boosted trees: for one trip, compiled to nested Python comparisons on the same float64 thresholds; for
-  columns, as per-feature tables of leaf masks evaluated for all rows at once in numpy (`TreeTables`); both
-  summed in scikit-learn's order, through the same logistic link.
+- the boosted trees: per-feature tables of leaf masks (QuickScorer, `TreeTables`), evaluated row by row by one
+  function that Numba compiles to machine code, for one trip and for lists alike; summed in scikit-learn's
+  order, through the same logistic link.
 
 The registry's model stays the single source of truth: pipeline_reader.py builds this from the loaded
 pipeline and checks it against `pipeline.predict_proba` before it is used. A checked form is saved with the
 cached version as plain arrays (`to_arrays`); `from_arrays` rebuilds it and checks it again against the
 probabilities scikit-learn gave, so the next load need not unpickle the pipeline, nor import scikit-learn: this
-module needs numpy and scipy only. Anything it cannot evaluate exactly raises `UnsupportedPipeline`, and the
+module needs numpy, scipy and Numba only. Anything it cannot evaluate exactly raises `UnsupportedPipeline`, and the
 caller keeps the scikit-learn path. That includes a scikit-learn release whose fitted objects differ from what
 is read: the boosted trees' private `_predictors`, `_baseline_prediction` and node records, the encoders'
 fitted attributes. Reading them is wrapped (`reading`), so a renamed or reshaped attribute costs the speed,
@@ -25,12 +25,13 @@ never the service.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import version
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 import pandas as pd
 from scipy.special import expit
@@ -43,8 +44,6 @@ PARITY_TOLERANCE = 1e-9
 # Of the check trips, how many the self-check also sends one at a time (the path a single request takes).
 SINGLE_TRIP_CHECKS = 300
 UNKNOWN_PLACE = (math.nan, math.nan)
-# Rows `TreeTables` evaluates at once: a block's (rows, trees) leaf masks stay in the CPU's cache.
-BLOCK_ROWS = 1024
 
 
 # What reading a fitted object's internals raises when they are not what this module expects: a missing or
@@ -102,44 +101,12 @@ class StationEncoding:
         return np.where(np.isnan(values), self.missing, found)
 
 
-def _tree_expression(nodes: np.ndarray, index: int) -> str:
-    """One tree's leaf value as a Python expression, with scikit-learn's split rule: `x <= threshold` goes
-    left, NaN goes where `missing_go_to_left` says. (Nested conditional expressions: a quarter less bytecode
-    than if-statements adding each leaf, and the bytecode is what a request's first touch pays for.)"""
-    node = nodes[index]
-    if node["is_leaf"]:
-        return repr(float(node["value"]))
-    feature, threshold = int(node["feature_idx"]), float(node["num_threshold"])
-    limit = "INF" if math.isinf(threshold) else repr(threshold)
-    test = f"x{feature} <= {limit}" + (f" or x{feature} != x{feature}" if node["missing_go_to_left"] else "")
-    left, right = _tree_expression(nodes, int(node["left"])), _tree_expression(nodes, int(node["right"]))
-    return f"({left} if {test} else {right})"
-
-
 class BoostedTrees(NamedTuple):
     """A fitted binary classifier's trees: node records (scikit-learn's), in the order it adds them, and the
     baseline raw score they add to."""
 
     nodes: list[np.ndarray]
     baseline: float
-
-
-def compile_trees(boosted: BoostedTrees, n_features: int) -> Callable[..., float]:
-    """The trees' raw score (log-odds of class 1) as one compiled Python function of the features.
-
-    Raises UnsupportedPipeline for trees it cannot read (node records of another shape) or compile (deeper than
-    Python's parser nests: SyntaxError, RecursionError).
-    """
-    trees, baseline = boosted
-    with reading("the boosted trees", SyntaxError, RecursionError):
-        arguments = ", ".join(f"x{i}" for i in range(n_features))
-        source = f"def raw_score({arguments}):\n raw = {baseline!r}\n"
-        source += "".join(f" raw += {_tree_expression(tree, 0)}\n" for tree in trees)
-        source += " return raw\n"
-        code = compile(source, f"<{len(trees)} boosted trees>", "exec")
-    namespace: dict[str, Any] = {"INF": math.inf}
-    exec(code, namespace)  # our own numbers, no input
-    return namespace["raw_score"]
 
 
 class Split(NamedTuple):
@@ -166,9 +133,56 @@ def _number_leaves(nodes: np.ndarray, index: int, leaf_values: list[float], spli
     return left | right
 
 
+# The position of a 64-bit word's lowest set bit, by De Bruijn multiplication (Leiserson, Prokop and Randall, 1998):
+# the isolated bit times DE_BRUIJN_64 has a distinct top 6 bits for each position.
+DE_BRUIJN_64 = np.uint64(0x03F79D71B4CB0A89)
+LOWEST_BIT_POSITION = np.zeros(64, dtype=np.int64)
+LOWEST_BIT_POSITION[[((int(DE_BRUIJN_64) << position) % 2**64) >> 58 for position in range(64)]] = np.arange(64)
+
+
+@numba.njit(cache=True)
+def _raw_scores(
+    columns: np.ndarray,
+    table_columns: np.ndarray,
+    thresholds: np.ndarray,
+    table_starts: np.ndarray,
+    masks: np.ndarray,
+    all_leaves: np.ndarray,
+    leaf_values: np.ndarray,
+    baseline: float,
+) -> np.ndarray:
+    """`TreeTables.raw_scores`, row by row: per table, a binary search (`np.searchsorted`, side left; NaN takes the
+    last row) and one AND of its row of masks; then each tree's exit leaf, added in scikit-learn's order."""
+    scores = np.empty(columns.shape[1])
+    reachable = np.empty_like(all_leaves)
+    for row in range(columns.shape[1]):
+        reachable[:] = all_leaves
+        for table in range(len(table_columns)):
+            value = columns[table_columns[table], row]
+            found, nan_row = table_starts[table], table_starts[table + 1] - 1
+            if value != value:
+                found = nan_row
+            else:  # the first threshold not below the value; the inf before NaN's row bounds the search
+                end = nan_row - 1
+                while found < end:
+                    middle = (found + end) >> 1
+                    if thresholds[middle] < value:
+                        found = middle + 1
+                    else:
+                        end = middle
+            reachable &= masks[found]
+        score = baseline
+        for tree in range(len(reachable)):
+            leaves = np.uint64(reachable[tree])
+            lowest = leaves & (~leaves + np.uint64(1))
+            score += leaf_values[tree, LOWEST_BIT_POSITION[(lowest * DE_BRUIJN_64) >> np.uint64(58)]]
+        scores[row] = score
+    return scores
+
+
 class TreeTables:
-    """The boosted trees' raw scores for many rows at once, exactly: QuickScorer's idea (Lucchese et al., 2015)
-    on numpy arrays, with no walk down a tree per row, so its cost does not grow with the trees' depth.
+    """The boosted trees' raw scores, exactly: QuickScorer's idea (Lucchese et al., 2015), with no walk down a
+    tree, so its cost does not grow with the trees' depth, and no branch per split for the CPU to mispredict.
 
     Number each tree's leaves left to right. Where a row's value fails a split's test (`x <= threshold`, NaN as
     `missing_go_to_left` says) the row goes right, so no leaf of the split's left subtree can be its exit; the
@@ -177,6 +191,9 @@ class TreeTables:
     values right: so a table per feature holds, for each count of thresholds below a value, every tree's leaves
     as bits with those splits' left subtrees cleared. A row's tables, ANDed, leave each tree's exit as its
     lowest bit; its leaf values are added to the baseline tree by tree, in scikit-learn's order.
+
+    The tables are flat arrays (the features' tables one after another) for `_raw_scores`, which Numba compiles
+    on its first call (the self-check's, at load time) and caches beside this module or in NUMBA_CACHE_DIR.
     """
 
     def __init__(self, boosted: BoostedTrees, n_features: int) -> None:
@@ -184,55 +201,53 @@ class TreeTables:
         trees, baseline = boosted
         width = max(int(nodes["is_leaf"].sum()) for nodes in trees)
         if width > 64:
-            raise UnsupportedPipeline(f"a tree with {width} leaves; the list form takes at most 64")
+            raise UnsupportedPipeline(f"a tree with {width} leaves; the tables take at most 64")
         self.mask_type = np.uint32 if width <= 32 else np.uint64
-        self.all_leaves = self.mask_type(np.iinfo(self.mask_type).max)
-        leaf_values = np.zeros((len(trees), width))
+        self.all_leaves = np.full(len(trees), np.iinfo(self.mask_type).max, dtype=self.mask_type)
+        self.leaf_values = np.zeros((len(trees), width))
         splits: list[Split] = []
         for tree, nodes in enumerate(trees):
             values: list[float] = []
             _number_leaves(nodes, 0, values, splits, tree)
-            leaf_values[tree, : len(values)] = values
-        self.leaf_values = leaf_values.ravel()
-        self.leaf_offsets = np.arange(len(trees)) * width - 1  # a leaf's bit position counts from 1 (`raw_scores`)
+            self.leaf_values[tree, : len(values)] = values
         self.baseline = baseline
-        self.trees = len(trees)
-        self.tables = [self._feature_table(feature, splits) for feature in range(n_features)]
+        tables = [(feature, self._feature_table(feature, splits)) for feature in range(n_features)]
+        used = [(feature, table) for feature, table in tables if table is not None]
+        self.table_columns = np.array([feature for feature, _ in used], dtype=np.int64)  # the column each reads
+        self.thresholds = np.concatenate([np.empty(0)] + [thresholds for _, (thresholds, _) in used])
+        self.table_starts = np.cumsum([0] + [len(thresholds) for _, (thresholds, _) in used], dtype=np.int64)
+        self.masks = np.concatenate([np.empty((0, len(trees)), self.mask_type)] + [masks for _, (_, masks) in used])
 
     def _feature_table(self, feature: int, splits: list[Split]) -> tuple[np.ndarray, np.ndarray] | None:
-        """The feature's sorted thresholds followed by inf and NaN (`np.searchsorted` then counts the thresholds
-        below a value, and gives NaN the last row), and its table: a row per count, then NaN's row."""
+        """The feature's sorted thresholds followed by inf and NaN (a search then counts the thresholds below a
+        value, and gives NaN the last row), and its table: a row per count, then NaN's row."""
         mine = sorted((split for split in splits if split.feature == feature), key=lambda split: split.threshold)
         if not mine:
             return None
+        all_leaves = self.all_leaves[0]
         thresholds = np.array([split.threshold for split in mine] + [math.inf, math.nan])
-        table = np.full((len(mine) + 2, self.trees), self.all_leaves)
+        table = np.full((len(mine) + 2, len(self.all_leaves)), all_leaves)
         for count, split in enumerate(mine, start=1):
-            table[count, split.tree] = self.all_leaves ^ self.mask_type(split.left_leaves)
+            table[count, split.tree] = all_leaves ^ self.mask_type(split.left_leaves)
         np.bitwise_and.accumulate(table[:-1], axis=0, out=table[:-1])
         for split in mine:
             if not split.missing_go_to_left:
-                table[-1, split.tree] &= self.all_leaves ^ self.mask_type(split.left_leaves)
+                table[-1, split.tree] &= all_leaves ^ self.mask_type(split.left_leaves)
         return thresholds, table
 
-    def raw_scores(self, columns: list[np.ndarray]) -> np.ndarray:
-        """The raw score (log-odds of class 1) of each row of the model's float64 columns."""
-        rows = len(columns[0])
-        reachable = np.full((rows, self.trees), self.all_leaves)
-        looked_up = np.empty_like(reachable)
-        for column, table in zip(columns, self.tables, strict=True):
-            if table is not None:
-                thresholds, masks = table
-                masks.take(thresholds.searchsorted(column), axis=0, out=looked_up, mode="clip")
-                reachable &= looked_up
-        exit_bit = np.bitwise_count(reachable ^ (reachable - 1))  # the lowest set bit's position, from 1
-        # A row per tree, after the baseline's, summed down each column: numpy adds along an axis that is not the
-        # fast one in memory value after value, scikit-learn's order (its pairwise summation is for the fast
-        # axis, which a single column would be: hence two columns at least).
-        scores = np.empty((self.trees + 1, max(rows, 2)))
-        scores[0], scores[1:, rows:] = self.baseline, 0.0
-        scores[1:, :rows] = self.leaf_values[(exit_bit + self.leaf_offsets).T]
-        return np.add.reduce(scores, axis=0)[:rows]
+    def raw_scores(self, columns: np.ndarray) -> np.ndarray:
+        """The raw score (log-odds of class 1) of each row of the model's columns, a C-ordered (columns, rows)
+        float64 array."""
+        return _raw_scores(
+            columns,
+            self.table_columns,
+            self.thresholds,
+            self.table_starts,
+            self.masks,
+            self.all_leaves,
+            self.leaf_values,
+            self.baseline,
+        )
 
 
 class FastPipeline:
@@ -245,9 +260,8 @@ class FastPipeline:
         self.features = features
         self.columns = columns  # per model column: its feature's place in FEATURE_CATALOGUE, and its encoding
         self.boosted = boosted
-        self.raw_score = compile_trees(boosted, len(columns))  # one trip's
         with reading("the boosted trees' nodes"):
-            self.tables = TreeTables(boosted, len(columns))  # columns'
+            self.tables = TreeTables(boosted, len(columns))
         with reading("the features' fitted stations and holidays"):
             # For one trip's features: (latitude, longitude) in radians by station id, and the holidays as a set.
             self.places = dict(
@@ -337,24 +351,19 @@ class FastPipeline:
             return 0.0
 
     def member_probability(self, trips: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
-        """P(Member) for trips given as columns (a DataFrame, or arrays): features, encodings and trees as arrays,
-        BLOCK_ROWS trips at a time."""
+        """P(Member) for trips given as columns (a DataFrame, or arrays): features and encodings as arrays, then
+        the trees."""
         catalogue = self.features.catalogue_columns(trips)
         columns = [
             encoding.encode_column(catalogue[position]) if encoding else catalogue[position]
             for position, encoding in self.columns
         ]
-        raw = [
-            self.tables.raw_scores([column[start : start + BLOCK_ROWS] for column in columns])
-            for start in range(0, len(columns[0]), BLOCK_ROWS)
-        ]
-        return expit(np.concatenate(raw) if raw else np.empty(0))  # the link scikit-learn's binomial loss uses
+        return expit(self.tables.raw_scores(np.array(columns)))  # the link scikit-learn's binomial loss uses
 
     def row_score(self, row: list[float]) -> float:
         """The raw score of one trip's features (FEATURE_CATALOGUE order): stations encoded, then the trees."""
-        return self.raw_score(
-            *[encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
-        )
+        encoded = [encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
+        return float(self.tables.raw_scores(np.array(encoded).reshape(-1, 1))[0])
 
 
 def parity_check_trips(features: FittedFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_lists_of_every_size_match_scikit_learn_bit_for_bit(
     model: LoadedModel, real_trips: pd.DataFrame, real_trips_expected: np.ndarray, size: int
 ) -> None:
     """Every bundled trip, in lists of `size` as requests bring them: the array features and the tree tables
-    (`TreeTables`, a block of rows at a time) give scikit-learn's probabilities exactly."""
+    (`TreeTables`) give scikit-learn's probabilities exactly."""
     assert model.fast is not None
     columns = {name: real_trips[name].to_numpy() for name in schema.MODEL_INPUT_COLUMNS}
     actual = np.concatenate(
@@ -117,22 +117,17 @@ def test_an_unsupported_classifier_keeps_the_exact_path(model: LoadedModel, real
 
 
 def test_a_fast_form_that_disagrees_is_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The self-check at load time: trees compiled wrong by a small margin never serve."""
-    compile_trees = fast_pipeline.compile_trees
-
-    def slightly_off(boosted, n_features):
-        raw_score = compile_trees(boosted, n_features)
-        return lambda *features: raw_score(*features) + 1e-4
-
-    monkeypatch.setattr(fast_pipeline, "compile_trees", slightly_off)
+    """The self-check at load time: trees evaluated wrong by a small margin never serve."""
+    raw_scores = fast_pipeline.TreeTables.raw_scores
+    monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         fast_pipeline_of(model.pipeline)
 
 
-def test_tree_tables_that_disagree_are_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same self-check covers the list form: tables off by a small margin never serve."""
-    raw_scores = fast_pipeline.TreeTables.raw_scores
-    monkeypatch.setattr(fast_pipeline.TreeTables, "raw_scores", lambda self, columns: raw_scores(self, columns) + 1e-4)
+def test_a_single_trip_path_that_disagrees_is_refused(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same self-check covers one trip's path on its own: wrong there only, it never serves either."""
+    row_score = fast_pipeline.FastPipeline.row_score
+    monkeypatch.setattr(fast_pipeline.FastPipeline, "row_score", lambda self, row: row_score(self, row) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         fast_pipeline_of(model.pipeline)
 
@@ -151,9 +146,9 @@ def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
     tables = fast_pipeline.TreeTables(pipeline_reader.boosted_trees(classifier), features.shape[1])
     assert tables.mask_type == (np.uint32 if leaves <= 32 else np.uint64)
     expected = classifier.decision_function(features)
-    for rows in (1, 2, 3, len(features)):  # one row is summed as two: numpy sums a lone column pairwise
+    for rows in (1, 2, 3, len(features)):
         raw = [
-            tables.raw_scores([np.ascontiguousarray(column) for column in features[row : row + rows].T])
+            tables.raw_scores(np.ascontiguousarray(features[row : row + rows].T))
             for row in range(0, len(features), rows)
         ]
         assert np.array_equal(np.concatenate(raw), expected)
@@ -197,7 +192,7 @@ def test_a_one_row_frame_cut_from_a_file_is_scored(model: LoadedModel, real_trip
 def test_one_trip_link_is_expit_also_where_exp_overflows(model: LoadedModel, raw: float) -> None:
     assert model.fast is not None
     fast = copy.copy(model.fast)
-    fast.raw_score = lambda *features: raw
+    fast.row_score = lambda row: raw  # type: ignore[method-assign]
     probability = fast.trip_probability(datetime(2017, 7, 1, 8), 600.0, 7000.0, 7001.0)
     assert probability == expit(raw)
 
@@ -283,9 +278,9 @@ def test_changed_scikit_learn_internals_fall_back_to_scikit_learn(
     assert response.get_json()["model"]["version"] == "9"
 
 
-def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tree nested deeper than Python's parser allows (SyntaxError: too many nested parentheses) is no fast
-    form either: one more tree, a chain of 300 splits whose leaves add 0, so scikit-learn's answers do not move."""
+def test_a_tree_beyond_64_leaves_keeps_the_exact_path(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with one tree of more leaves than a table's mask holds has no fast form: one more tree, a chain of
+    300 splits whose leaves add 0, so scikit-learn's answers do not move, and the served model keeps them."""
     pipeline = copy.deepcopy(model.pipeline)
     classifier = pipeline.named_steps["classifier"]
     depth = 300
@@ -301,8 +296,9 @@ def test_trees_deeper_than_python_compiles_fall_back(model: LoadedModel, monkeyp
     monkeypatch.setattr(classifier, "_predictors", [*classifier._predictors, [deep]])
     trips = pd.DataFrame(schema.RequestTrips.of([schema.parse_request_trip(schema.EXAMPLE_TRIP)]).model_input())
     np.testing.assert_array_equal(pipeline.predict_proba(trips), model.pipeline.predict_proba(trips))
-    with pytest.raises(UnsupportedPipeline, match=r"cannot read the boosted trees .*SyntaxError"):
+    with pytest.raises(UnsupportedPipeline, match="a tree with 301 leaves"):
         fast_pipeline_of(pipeline)
+    assert fast_form(pipeline) is None
 
 
 def saved_form_path(settings: Settings, model: LoadedModel) -> Path:
