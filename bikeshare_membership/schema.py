@@ -688,13 +688,32 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
 
 def _read_texts(column: list[Any], read: Callable[[str], Any]) -> list[Any]:
     """`read` of each text in the column, each distinct text read once; None for any other value."""
-    once = _read_distinct_texts(column, read)
-    return [once[value] if type(value) is str else None for value in column]
+    return _looked_up(column, _read_distinct_texts(column, read))
 
 
 def _read_distinct_texts(column: list[Any], read: Callable[[str], Any]) -> dict[str, Any]:
     """`read` of each distinct text in the column, by text."""
-    return {text: read(text) for text in {value for value in column if type(value) is str}}
+    return {text: read(text) for text in _distinct_texts(column)}
+
+
+# A typed body's columns hold texts, numbers and None, so these take a set and a map in C; a parsed body may also
+# hold arrays and objects, which cannot be hashed (TypeError), and then they look at each value's type in Python.
+
+
+def _distinct_texts(column: list[Any]) -> set[str]:
+    try:
+        distinct = set(column)
+    except TypeError:
+        return {value for value in column if type(value) is str}
+    return {value for value in distinct if type(value) is str}
+
+
+def _looked_up(column: list[Any], by_text: dict[str, Any]) -> list[Any]:
+    """Each text's value in `by_text` (which has every text of the column), None for any other value."""
+    try:
+        return list(map(by_text.get, column))  # only texts are keys, and no other value equals a text
+    except TypeError:
+        return [by_text[value] if type(value) is str else None for value in column]
 
 
 _ID_TYPES = (int, str, type(None))  # exact types: a bool is an int to isinstance
@@ -747,13 +766,10 @@ def _trip_moments(
     """Each trip's start and stop as `parse_timestamps` reads a trip's pair: in the order either text shows, else
     `default_order`. Each distinct text is matched once and read in `default_order` once; only a trip whose texts
     show the other order is read again, in it. None where a text is not a valid timestamp (or not a text)."""
-    parts = {
-        text: _slash_parts(text)
-        for text in {text for column in (starts, stops) for text in column if type(text) is str}
-    }
+    parts = {text: _slash_parts(text) for text in _distinct_texts(starts) | _distinct_texts(stops)}
     shows = {text: 0 if found is None else (found[0] > 12) | (found[1] > 12) << 1 for text, found in parts.items()}
     read = {text: _read_timestamp(text, found, default_order) for text, found in parts.items()}
-    begins, ends = ([read[text] if type(text) is str else None for text in column] for column in (starts, stops))
+    begins, ends = _looked_up(starts, read), _looked_up(stops, read)
     if any(shows.values()):  # some text shows its order: the trips whose pair shows the other one are read in it
         for item, (start, stop) in enumerate(zip(starts, stops, strict=True)):
             shown = (shows[start] if type(start) is str else 0) | (shows[stop] if type(stop) is str else 0)
