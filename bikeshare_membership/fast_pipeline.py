@@ -94,11 +94,30 @@ class StationEncoding:
 
     def encode_column(self, values: np.ndarray) -> np.ndarray:
         """`encode` of each value of a float64 column, as one array."""
-        if not len(self.categories):
-            return np.where(np.isnan(values), self.missing, self.unknown)
-        position = np.minimum(self.categories.searchsorted(values), len(self.categories) - 1)
-        found = np.where(self.categories[position] == values, self.encodings[position], self.unknown)
-        return np.where(np.isnan(values), self.missing, found)
+        return _encoded(values, self.categories, self.encodings, self.missing, self.unknown)
+
+
+@numba.njit(cache=True)
+def _encoded(
+    values: np.ndarray, categories: np.ndarray, encodings: np.ndarray, missing: float, unknown: float
+) -> np.ndarray:
+    """`StationEncoding.encode_column`, compiled: a binary search among the sorted categories for each value (one
+    call, where numpy took eight for a column)."""
+    encoded = np.empty(len(values))
+    for row in range(len(values)):
+        value = values[row]
+        if value != value:
+            encoded[row] = missing
+            continue
+        low, high = 0, len(categories)
+        while low < high:
+            middle = (low + high) >> 1
+            if categories[middle] < value:
+                low = middle + 1
+            else:
+                high = middle
+        encoded[row] = encodings[low] if low < len(categories) and categories[low] == value else unknown
+    return encoded
 
 
 class BoostedTrees(NamedTuple):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -152,6 +153,17 @@ def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
             for row in range(0, len(features), rows)
         ]
         assert np.array_equal(np.concatenate(raw), expected)
+
+
+@pytest.mark.parametrize("categories", [[], [7000.0], [7000.0, 7005.0, 7010.5, 7020.0]])
+def test_station_encodings_of_a_column_equal_one_by_one(categories: list[float]) -> None:
+    """The compiled column look-up and the dict look-up agree: known ids, ids between and beyond the categories
+    (unknown), NaN (missing), and no categories at all."""
+    encoding = fast_pipeline.StationEncoding(
+        np.array(categories), np.arange(len(categories)) / 10 + 0.05, missing=0.9, unknown=0.5
+    )
+    values = np.array([math.nan, 6999.0, 7000.0, 7001.0, 7005.0, 7010.5, 7015.0, 7020.0, 7021.0, -0.0, math.inf])
+    assert encoding.encode_column(values).tolist() == [encoding.encode(value) for value in values.tolist()]
 
 
 def test_trees_of_more_than_64_leaves_have_no_tables() -> None:
