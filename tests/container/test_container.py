@@ -242,6 +242,19 @@ def test_model_cache_is_a_writable_volume(stack: Stack) -> None:
     assert cache_mount["Type"] == "volume" and cache_mount["Name"].endswith("model-cache")
 
 
+def test_the_fast_form_serves_with_its_compiled_code_in_the_volume(stack: Stack) -> None:
+    """The image's service checked and kept the fast form (no fallback to scikit-learn), and Numba cached what it
+    compiled for it in the model cache volume (NUMBA_CACHE_DIR), where the next start finds it."""
+    cached = stack.exec_web(
+        "sh", "-c", f'test "$NUMBA_CACHE_DIR" = {CACHE_DIR}/numba && find {CACHE_DIR}/numba -name "*.nbi"'
+    )
+    log.info("Numba's cache index files: %s", cached.stdout.split())
+    assert cached.returncode == 0, cached.stderr
+    assert "_raw_scores" in cached.stdout and "_encoded" in cached.stdout
+    logs = run(["docker", "logs", stack.container("web")], 30)
+    assert "serving through scikit-learn only" not in logs.stdout + logs.stderr
+
+
 def test_image_holds_no_secret_or_local_state(stack: Stack) -> None:
     names = " -o ".join([*(f"-name {name}" for name in FORBIDDEN_IN_IMAGE), "-type f -name credentials"])
     found = run(
