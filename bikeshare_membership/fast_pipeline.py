@@ -6,7 +6,8 @@ objects directly:
 
 - features: `features.trip_features`, the very definition the pipeline's first step runs (on arrays for
   lists, on Python numbers with math's functions for one trip);
-- stations and routes: the `TargetEncoder`'s fitted encodings, as dicts (unknown -> the target mean);
+- stations and routes: the `TargetEncoder`'s fitted encodings, as dicts for one trip and a compiled binary
+  search for columns (unknown -> the target mean);
 - the boosted trees: per-feature tables of leaf masks (QuickScorer, `TreeTables`), evaluated row by row by one
   function that Numba compiles to machine code, for one trip and for lists alike; summed in scikit-learn's
   order, through the same logistic link.
@@ -293,7 +294,8 @@ class FastPipeline:
         """Check this form against `expected`, scikit-learn's P(Member) of `check_trips` (`parity_check_trips`:
         every one as columns, the first SINGLE_TRIP_CHECKS also one at a time); raises UnsupportedPipeline past
         PARITY_TOLERANCE, else keeps `expected` as what it was verified against."""
-        with reading("evaluating the check trips"):
+        # Numba compiles on this first call: a compiler that fails on some platform costs the speed, not the service.
+        with reading("evaluating the check trips", numba.core.errors.NumbaError):
             singles = (check_trips[column][:SINGLE_TRIP_CHECKS].tolist() for column in MODEL_INPUT_COLUMNS)
             one_by_one = np.array([self.trip_probability(*trip) for trip in zip(*singles, strict=True)])
             in_arrays = self.member_probability(check_trips)

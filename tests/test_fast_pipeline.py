@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
+import numba
 import numpy as np
 import pandas as pd
 import pytest
@@ -131,6 +132,18 @@ def test_a_single_trip_path_that_disagrees_is_refused(model: LoadedModel, monkey
     monkeypatch.setattr(fast_pipeline.FastPipeline, "row_score", lambda self, row: row_score(self, row) + 1e-4)
     with pytest.raises(UnsupportedPipeline, match="differs from scikit-learn"):
         fast_pipeline_of(model.pipeline)
+
+
+def test_a_compiler_failure_keeps_the_exact_path(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numba failing to compile the trees on some platform costs the speed, never the service."""
+
+    def fails_to_compile(*arguments: Any) -> np.ndarray:
+        raise numba.core.errors.TypingError("no implementation for these types")
+
+    monkeypatch.setattr(fast_pipeline, "_raw_scores", fails_to_compile)
+    with pytest.raises(UnsupportedPipeline, match=r"evaluating the check trips .*TypingError"):
+        fast_pipeline_of(model.pipeline)
+    assert fast_form(model.pipeline) is None
 
 
 @pytest.mark.parametrize("leaves", [20, 60])
