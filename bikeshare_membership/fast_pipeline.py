@@ -110,15 +110,22 @@ def _encoded(
         if value != value:
             encoded[row] = missing
             continue
-        low, high = 0, len(categories)
-        while low < high:
-            middle = (low + high) >> 1
-            if categories[middle] < value:
-                low = middle + 1
-            else:
-                high = middle
-        encoded[row] = encodings[low] if low < len(categories) and categories[low] == value else unknown
+        found = _first_not_below(categories, value, 0, len(categories))
+        encoded[row] = encodings[found] if found < len(categories) and categories[found] == value else unknown
     return encoded
+
+
+@numba.njit(cache=True)
+def _first_not_below(sorted_values: np.ndarray, value: float, low: int, high: int) -> int:
+    """The first position in `sorted_values[low:high]` whose value is not below `value` (`high` if none): the rule
+    of `np.searchsorted`, side left, for a value that is not NaN."""
+    while low < high:
+        middle = (low + high) >> 1
+        if sorted_values[middle] < value:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 class BoostedTrees(NamedTuple):
@@ -179,17 +186,9 @@ def _raw_scores(
         reachable[:] = all_leaves
         for table in range(len(table_columns)):
             value = columns[table_columns[table], row]
-            found, nan_row = table_starts[table], table_starts[table + 1] - 1
-            if value != value:
-                found = nan_row
-            else:  # the first threshold not below the value; the inf before NaN's row bounds the search
-                end = nan_row - 1
-                while found < end:
-                    middle = (found + end) >> 1
-                    if thresholds[middle] < value:
-                        found = middle + 1
-                    else:
-                        end = middle
+            first, nan_row = table_starts[table], table_starts[table + 1] - 1
+            # NaN takes its own row; any other value stops at the inf before it at the latest
+            found = nan_row if value != value else _first_not_below(thresholds, value, first, nan_row - 1)
             reachable &= masks[found]
         score = baseline
         for tree in range(len(reachable)):
