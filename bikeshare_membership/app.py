@@ -174,11 +174,8 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
         raise _body_too_large(limit)
     if declared is None and not environ.get("wsgi.input_terminated"):
         return b""  # no length and no end marked by the server: HTTP says there is no body
-    data = (
-        environ["wsgi.input"].read(limit + 1)
-        if declared is None
-        else _declared_length_reader(environ["wsgi.input"]).read(declared)
-    )
+    stream = environ["wsgi.input"]
+    data = stream.read(limit + 1) if declared is None else _declared_length_reader(stream).read(declared)
     if len(data) > limit:
         raise _body_too_large(limit)
     if declared is not None and len(data) != declared:
@@ -190,8 +187,7 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
 def _declared_length_reader(stream: Any) -> Any:
     """What reads a body of a declared length: under Gunicorn, its `LengthReader`, which takes the socket's chunks
     as they come. Gunicorn's `Body.read` around it asks for 1 KiB at a time, each call copying the rest of the
-    chunk it holds: a 100-trip list cost about 0.1 ms more of a worker's time (docs/performance.md). Any other
-    server's stream reads itself."""
+    chunk it holds (what that cost a list: docs/performance.md). Any other server's stream reads itself."""
     if type(stream) is Body and type(stream.reader) is LengthReader:
         return stream.reader
     return stream
