@@ -17,6 +17,7 @@ is converted to Toronto time, a naive one is taken as Toronto time already.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -608,11 +609,14 @@ class RequestTrips:
 
     def model_input(self) -> dict[str, np.ndarray]:
         """The columns the model takes (`MODEL_INPUT_COLUMNS`), as arrays, without pandas."""
+        starts = self.columns["trip_start_time"]
+        # Seconds in Python, then one cast: numpy converts datetime objects one by one, several times slower. Once per
+        # distinct start: a list's trips share their starts' minutes (and the validated columns, their objects).
+        seconds = {moment: (moment - UNIX_EPOCH) // ONE_SECOND for moment in set(starts)}
         return {
-            # Seconds in Python, then one cast: numpy converts datetime objects one by one, several times slower.
-            "trip_start_time": np.array(
-                [(moment - UNIX_EPOCH) // ONE_SECOND for moment in self.columns["trip_start_time"]], dtype="int64"
-            ).astype("datetime64[s]"),
+            "trip_start_time": np.fromiter(map(seconds.__getitem__, starts), "int64", len(starts)).astype(
+                "datetime64[s]"
+            ),
             "trip_duration_seconds": np.array(self.columns["trip_duration_seconds"], dtype="float64"),
             "from_station_id": np.array(self.columns["from_station_id"], dtype="float64"),
             "to_station_id": np.array(self.columns["to_station_id"], dtype="float64"),
@@ -629,11 +633,12 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
     first bad trip is refused exactly as it would be alone, with the same field, item and message.
     """
     doubtful: set[int] = set()
-    if records and all(type(record) is TypedTrip for record in records):  # types checked as they were decoded
+    record_types = set(map(type, records))
+    if record_types == {TypedTrip}:  # types checked as they were decoded
         trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
             list(column) for column in zip(*map(msgspec.structs.astuple, records), strict=True)
         )
-    elif all(type(record) is dict for record in records):
+    elif record_types <= {dict}:
         trip_ids, starts, stops, durations, sent_from_ids, from_names, sent_to_ids, to_names, user_types = (
             [record.get(name) for record in records] for name in TRIP_FIELDS
         )
@@ -651,17 +656,22 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
         durations = [float(seconds) if type(seconds) in _NUMBER_TYPES else math.nan for seconds in durations]
     else:
         return RequestTrips.of(parse_request_trip(record, date_order, item) for item, record in enumerate(records))
-    labels = _read_texts(user_types, _label)
-    doubtful.update(item for item, label in enumerate(labels) if label is _INVALID)
+    # Each check below scans the trips in Python only when a look at the whole column (in C) finds a problem.
+    label_by_text = _read_distinct_texts(user_types, _label)
+    labels = _looked_up(user_types, label_by_text)
+    if _INVALID in label_by_text.values():
+        doubtful.update(item for item, label in enumerate(labels) if label is _INVALID)
     from_ids, to_ids = _station_ids(sent_from_ids, from_names), _station_ids(sent_to_ids, to_names)
     for resolved in (from_ids, to_ids):
-        doubtful.update(item for item, value in enumerate(resolved) if value is None)
+        if None in resolved:
+            doubtful.update(item for item, value in enumerate(resolved) if value is None)
     begins, ends = _trip_moments(starts, stops, date_order or DEFAULT_REQUEST_DATE_ORDER)
-    doubtful.update(
-        item
-        for item, (begin, end) in enumerate(zip(begins, ends, strict=True))
-        if begin is None or end is None or end < begin
-    )
+    if None in begins or None in ends or any(map(operator.lt, ends, begins)):
+        doubtful.update(
+            item
+            for item, (begin, end) in enumerate(zip(begins, ends, strict=True))
+            if begin is None or end is None or end < begin
+        )
 
     columns: dict[str, list[Any]] = dict(
         zip(
@@ -737,6 +747,8 @@ def _label(text: str) -> str | object | None:
 def _station_ids(ids: list[Any], names: list[Any]) -> list[float | None]:
     """One end's station ids as `parse_request_trip` resolves them (by name when the id is missing); None
     where the columns do not vouch for the trip."""
+    if set(map(type, ids)) <= {int}:  # the usual column: whole numbers, none missing
+        return list(map(float, ids))
     texts = _read_distinct_texts(ids, _station_id_text)
     resolved = [
         float(value)
