@@ -666,7 +666,8 @@ def parse_request_trips(records: Sequence[Any], date_order: DateOrder | None = N
         if None in resolved:
             doubtful.update(item for item, value in enumerate(resolved) if value is None)
     begins, ends = _trip_moments(starts, stops, date_order or DEFAULT_REQUEST_DATE_ORDER)
-    if None in begins or None in ends or any(map(operator.lt, ends, begins)):
+    ends_begins = cast("tuple[list[datetime], list[datetime]]", (ends, begins))  # datetimes where no None is found
+    if None in begins or None in ends or any(map(operator.lt, *ends_begins)):
         doubtful.update(
             item
             for item, (begin, end) in enumerate(zip(begins, ends, strict=True))
