@@ -66,7 +66,6 @@ from bikeshare_membership.schema import (
     RequestTrips,
     TypedTrip,
     closed,
-    membership,
     parse_request_trip,
     parse_request_trips,
     percent,
@@ -265,11 +264,12 @@ def predictions(
     HTTP. `scored`, if given, gets the validated trips with their probabilities."""
     trips = _validated_trips(body, date_order, max_trips)
     probabilities = model.request_probabilities(trips)
-    if len(probabilities) == 1:  # one trip's numbers in Python: a numpy call costs about a microsecond
-        memberships, percents = [trip_membership(probabilities[0])], [trip_percent(probabilities[0])]
-    else:
-        array = np.array(probabilities)
-        memberships, percents = membership(array).tolist(), percent(array).tolist()
+    # The labels in Python: numpy's array of texts costs more than it saves. One trip's percent too: a numpy call
+    # costs about a microsecond.
+    memberships = list(map(trip_membership, probabilities))
+    percents = (
+        [trip_percent(probabilities[0])] if len(probabilities) == 1 else percent(np.array(probabilities)).tolist()
+    )
     answers: list[TripPrediction] = [
         {"trip_id": trip_id, "membership": label, "proba": proba}
         for trip_id, label, proba in zip(trips.columns["trip_id"], memberships, percents, strict=True)
