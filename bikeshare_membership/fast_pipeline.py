@@ -9,8 +9,9 @@ objects directly:
 - stations and routes: the `TargetEncoder`'s fitted encodings, as dicts for one trip and a compiled binary
   search for columns (unknown -> the target mean);
 - the boosted trees: per-feature tables of leaf masks (QuickScorer, `TreeTables`), evaluated row by row by one
-  function that Numba compiles to machine code, for one trip and for lists alike; summed in scikit-learn's
-  order, through the same logistic link.
+  function that Numba compiles to machine code (`_row_score`), for a list's columns and for one trip's floats
+  alike (a single trip's call then builds no array); summed in scikit-learn's order, through the same logistic
+  link.
 
 The registry's model stays the single source of truth: pipeline_reader.py builds this from the loaded
 pipeline and checks it against `pipeline.predict_proba` before it is used. A checked form is saved with the
@@ -26,7 +27,7 @@ never the service.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import version
@@ -168,6 +169,35 @@ LOWEST_BIT_POSITION[[((int(DE_BRUIJN_64) << position) % 2**64) >> 58 for positio
 
 
 @numba.njit(cache=True)
+def _row_score(
+    row: Any,
+    table_columns: np.ndarray,
+    thresholds: np.ndarray,
+    table_starts: np.ndarray,
+    masks: np.ndarray,
+    reachable: np.ndarray,
+    leaf_values: np.ndarray,
+    baseline: float,
+) -> float:
+    """One row's raw score, its values by model column in `row` (an array's column, or a tuple of floats), with
+    `reachable` holding every tree's leaves (overwritten): per table, a binary search (`np.searchsorted`, side left;
+    NaN takes the last row) and one AND of its row of masks; then each tree's exit leaf, added in scikit-learn's
+    order."""
+    for table in range(len(table_columns)):
+        value = row[table_columns[table]]
+        first, nan_row = table_starts[table], table_starts[table + 1] - 1
+        # NaN takes its own row; any other value stops at the inf before it at the latest
+        found = nan_row if value != value else _first_not_below(thresholds, value, first, nan_row - 1)
+        reachable &= masks[found]
+    score = baseline
+    for tree in range(len(reachable)):
+        leaves = np.uint64(reachable[tree])
+        lowest = leaves & (~leaves + np.uint64(1))
+        score += leaf_values[tree, LOWEST_BIT_POSITION[(lowest * DE_BRUIJN_64) >> np.uint64(58)]]
+    return score
+
+
+@numba.njit(cache=True)
 def _raw_scores(
     columns: np.ndarray,
     table_columns: np.ndarray,
@@ -178,25 +208,30 @@ def _raw_scores(
     leaf_values: np.ndarray,
     baseline: float,
 ) -> np.ndarray:
-    """`TreeTables.raw_scores`, row by row: per table, a binary search (`np.searchsorted`, side left; NaN takes the
-    last row) and one AND of its row of masks; then each tree's exit leaf, added in scikit-learn's order."""
+    """`TreeTables.raw_scores`: `_row_score` of each row."""
     scores = np.empty(columns.shape[1])
     reachable = np.empty_like(all_leaves)
     for row in range(columns.shape[1]):
         reachable[:] = all_leaves
-        for table in range(len(table_columns)):
-            value = columns[table_columns[table], row]
-            first, nan_row = table_starts[table], table_starts[table + 1] - 1
-            # NaN takes its own row; any other value stops at the inf before it at the latest
-            found = nan_row if value != value else _first_not_below(thresholds, value, first, nan_row - 1)
-            reachable &= masks[found]
-        score = baseline
-        for tree in range(len(reachable)):
-            leaves = np.uint64(reachable[tree])
-            lowest = leaves & (~leaves + np.uint64(1))
-            score += leaf_values[tree, LOWEST_BIT_POSITION[(lowest * DE_BRUIJN_64) >> np.uint64(58)]]
-        scores[row] = score
+        scores[row] = _row_score(
+            columns[:, row], table_columns, thresholds, table_starts, masks, reachable, leaf_values, baseline
+        )
     return scores
+
+
+@numba.njit(cache=True)
+def _one_row_score(
+    table_columns: np.ndarray,
+    thresholds: np.ndarray,
+    table_starts: np.ndarray,
+    masks: np.ndarray,
+    all_leaves: np.ndarray,
+    leaf_values: np.ndarray,
+    baseline: float,
+    *row: float,
+) -> float:
+    """`TreeTables.row_score`: the row as floats, the score as a float, so the call builds no array on either side."""
+    return _row_score(row, table_columns, thresholds, table_starts, masks, all_leaves.copy(), leaf_values, baseline)
 
 
 class TreeTables:
@@ -211,8 +246,9 @@ class TreeTables:
     as bits with those splits' left subtrees cleared. A row's tables, ANDed, leave each tree's exit as its
     lowest bit; its leaf values are added to the baseline tree by tree, in scikit-learn's order.
 
-    The tables are flat arrays (the features' tables one after another) for `_raw_scores`, which Numba compiles
-    on its first call (the self-check's, at load time) and caches beside this module or in NUMBA_CACHE_DIR.
+    The tables are flat arrays (the features' tables one after another) for `_raw_scores` and `_one_row_score`,
+    which Numba compiles on their first call (the self-check's, at load time) and caches beside this module or in
+    NUMBA_CACHE_DIR.
     """
 
     def __init__(self, boosted: BoostedTrees, n_features: int) -> None:
@@ -266,6 +302,19 @@ class TreeTables:
             self.all_leaves,
             self.leaf_values,
             self.baseline,
+        )
+
+    def row_score(self, row: Sequence[float]) -> float:
+        """`raw_scores` of one row, given as its floats by model column."""
+        return _one_row_score(
+            self.table_columns,
+            self.thresholds,
+            self.table_starts,
+            self.masks,
+            self.all_leaves,
+            self.leaf_values,
+            self.baseline,
+            *row,
         )
 
 
@@ -382,8 +431,9 @@ class FastPipeline:
 
     def row_score(self, row: list[float]) -> float:
         """The raw score of one trip's features (FEATURE_CATALOGUE order): stations encoded, then the trees."""
-        encoded = [encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
-        return float(self.tables.raw_scores(np.array(encoded).reshape(-1, 1))[0])
+        return self.tables.row_score(
+            [encoding.encode(row[position]) if encoding else row[position] for position, encoding in self.columns]
+        )
 
 
 def parity_check_trips(features: FittedFeatures, columns: list[tuple[int, StationEncoding | None]]) -> dict[str, Any]:

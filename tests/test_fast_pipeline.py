@@ -134,13 +134,17 @@ def test_a_single_trip_path_that_disagrees_is_refused(model: LoadedModel, monkey
         fast_pipeline_of(model.pipeline)
 
 
-def test_a_compiler_failure_keeps_the_exact_path(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Numba failing to compile the trees on some platform costs the speed, never the service."""
+@pytest.mark.parametrize("kernel", ["_raw_scores", "_one_row_score"])
+def test_a_compiler_failure_keeps_the_exact_path(
+    kernel: str, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Numba failing to compile the trees (for columns, or for one trip) on some platform costs the speed, never the
+    service."""
 
     def fails_to_compile(*arguments: Any) -> np.ndarray:
         raise numba.core.errors.TypingError("no implementation for these types")
 
-    monkeypatch.setattr(fast_pipeline, "_raw_scores", fails_to_compile)
+    monkeypatch.setattr(fast_pipeline, kernel, fails_to_compile)
     with pytest.raises(UnsupportedPipeline, match=r"evaluating the check trips .*TypingError"):
         fast_pipeline_of(model.pipeline)
     assert fast_form(model.pipeline) is None
@@ -166,6 +170,7 @@ def test_tree_tables_equal_the_classifiers_raw_scores(leaves: int) -> None:
             for row in range(0, len(features), rows)
         ]
         assert np.array_equal(np.concatenate(raw), expected)
+    assert np.array_equal([tables.row_score(row) for row in features.tolist()], expected)  # one trip's call
 
 
 @pytest.mark.parametrize("categories", [[], [7000.0], [7000.0, 7005.0, 7010.5, 7020.0]])
