@@ -293,29 +293,16 @@ class TreeTables:
     def raw_scores(self, columns: np.ndarray) -> np.ndarray:
         """The raw score (log-odds of class 1) of each row of the model's columns, a C-ordered (columns, rows)
         float64 array."""
-        return _raw_scores(
-            columns,
-            self.table_columns,
-            self.thresholds,
-            self.table_starts,
-            self.masks,
-            self.all_leaves,
-            self.leaf_values,
-            self.baseline,
-        )
+        return _raw_scores(columns, *self._compiled_arguments())
 
     def row_score(self, row: Sequence[float]) -> float:
         """`raw_scores` of one row, given as its floats by model column."""
-        return _one_row_score(
-            self.table_columns,
-            self.thresholds,
-            self.table_starts,
-            self.masks,
-            self.all_leaves,
-            self.leaf_values,
-            self.baseline,
-            *row,
-        )
+        return _one_row_score(*self._compiled_arguments(), *row)
+
+    def _compiled_arguments(self) -> tuple[Any, ...]:
+        """The tables as `_raw_scores` (after the rows) and `_one_row_score` (before the row) take them."""
+        tables = self.table_columns, self.thresholds, self.table_starts, self.masks, self.all_leaves, self.leaf_values
+        return (*tables, self.baseline)
 
 
 class FastPipeline:
