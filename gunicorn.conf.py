@@ -53,7 +53,7 @@ service = settings_from_env("bikeshare-membership")
 # The app factory (predict.py); a command line naming another app overrides it (the benchmark's no-op floor).
 wsgi_app = "predict:app()"
 bind = f"0.0.0.0:{service.port}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = service.workers
 preload_app = True
 timeout = service.worker_timeout_seconds
 # On SIGTERM the master closes its listening socket and each worker finishes the request it holds, then exits;

@@ -54,6 +54,8 @@ class Settings:
     # Gunicorn: a worker silent for longer is killed and replaced; on SIGTERM, in-flight requests get this long.
     worker_timeout_seconds: int = 30
     graceful_timeout_seconds: int = 30
+    # Gunicorn's sync worker processes: one per core, as the work is CPU-bound (docs/operations.md).
+    workers: int = 2
     # Enables `POST /admin/reload` for callers presenting it as a Bearer token; None: the route does not exist.
     admin_token: str | None = field(default=None, repr=False)
     # The prediction log (prediction_log.py): a local folder or s3:// prefix; None: answers are not logged.
@@ -143,6 +145,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Gunicorn reads a timeout of 0 as "never kill a silent worker", which no deployment of this service wants.
     "worker_timeout_seconds": ABOVE_ZERO,
     "graceful_timeout_seconds": ABOVE_ZERO,  # 0 would kill in-flight requests at once on SIGTERM
+    "workers": ABOVE_ZERO,
     "prediction_log_roll_seconds": ABOVE_ZERO,
     "prediction_log_max_pending": ABOVE_ZERO,
 }
@@ -169,6 +172,7 @@ ENVIRONMENT = {
     "max_trips_per_request": "MAX_TRIPS_PER_REQUEST",
     "worker_timeout_seconds": "WORKER_TIMEOUT",
     "graceful_timeout_seconds": "GRACEFUL_TIMEOUT",
+    "workers": "WEB_CONCURRENCY",
     "admin_token": "ADMIN_TOKEN",
     "prediction_log": "PREDICTION_LOG",
     "prediction_log_roll_seconds": "PREDICTION_LOG_ROLL_SECONDS",

@@ -36,6 +36,7 @@ REFUSED = {
     },
     "WORKER_TIMEOUT": {"0": "WORKER_TIMEOUT: '0' is not above 0"},
     "GRACEFUL_TIMEOUT": {"-30": "GRACEFUL_TIMEOUT: '-30' is not above 0"},
+    "WEB_CONCURRENCY": {"0": "WEB_CONCURRENCY: '0' is not above 0", "two": "WEB_CONCURRENCY: 'two' is not an integer"},
     "MODEL_FETCH_RETRIES": {"-1": "MODEL_FETCH_RETRIES: '-1' is not 0 or more"},
     "MODEL_REFRESH_SECONDS": {
         "-60": "MODEL_REFRESH_SECONDS: '-60' is not 0 or more (0: check only when a reload is requested)",

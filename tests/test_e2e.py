@@ -112,6 +112,13 @@ REFUSING_ENTRY_POINTS = {
         "bikeshare-membership: MAX_BODY_BYTES: '0' is not above 0",
         2,
     ),
+    # (Gunicorn reads WEB_CONCURRENCY as an integer itself, as it starts: a non-integer fails there, before this.)
+    "gunicorn.conf.py, no workers": (
+        ["-m", "gunicorn", "--config", "gunicorn.conf.py"],
+        {"WEB_CONCURRENCY": "0"},
+        "bikeshare-membership: WEB_CONCURRENCY: '0' is not above 0",
+        2,
+    ),
     "predict:app() preloaded": (
         ["-m", "gunicorn", "--config", "{bare_config}", "--preload", "predict:app()"],
         {"MAX_BODY_BYTES": "0"},
