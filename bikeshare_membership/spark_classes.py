@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 BASE = "base.jsa"  # Java's own classes
 SPARK = "spark.jsa"  # the classes a Spark job loaded, over BASE
+# A part file is written by a Java dumping or exiting, in seconds; one this much older was left by a run that was
+# killed meanwhile (a Spark archive is about 130 MB), and the next run removes it.
+STALE_PART_SECONDS = 600
 # Java's notices about archives, and its own errors, go to its stdout (the job's summary line's stream) unless
 # told otherwise: a stale archive is not the user's concern (the job runs without it), and a refused one is logged.
 QUIET = "-Xlog:cds*=off -XX:+DisplayVMOutputToStderr"
@@ -81,6 +85,18 @@ class ClassArchive:
             _remove(self.saving)
 
 
+def _remove_stale_parts(folder: Path) -> None:
+    """Remove the part files of killed runs (older than STALE_PART_SECONDS): another run's own is newer."""
+    stale_before = time.time() - STALE_PART_SECONDS
+    for part in folder.glob("*.part"):
+        try:
+            stale = part.stat().st_mtime < stale_before
+        except FileNotFoundError:  # renamed or removed by its own run meanwhile
+            continue
+        if stale:
+            _remove(part)
+
+
 def _remove(*files: Path) -> None:
     """Remove `files`; one that cannot be removed is logged, not raised: the job does not depend on it."""
     for file in files:
@@ -101,6 +117,7 @@ def class_archive(cache: Path, java_home: Path, spark_home: Path, java_options: 
         )
         folder = cache / hashlib.sha256(identity.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(folder)
         base = folder / BASE
         if not base.exists():
             dumping = folder / f"{BASE}.{os.getpid()}.part"

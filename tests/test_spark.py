@@ -5,9 +5,11 @@ Production names, and a registry without one fails in one line."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -494,6 +496,27 @@ def test_a_class_archive_that_cannot_be_made_leaves_spark_starting_without_one(t
     archive = spark_classes.class_archive(tmp_path / "not-a-folder" / "cache", java_home, spark_home, "")
 
     assert archive is None
+
+
+def test_a_killed_runs_part_file_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A run killed while Java saved its classes leaves a part file (about 130 MB for Spark's); the next run removes
+    it once it is older than any run takes to write one, and leaves a newer one, which may be a run's own."""
+    java_home = spark_scoring.local_java_home()
+    assert java_home is not None
+    spark_home = Path(pyspark.__file__).parent
+    first = spark_classes.class_archive(tmp_path, java_home, spark_home, "")
+    assert first is not None and first.saving is not None
+    folder = first.base.parent
+    killed, writing = folder / f"{spark_classes.SPARK}.1.part", folder / f"{spark_classes.SPARK}.2.part"
+    for part in (killed, writing):
+        part.write_bytes(b"classes")
+    long_ago = time.time() - spark_classes.STALE_PART_SECONDS - 60
+    os.utime(killed, (long_ago, long_ago))
+
+    later = spark_classes.class_archive(tmp_path, java_home, spark_home, "")
+
+    assert later == first
+    assert sorted(path.name for path in folder.iterdir()) == [spark_classes.BASE, writing.name]
 
 
 def test_spark_reads_the_prediction_log_as_one_table_with_its_date(
