@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from bikeshare_membership import app as service_app
 from bikeshare_membership.model_store import LoadedModel
@@ -49,7 +49,7 @@ def app(step: str = "service") -> Flask:
     answers: dict[int, bytes] = {}  # by number of trips (0: a single trip), the answer the service gives
 
     def read_only() -> Response:
-        body = service_app._read_trips()
+        body = service_app._read_trips(request.environ, service.extensions["settings"])
         count = len(body) if isinstance(body, list) else 0
         if count not in answers:
             trips = [EXAMPLE_TRIP] * count if count else EXAMPLE_TRIP
