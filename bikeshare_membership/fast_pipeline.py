@@ -168,21 +168,18 @@ LOWEST_BIT_POSITION = np.zeros(64, dtype=np.int64)
 LOWEST_BIT_POSITION[[((int(DE_BRUIJN_64) << position) % 2**64) >> 58 for position in range(64)]] = np.arange(64)
 
 
+# The trees' tables as the compiled functions take them, one argument: table_columns, thresholds, table_starts,
+# masks, all_leaves, leaf_values (arrays) and the baseline (`TreeTables._compiled_tables`).
+Tables = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]
+
+
 @numba.njit(cache=True)
-def _row_score(
-    row: Any,
-    table_columns: np.ndarray,
-    thresholds: np.ndarray,
-    table_starts: np.ndarray,
-    masks: np.ndarray,
-    reachable: np.ndarray,
-    leaf_values: np.ndarray,
-    baseline: float,
-) -> float:
+def _row_score(row: Any, tables: Tables, reachable: np.ndarray) -> float:
     """One row's raw score, its values by model column in `row` (an array's column, or a tuple of floats), with
     `reachable` holding every tree's leaves (overwritten): per table, a binary search (`np.searchsorted`, side left;
     NaN takes the last row) and one AND of its row of masks; then each tree's exit leaf, added in scikit-learn's
     order."""
+    table_columns, thresholds, table_starts, masks, _, leaf_values, baseline = tables
     for table in range(len(table_columns)):
         value = row[table_columns[table]]
         first, nan_row = table_starts[table], table_starts[table + 1] - 1
@@ -198,40 +195,21 @@ def _row_score(
 
 
 @numba.njit(cache=True)
-def _raw_scores(
-    columns: np.ndarray,
-    table_columns: np.ndarray,
-    thresholds: np.ndarray,
-    table_starts: np.ndarray,
-    masks: np.ndarray,
-    all_leaves: np.ndarray,
-    leaf_values: np.ndarray,
-    baseline: float,
-) -> np.ndarray:
+def _raw_scores(columns: np.ndarray, tables: Tables) -> np.ndarray:
     """`TreeTables.raw_scores`: `_row_score` of each row."""
+    all_leaves = tables[4]
     scores = np.empty(columns.shape[1])
     reachable = np.empty_like(all_leaves)
     for row in range(columns.shape[1]):
         reachable[:] = all_leaves
-        scores[row] = _row_score(
-            columns[:, row], table_columns, thresholds, table_starts, masks, reachable, leaf_values, baseline
-        )
+        scores[row] = _row_score(columns[:, row], tables, reachable)
     return scores
 
 
 @numba.njit(cache=True)
-def _one_row_score(
-    table_columns: np.ndarray,
-    thresholds: np.ndarray,
-    table_starts: np.ndarray,
-    masks: np.ndarray,
-    all_leaves: np.ndarray,
-    leaf_values: np.ndarray,
-    baseline: float,
-    *row: float,
-) -> float:
+def _one_row_score(tables: Tables, *row: float) -> float:
     """`TreeTables.row_score`: the row as floats, the score as a float, so the call builds no array on either side."""
-    return _row_score(row, table_columns, thresholds, table_starts, masks, all_leaves.copy(), leaf_values, baseline)
+    return _row_score(row, tables, tables[4].copy())
 
 
 class TreeTables:
@@ -293,16 +271,23 @@ class TreeTables:
     def raw_scores(self, columns: np.ndarray) -> np.ndarray:
         """The raw score (log-odds of class 1) of each row of the model's columns, a C-ordered (columns, rows)
         float64 array."""
-        return _raw_scores(columns, *self._compiled_arguments())
+        return _raw_scores(columns, self._compiled_tables())
 
     def row_score(self, row: Sequence[float]) -> float:
         """`raw_scores` of one row, given as its floats by model column."""
-        return _one_row_score(*self._compiled_arguments(), *row)
+        return _one_row_score(self._compiled_tables(), *row)
 
-    def _compiled_arguments(self) -> tuple[Any, ...]:
-        """The tables as `_raw_scores` (after the rows) and `_one_row_score` (before the row) take them."""
-        tables = self.table_columns, self.thresholds, self.table_starts, self.masks, self.all_leaves, self.leaf_values
-        return (*tables, self.baseline)
+    def _compiled_tables(self) -> Tables:
+        """The tables as `_raw_scores` and `_one_row_score` take them."""
+        return (
+            self.table_columns,
+            self.thresholds,
+            self.table_starts,
+            self.masks,
+            self.all_leaves,
+            self.leaf_values,
+            self.baseline,
+        )
 
 
 class FastPipeline:
