@@ -49,7 +49,7 @@ def app(step: str = "service") -> Flask:
     answers: dict[int, bytes] = {}  # by number of trips (0: a single trip), the answer the service gives
 
     def read_only() -> Response:
-        body = service_app._read_trips(request.environ, service.extensions["settings"])
+        body = service_app._read_trips(request.environ, service_app._settings())
         count = len(body) if isinstance(body, list) else 0
         if count not in answers:
             trips = [EXAMPLE_TRIP] * count if count else EXAMPLE_TRIP

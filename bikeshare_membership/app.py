@@ -250,9 +250,8 @@ Scored = tuple[RequestTrips, list[float]]
 def predict() -> Response:
     # Flask's `current_app` and `request` are proxies, each read through one costing about a microsecond: the
     # request's environ, settings and model are read once here.
-    environ, extensions = request.environ, current_app.extensions
-    settings: Settings = extensions["settings"]
-    model = extensions["model_holder"].model  # this request is answered by this version, even if a swap happens
+    environ, settings = request.environ, _settings()
+    model = _holder().model  # this request is answered by this version, even if a swap happens
     scored: list[Scored] = []
     body = _read_trips(environ, settings)
     answer = predictions(body, model, _date_order(environ), settings.max_trips_per_request, scored)
