@@ -73,6 +73,7 @@ from bikeshare_membership.schema import (
     trip_percent,
     typed_trips,
 )
+from bikeshare_membership.stations import station_index
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -383,6 +384,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     app.extensions["settings"] = settings
     app.extensions["model_holder"] = holder = holder or ModelHolder.from_settings(settings)
     holder.on_refresh = metrics.model_refreshed
+    # Read here, once: validation looks station names up in it, and a worker's first request would read it
+    # otherwise (pandas and every name normalised; after the fork, so in each worker again).
+    station_index()
     limits = settings.max_trips_per_request, settings.max_body_bytes
     document = openapi.document(*limits, ANSWERS, bool(settings.admin_token))
     app.extensions["openapi_json"] = orjson.dumps(document)

@@ -22,6 +22,7 @@ from werkzeug.exceptions import (
 )
 
 from bikeshare_membership import app as service_app
+from bikeshare_membership import stations
 from bikeshare_membership.config import Settings
 from bikeshare_membership.model_holder import ModelHolder
 from bikeshare_membership.model_store import LoadedModel
@@ -336,6 +337,13 @@ def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
     assert client.get("/nowhere").get_json()["error"]["code"] == "NOT_FOUND"
     response = client.get("/predict")
     assert response.status_code == 405 and response.get_json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_the_station_list_is_read_as_the_app_is_built(model: LoadedModel) -> None:
+    """In Gunicorn's preloading master, before the fork: otherwise each worker's first request reads the file."""
+    stations.station_index.cache_clear()
+    service_app.create_app(Settings(), ModelHolder(None, model))
+    assert stations.station_index.cache_info().currsize == 1
 
 
 def test_health_names_the_loaded_model(client: FlaskClient, model: LoadedModel) -> None:
