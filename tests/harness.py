@@ -75,7 +75,9 @@ def start_mlflow_server(
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{backend_db}", "--default-artifact-root", artifact_root]
     command += ["--no-serve-artifacts"]
-    process = start(command, env, log_path)
+    # Without MLflow's job runner (GenAI evaluation jobs), which the registry does not need: it would start a
+    # consumer process, and each start leaves its queue folder in /dev/shm, which MLflow never removes.
+    process = start(command, env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log_path)
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", process, timeout=120)
     return process, url
