@@ -62,6 +62,9 @@ graceful_timeout = service.graceful_timeout_seconds
 keepalive = 5
 max_requests = 20_000
 max_requests_jitter = 2_000
+# Each worker's heartbeat is a file it touches between requests; on a disk-backed folder (Docker's /tmp, on an EBS
+# volume on EC2) that call can block the worker, Gunicorn's FAQ warns. /dev/shm is in memory wherever it exists.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 control_socket_disable = True  # Gunicorn 26+ would share one control socket path between instances
 logconfig_dict = jsonlog.LOGGING  # from the start; the app's preload applies it again (app.serve_app)
 

@@ -4,6 +4,7 @@ entry point refusing a bad setting in one line, and logging JSON."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import service_env
-from harness import ROOT, free_port, start, stop, wait_for_http
+from harness import ROOT, free_port, start, start_gunicorn, stop, wait_for_http
 
 from bikeshare_membership.config import Settings
 
@@ -35,6 +36,19 @@ def test_gunicorn_workers_answer_bad_input_with_json(gunicorn_service: str) -> N
         f"{gunicorn_service}/predict", data="{", headers={"Content-Type": "application/json"}, timeout=10
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "MALFORMED_REQUEST"
+
+
+def test_workers_keep_their_heartbeat_files_in_memory(settings: Settings, trained, tmp_path: Path) -> None:
+    """/dev/shm, not the disk-backed /tmp (gunicorn.conf.py `worker_tmp_dir`); the files are open and unlinked."""
+    process, _ = start_gunicorn(service_env(settings), tmp_path / "gunicorn.log")
+    try:
+        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        opened = [os.readlink(link) for worker in workers for link in Path(f"/proc/{worker}/fd").iterdir()]
+        heartbeats = [path for path in opened if "/wgunicorn-" in path]
+    finally:
+        stop(process)
+    assert workers and len(heartbeats) >= len(workers)
+    assert all(path.startswith("/dev/shm/wgunicorn-") for path in heartbeats), heartbeats
 
 
 def test_pred_script_fails_when_nothing_listens() -> None:
