@@ -2,7 +2,8 @@
 
 Under Gunicorn, gunicorn.conf.py sets `PROMETHEUS_MULTIPROC_DIR` before this module is imported:
 prometheus_client then keeps every value in a file per process, and `exposition()` sums the files of
-all workers, dead ones included for counters and histograms (so they never go backwards). Values are
+all workers, dead ones included for counters and histograms (so they never go backwards; the master adds a dead
+worker's values to one archive file per kind, `archive_dead_worker`). Values are
 per process, so a forked worker starts from zero and records the model it serves itself
 (gunicorn.conf.py `post_worker_init`). Without the variable (`python predict.py`, in-process tests),
 the usual single-process registry is exposed.
@@ -16,15 +17,19 @@ process's first batch, with one warning.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
 import threading
 from collections import Counter as Tally
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.mmap_dict import MmapedDict
 
 from bikeshare_membership.schema import CASUAL, DECISION_THRESHOLD, MEMBER, percent, trip_membership
 
@@ -37,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_client decided when it was imported
+# The values of workers gone, one file per kind (`counter_archive.db`), and the lock around moving them there.
+ARCHIVE_NAME = "archive"
+ARCHIVE_LOCK = "archive.lock"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBA_BUCKETS = tuple(float(percent) for percent in range(10, 101, 10))
@@ -203,4 +211,51 @@ def exposition() -> bytes:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()  # a fresh one per scrape, as prometheus_client's multiprocess docs advise
     multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry)
+    with _archive_lock(fcntl.LOCK_SH):  # not while a dead worker's values move to the archive
+        return generate_latest(registry)
+
+
+def archive_dead_worker(pid: int) -> None:
+    """In Gunicorn's master, as a worker exits: its live gauges go, and its counters and histograms are added to
+    one archive file per kind, so the folder, and what each scrape reads, does not grow with every worker that
+    `max_requests` replaces. The sums stay the same: counters and histograms are sums of the same keys."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    multiprocess.mark_process_dead(pid, folder)
+    with _archive_lock(fcntl.LOCK_EX):  # a scrape sees the values either in the worker's file or in the archive
+        for kind in ("counter", "histogram"):
+            dead = os.path.join(folder, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db")
+            totals = _values(archive) if os.path.exists(archive) else {}
+            for key, value in _values(dead).items():
+                totals[key] = totals.get(key, 0.0) + value
+            _write_values(f"{archive}.new", totals)  # not *.db: a scrape does not read it
+            os.replace(f"{archive}.new", archive)
+            os.remove(dead)
+
+
+def _values(path: str) -> dict[str, float]:
+    return {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(path)}
+
+
+def _write_values(path: str, values: Mapping[str, float]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)  # left by a master killed while writing it
+    written = MmapedDict(path)
+    try:
+        for key, value in values.items():
+            written.write_value(key, value, 0.0)
+    finally:
+        written.close()
+
+
+@contextlib.contextmanager
+def _archive_lock(operation: int) -> Iterator[None]:
+    """The metrics folder's lock between archiving (exclusive) and scrapes (shared)."""
+    descriptor = os.open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], ARCHIVE_LOCK), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, operation)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -26,6 +26,8 @@ import requests
 from conftest import rename_attribute, service_env
 from harness import start_gunicorn, stop
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from bikeshare_membership import app as service_app
@@ -54,15 +56,18 @@ class Service:
     url: str
     log: Path
     process: subprocess.Popen
+    metrics_folder: Path
 
 
 @pytest.fixture(scope="module")
 def service(settings: Settings, trained: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    log = tmp_path_factory.mktemp("observability") / "gunicorn.log"
-    env = service_env(settings, MODEL_REFRESH_SECONDS="0")
+    folder = tmp_path_factory.mktemp("observability")
+    log, metrics_folder = folder / "gunicorn.log", folder / "metrics"
+    metrics_folder.mkdir()
+    env = service_env(settings, MODEL_REFRESH_SECONDS="0", PROMETHEUS_MULTIPROC_DIR=str(metrics_folder))
     process, url = start_gunicorn(env, log)
     try:
-        yield Service(url, log, process)
+        yield Service(url, log, process, metrics_folder)
     finally:
         stop(process)
 
@@ -249,7 +254,8 @@ def test_credentials_bodies_and_query_strings_never_reach_the_log(service: Servi
 
 def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
     """SIGKILL one worker: Gunicorn replaces it; counters never go back, and the model gauge counts the live
-    workers only (the dead one's is dropped, the new one records its own)."""
+    workers only (the dead one's is dropped, the new one records its own). The dead worker's files are gone, its
+    values in the archive files, so the folder does not grow with each worker replaced (max_requests)."""
 
     def health_answered_by() -> int:
         answer = requests.get(f"{service.url}/health", headers={"Connection": "close"}, timeout=10)
@@ -274,8 +280,45 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
     assert all(after[name, key] >= value for (name, key), value in before.items() if name == total)
     health = labels(endpoint="/health", method="GET", status="200")
     assert after[total, health] - before[total, health] == len(answered_by)
+    files = {path.name for path in service.metrics_folder.glob("*.db")}
+    assert not {name for name in files if name.endswith(f"_{killed}.db")}
+    assert {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"} <= files
     print(f"\nkilled worker {killed}, replaced by {replacement}; {len(answered_by)} requests counted after the kill")
     assert service.process.poll() is None
+
+
+def test_archiving_dead_workers_keeps_every_sum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Three workers' files as prometheus_client writes them; two die one after the other: the folder's
+    exposition is the same before and after, and only the live worker's files and the archives are left."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    requests_help, latency_help = "HTTP requests answered", "Time to the built response"
+    for pid, answered in ((101, 3.0), (102, 5.0), (103, 7.0)):
+        # (file kind, metric, sample, its labels beside `endpoint`, value)
+        samples: list[tuple[str, str, str, dict[str, str], float]] = [
+            ("counter", "bikeshare_http_requests", "bikeshare_http_requests_total", {}, answered),
+            ("histogram", "bikeshare_latency", "bikeshare_latency_bucket", {"le": "0.001"}, answered),
+            ("histogram", "bikeshare_latency", "bikeshare_latency_bucket", {"le": "+Inf"}, 1.0),
+            ("histogram", "bikeshare_latency", "bikeshare_latency_sum", {}, answered / 1000),
+        ]
+        for kind in ("counter", "histogram"):
+            written = MmapedDict(str(tmp_path / f"{kind}_{pid}.db"))
+            for _, metric, name, extra, value in (sample for sample in samples if sample[0] == kind):
+                help_text = requests_help if kind == "counter" else latency_help
+                key = mmap_key(metric, name, ["endpoint", *extra], ["/predict", *extra.values()], help_text)
+                written.write_value(key, value, 0.0)
+            written.close()
+
+    def exposition() -> bytes:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(tmp_path))
+        return generate_latest(registry)
+
+    before = exposition()
+    metrics.archive_dead_worker(101)
+    metrics.archive_dead_worker(102)  # added to the archive the first one made
+    assert exposition() == before and b'bikeshare_http_requests_total{endpoint="/predict"} 15.0' in before
+    archives = {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"}
+    assert {path.name for path in tmp_path.glob("*.db")} == {"counter_103.db", "histogram_103.db"} | archives
 
 
 def test_request_lines_are_written_in_whole_lines_of_at_most_pipe_buf(monkeypatch: pytest.MonkeyPatch) -> None:
