@@ -218,21 +218,29 @@ def exposition() -> bytes:
 def archive_dead_worker(pid: int) -> None:
     """In Gunicorn's master, as a worker exits: its live gauges go, and its counters and histograms are added to
     one archive file per kind, so the folder, and what each scrape reads, does not grow with every worker that
-    `max_requests` replaces. The sums stay the same: counters and histograms are sums of the same keys."""
+    `max_requests` replaces. The sums stay the same: counters and histograms are sums of the same keys.
+
+    Never raises: an exception would stop Gunicorn's master. A failure is logged, and what was not archived stays
+    in the worker's files, where it still counts."""
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    multiprocess.mark_process_dead(pid, folder)
-    with _archive_lock(fcntl.LOCK_EX):  # a scrape sees the values either in the worker's file or in the archive
-        for kind in ("counter", "histogram"):
-            dead = os.path.join(folder, f"{kind}_{pid}.db")
-            if not os.path.exists(dead):
-                continue
-            archive = os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db")
-            totals = _values(archive) if os.path.exists(archive) else {}
-            for key, value in _values(dead).items():
-                totals[key] = totals.get(key, 0.0) + value
-            _write_values(f"{archive}.new", totals)  # not *.db: a scrape does not read it
-            os.replace(f"{archive}.new", archive)
-            os.remove(dead)
+    try:
+        multiprocess.mark_process_dead(pid, folder)
+        with _archive_lock(fcntl.LOCK_EX):  # a scrape sees the values either in the worker's file or in the archive
+            for kind in ("counter", "histogram"):
+                _archive(os.path.join(folder, f"{kind}_{pid}.db"), os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db"))
+    except Exception:
+        log.exception("could not archive the metrics of worker %s; what was not archived stays in its files", pid)
+
+
+def _archive(dead: str, archive: str) -> None:
+    if not os.path.exists(dead):
+        return
+    totals = _values(archive) if os.path.exists(archive) else {}
+    for key, value in _values(dead).items():
+        totals[key] = totals.get(key, 0.0) + value
+    _write_values(f"{archive}.new", totals)  # not *.db: a scrape does not read it
+    os.replace(f"{archive}.new", archive)
+    os.remove(dead)
 
 
 def _values(path: str) -> dict[str, float]:

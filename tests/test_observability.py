@@ -287,9 +287,12 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
     assert service.process.poll() is None
 
 
-def test_archiving_dead_workers_keeps_every_sum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_archiving_dead_workers_keeps_every_sum(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Three workers' files as prometheus_client writes them; two die one after the other: the folder's
-    exposition is the same before and after, and only the live worker's files and the archives are left."""
+    exposition is the same before and after, and only the live worker's files and the archives are left. When
+    archiving fails (a full disk), it logs, and the worker's files stay."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     requests_help, latency_help = "HTTP requests answered", "Time to the built response"
     for pid, answered in ((101, 3.0), (102, 5.0), (103, 7.0)):
@@ -319,6 +322,15 @@ def test_archiving_dead_workers_keeps_every_sum(monkeypatch: pytest.MonkeyPatch,
     assert exposition() == before and b'bikeshare_http_requests_total{endpoint="/predict"} 15.0' in before
     archives = {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"}
     assert {path.name for path in tmp_path.glob("*.db")} == {"counter_103.db", "histogram_103.db"} | archives
+
+    def failing_replace(source: str, destination: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "replace", failing_replace)
+    with caplog.at_level(logging.ERROR, logger=metrics.__name__):
+        metrics.archive_dead_worker(103)  # in Gunicorn's master: it must not raise
+    assert "could not archive the metrics of worker 103" in caplog.text
+    assert exposition() == before and (tmp_path / "counter_103.db").exists()
 
 
 def test_request_lines_are_written_in_whole_lines_of_at_most_pipe_buf(monkeypatch: pytest.MonkeyPatch) -> None:
