@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import Counter as Tally
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +46,7 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_clien
 # The values of workers gone, one file per kind (`counter_archive.db`), and the lock around moving them there.
 ARCHIVE_NAME = "archive"
 ARCHIVE_LOCK = "archive.lock"
+ARCHIVE_WAIT_SECONDS = 1.0  # a scrape reads the folder in about a millisecond (docs/operations.md)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBA_BUCKETS = tuple(float(percent) for percent in range(10, 101, 10))
@@ -211,8 +213,12 @@ def exposition() -> bytes:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()  # a fresh one per scrape, as prometheus_client's multiprocess docs advise
     multiprocess.MultiProcessCollector(registry)
-    with _archive_lock(fcntl.LOCK_SH):  # not while a dead worker's values move to the archive
+    descriptor = _open_archive_lock()
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # not while a dead worker's values move to the archive
         return generate_latest(registry)
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def archive_dead_worker(pid: int) -> None:
@@ -223,13 +229,39 @@ def archive_dead_worker(pid: int) -> None:
     Never raises: an exception would stop Gunicorn's master. A failure is logged, and what was not archived stays
     in the worker's files, where it still counts."""
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    descriptor = None
     try:
         multiprocess.mark_process_dead(pid, folder)
-        with _archive_lock(fcntl.LOCK_EX):  # a scrape sees the values either in the worker's file or in the archive
-            for kind in ("counter", "histogram"):
-                _archive(os.path.join(folder, f"{kind}_{pid}.db"), os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db"))
+        descriptor = _open_archive_lock()
+        if not _locked_for_archiving(descriptor):
+            log.warning("metrics of worker %s not archived: a scrape held the folder; its files stay", pid)
+            return
+        for kind in ("counter", "histogram"):  # a scrape sees them in the worker's file or in the archive, once
+            _archive(os.path.join(folder, f"{kind}_{pid}.db"), os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db"))
     except Exception:
         log.exception("could not archive the metrics of worker %s; what was not archived stays in its files", pid)
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _open_archive_lock() -> int:
+    """The metrics folder's lock file: shared by scrapes, exclusive while archiving."""
+    return os.open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], ARCHIVE_LOCK), os.O_RDWR | os.O_CREAT)
+
+
+def _locked_for_archiving(descriptor: int) -> bool:
+    """The exclusive lock, waiting at most ARCHIVE_WAIT_SECONDS: the master must not hang behind the scrape of a
+    stuck worker, which only the master would kill."""
+    deadline = time.monotonic() + ARCHIVE_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def _archive(dead: str, archive: str) -> None:
@@ -256,14 +288,3 @@ def _write_values(path: str, values: Mapping[str, float]) -> None:
             written.write_value(key, value, 0.0)
     finally:
         written.close()
-
-
-@contextlib.contextmanager
-def _archive_lock(operation: int) -> Iterator[None]:
-    """The metrics folder's lock between archiving (exclusive) and scrapes (shared)."""
-    descriptor = os.open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], ARCHIVE_LOCK), os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(descriptor, operation)
-        yield
-    finally:
-        os.close(descriptor)  # releases the lock

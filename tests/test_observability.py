@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -292,7 +293,7 @@ def test_archiving_dead_workers_keeps_every_sum(
 ) -> None:
     """Three workers' files as prometheus_client writes them; two die one after the other: the folder's
     exposition is the same before and after, and only the live worker's files and the archives are left. When
-    archiving fails (a full disk), it logs, and the worker's files stay."""
+    archiving cannot take the lock in time, or fails (a full disk), it logs, and the worker's files stay."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     requests_help, latency_help = "HTTP requests answered", "Time to the built response"
     for pid, answered in ((101, 3.0), (102, 5.0), (103, 7.0)):
@@ -322,6 +323,15 @@ def test_archiving_dead_workers_keeps_every_sum(
     assert exposition() == before and b'bikeshare_http_requests_total{endpoint="/predict"} 15.0' in before
     archives = {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"}
     assert {path.name for path in tmp_path.glob("*.db")} == {"counter_103.db", "histogram_103.db"} | archives
+
+    scrape = os.open(tmp_path / metrics.ARCHIVE_LOCK, os.O_RDWR)  # a stuck scrape: the master does not wait for it
+    fcntl.flock(scrape, fcntl.LOCK_SH)
+    monkeypatch.setattr(metrics, "ARCHIVE_WAIT_SECONDS", 0.05)
+    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
+        metrics.archive_dead_worker(103)
+    os.close(scrape)
+    assert "metrics of worker 103 not archived" in caplog.text
+    assert exposition() == before and (tmp_path / "counter_103.db").exists()
 
     def failing_replace(source: str, destination: str) -> None:
         raise OSError(28, "No space left on device")
