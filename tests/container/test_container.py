@@ -255,6 +255,13 @@ def test_the_fast_form_serves_with_its_compiled_code_in_the_volume(stack: Stack)
     assert "serving through scikit-learn only" not in logs.stdout + logs.stderr
 
 
+def test_the_local_registry_runs_without_mlflows_job_runner(stack: Stack) -> None:
+    """The local profile's MLflow server is a registry and tracking server only (docker-compose.yml)."""
+    processes = stack.compose("top", "mlflow").stdout
+    assert "mlflow server" in processes or "mlflow.server" in processes, processes
+    assert "mlflow.server.jobs" not in processes and "huey" not in processes, processes
+
+
 def test_image_holds_no_secret_or_local_state(stack: Stack) -> None:
     names = " -o ".join([*(f"-name {name}" for name in FORBIDDEN_IN_IMAGE), "-type f -name credentials"])
     found = run(
