@@ -255,6 +255,14 @@ def test_the_fast_form_serves_with_its_compiled_code_in_the_volume(stack: Stack)
     assert "serving through scikit-learn only" not in logs.stdout + logs.stderr
 
 
+def test_every_containers_log_is_rotated(stack: Stack) -> None:
+    """Docker's json-file driver keeps a log without limit unless told (docker-compose.yml `logging`)."""
+    for service in ("web", "mlflow"):
+        inspected = run(["docker", "inspect", "-f", "{{json .HostConfig.LogConfig}}", stack.container(service)], 30)
+        log_config = json.loads(inspected.stdout)
+        assert log_config == {"Type": "json-file", "Config": {"max-size": "50m", "max-file": "5"}}, log_config
+
+
 def test_the_local_registry_runs_without_mlflows_job_runner(stack: Stack) -> None:
     """The local profile's MLflow server is a registry and tracking server only (docker-compose.yml)."""
     processes = stack.compose("top", "mlflow").stdout
