@@ -45,6 +45,7 @@ else:
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # a previous run's values
 
+from bikeshare_membership import metrics_archive  # noqa: E402
 
 # Not a Gunicorn setting name, so Gunicorn ignores it. An invalid setting exits here with its one line: Gunicorn
 # would print an exception's traceback, a SystemExit passes through.
@@ -104,6 +105,4 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     """A dead worker's gauges leave the sums; its counters and histograms join the archive of workers gone."""
-    from bikeshare_membership import metrics  # loaded already by the preload
-
-    metrics.archive_dead_worker(worker.pid)
+    metrics_archive.archive_dead_worker(worker.pid)

@@ -15,7 +15,8 @@ only modules of lower levels, so imports point one way and tests/test_architectu
   `live_monitoring` (the prediction log against a labelled file), `spark_scoring` (the same scoring as a
   Spark job, for files of any size);
 - service: `errors` (the one refusal type), `openapi` (the API document), `app` (the Flask app);
-- observability: `jsonlog`, `metrics`, `recorder`, `prediction_log` (every answered trip, as Parquet);
+- observability: `jsonlog`, `metrics`, `metrics_archive` (exited workers' values), `recorder`, `prediction_log`
+  (every answered trip, as Parquet);
 - shared by all: `config` (settings from the environment), `storage` (local paths and S3, atomic writes);
 - command lines: `train_cli`, `batch_cli`, `wait_cli`, `spark_cli`, behind the root scripts train.py, batch.py,
   wait_for_model.py and spark_score.py.

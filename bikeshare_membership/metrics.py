@@ -3,7 +3,7 @@
 Under Gunicorn, gunicorn.conf.py sets `PROMETHEUS_MULTIPROC_DIR` before this module is imported:
 prometheus_client then keeps every value in a file per process, and `exposition()` sums the files of
 all workers, dead ones included for counters and histograms (so they never go backwards; the master adds a dead
-worker's values to one archive file per kind, `archive_dead_worker`). Values are
+worker's values to one archive file per kind, metrics_archive.py). Values are
 per process, so a forked worker starts from zero and records the model it serves itself
 (gunicorn.conf.py `post_worker_init`). Without the variable (`python predict.py`, in-process tests),
 the usual single-process registry is exposed.
@@ -17,21 +17,17 @@ process's first batch, with one warning.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 import os
 import threading
-import time
 from collections import Counter as Tally
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.mmap_dict import MmapedDict
 
+from bikeshare_membership import metrics_archive
 from bikeshare_membership.schema import CASUAL, DECISION_THRESHOLD, MEMBER, percent, trip_membership
 
 if TYPE_CHECKING:
@@ -43,10 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # what prometheus_client decided when it was imported
-# The values of workers gone, one file per kind (`counter_archive.db`), and the lock around moving them there.
-ARCHIVE_NAME = "archive"
-ARCHIVE_LOCK = "archive.lock"
-ARCHIVE_WAIT_SECONDS = 1.0  # a scrape reads the folder in about a millisecond (docs/operations.md)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBA_BUCKETS = tuple(float(percent) for percent in range(10, 101, 10))
@@ -213,78 +205,5 @@ def exposition() -> bytes:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()  # a fresh one per scrape, as prometheus_client's multiprocess docs advise
     multiprocess.MultiProcessCollector(registry)
-    descriptor = _open_archive_lock()
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH)  # not while a dead worker's values move to the archive
+    with metrics_archive.scraping():  # not while a dead worker's values move to the archive
         return generate_latest(registry)
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
-def archive_dead_worker(pid: int) -> None:
-    """In Gunicorn's master, as a worker exits: its live gauges go, and its counters and histograms are added to
-    one archive file per kind, so the folder, and what each scrape reads, does not grow with every worker that
-    `max_requests` replaces. The sums stay the same: counters and histograms are sums of the same keys.
-
-    Never raises: an exception would stop Gunicorn's master. A failure is logged, and what was not archived stays
-    in the worker's files, where it still counts."""
-    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    descriptor = None
-    try:
-        multiprocess.mark_process_dead(pid, folder)
-        descriptor = _open_archive_lock()
-        if not _locked_for_archiving(descriptor):
-            log.warning("metrics of worker %s not archived: a scrape held the folder; its files stay", pid)
-            return
-        for kind in ("counter", "histogram"):  # a scrape sees them in the worker's file or in the archive, once
-            _archive(os.path.join(folder, f"{kind}_{pid}.db"), os.path.join(folder, f"{kind}_{ARCHIVE_NAME}.db"))
-    except Exception:
-        log.exception("could not archive the metrics of worker %s; what was not archived stays in its files", pid)
-    finally:
-        if descriptor is not None:
-            os.close(descriptor)
-
-
-def _open_archive_lock() -> int:
-    """The metrics folder's lock file: shared by scrapes, exclusive while archiving."""
-    return os.open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], ARCHIVE_LOCK), os.O_RDWR | os.O_CREAT)
-
-
-def _locked_for_archiving(descriptor: int) -> bool:
-    """The exclusive lock, waiting at most ARCHIVE_WAIT_SECONDS: the master must not hang behind the scrape of a
-    stuck worker, which only the master would kill."""
-    deadline = time.monotonic() + ARCHIVE_WAIT_SECONDS
-    while True:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-
-
-def _archive(dead: str, archive: str) -> None:
-    if not os.path.exists(dead):
-        return
-    totals = _values(archive) if os.path.exists(archive) else {}
-    for key, value in _values(dead).items():
-        totals[key] = totals.get(key, 0.0) + value
-    _write_values(f"{archive}.new", totals)  # not *.db: a scrape does not read it
-    os.replace(f"{archive}.new", archive)
-    os.remove(dead)
-
-
-def _values(path: str) -> dict[str, float]:
-    return {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(path)}
-
-
-def _write_values(path: str, values: Mapping[str, float]) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)  # left by a master killed while writing it
-    written = MmapedDict(path)
-    try:
-        for key, value in values.items():
-            written.write_value(key, value, 0.0)
-    finally:
-        written.close()

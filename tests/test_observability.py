@@ -32,7 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from bikeshare_membership import app as service_app
-from bikeshare_membership import jsonlog, metrics, recorder
+from bikeshare_membership import jsonlog, metrics, metrics_archive, recorder
 from bikeshare_membership.config import Settings
 from bikeshare_membership.metrics import PROBA_BUCKETS
 from bikeshare_membership.model_holder import ModelHolder
@@ -283,7 +283,7 @@ def test_a_killed_worker_leaves_consistent_metrics(service: Service) -> None:
     assert after[total, health] - before[total, health] == len(answered_by)
     files = {path.name for path in service.metrics_folder.glob("*.db")}
     assert not {name for name in files if name.endswith(f"_{killed}.db")}
-    assert {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"} <= files
+    assert {f"counter_{metrics_archive.ARCHIVE_NAME}.db", f"histogram_{metrics_archive.ARCHIVE_NAME}.db"} <= files
     print(f"\nkilled worker {killed}, replaced by {replacement}; {len(answered_by)} requests counted after the kill")
     assert service.process.poll() is None
 
@@ -318,17 +318,19 @@ def test_archiving_dead_workers_keeps_every_sum(
         return generate_latest(registry)
 
     before = exposition()
-    metrics.archive_dead_worker(101)
-    metrics.archive_dead_worker(102)  # added to the archive the first one made
+    metrics_archive.archive_dead_worker(101)
+    metrics_archive.archive_dead_worker(102)  # added to the archive the first one made
     assert exposition() == before and b'bikeshare_http_requests_total{endpoint="/predict"} 15.0' in before
-    archives = {f"counter_{metrics.ARCHIVE_NAME}.db", f"histogram_{metrics.ARCHIVE_NAME}.db"}
+    archives = {f"counter_{metrics_archive.ARCHIVE_NAME}.db", f"histogram_{metrics_archive.ARCHIVE_NAME}.db"}
     assert {path.name for path in tmp_path.glob("*.db")} == {"counter_103.db", "histogram_103.db"} | archives
 
-    scrape = os.open(tmp_path / metrics.ARCHIVE_LOCK, os.O_RDWR)  # a stuck scrape: the master does not wait for it
+    scrape = os.open(
+        tmp_path / metrics_archive.ARCHIVE_LOCK, os.O_RDWR
+    )  # a stuck scrape: the master does not wait for it
     fcntl.flock(scrape, fcntl.LOCK_SH)
-    monkeypatch.setattr(metrics, "ARCHIVE_WAIT_SECONDS", 0.05)
-    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
-        metrics.archive_dead_worker(103)
+    monkeypatch.setattr(metrics_archive, "ARCHIVE_WAIT_SECONDS", 0.05)
+    with caplog.at_level(logging.WARNING, logger=metrics_archive.__name__):
+        metrics_archive.archive_dead_worker(103)
     os.close(scrape)
     assert "metrics of worker 103 not archived" in caplog.text
     assert exposition() == before and (tmp_path / "counter_103.db").exists()
@@ -336,9 +338,9 @@ def test_archiving_dead_workers_keeps_every_sum(
     def failing_replace(source: str, destination: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(metrics.os, "replace", failing_replace)
-    with caplog.at_level(logging.ERROR, logger=metrics.__name__):
-        metrics.archive_dead_worker(103)  # in Gunicorn's master: it must not raise
+    monkeypatch.setattr(metrics_archive.os, "replace", failing_replace)
+    with caplog.at_level(logging.ERROR, logger=metrics_archive.__name__):
+        metrics_archive.archive_dead_worker(103)  # in Gunicorn's master: it must not raise
     assert "could not archive the metrics of worker 103" in caplog.text
     assert exposition() == before and (tmp_path / "counter_103.db").exists()
 
