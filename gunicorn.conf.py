@@ -14,6 +14,7 @@ import gc
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -94,13 +95,28 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """In the worker, as it exits (SIGTERM, max_requests): its request records not yet written. (The master
-    calls this too for a worker already gone, which has no app.)"""
+    """In the worker, as it exits (SIGTERM, max_requests): its request records not yet written, then the end of
+    the process. (The master calls this too for a worker already gone, which has no app.)"""
     app = getattr(worker, "wsgi", None)
     if app is not None and "recorder" in app.extensions:
         from bikeshare_membership.app import stop_serving
 
         stop_serving(app)
+    if worker.pid == os.getpid():
+        end_worker(sys.exc_info()[1])  # Gunicorn calls this hook while the worker's SystemExit is raised
+
+
+def end_worker(exiting: BaseException | None) -> None:
+    """End the worker with the status Gunicorn exits it with, after the atexit handlers but without the
+    interpreter's teardown, as multiprocessing ends its forked children. Freeing every object of the preloaded
+    app writes to pages the worker shares with the master, each copied first: about 200 ms of CPU per worker
+    replaced (docs/performance.md), while the other workers serve. Any other exit is left to Python."""
+    if not isinstance(exiting, SystemExit) or not (exiting.code is None or isinstance(exiting.code, int)):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exiting.code or 0)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -51,6 +51,68 @@ def test_workers_keep_their_heartbeat_files_in_memory(settings: Settings, traine
     assert all(path.startswith("/dev/shm/wgunicorn-") for path in heartbeats), heartbeats
 
 
+# Run as `python - CONFIG MARKS STATUS ENDING`: exits with STATUS through Gunicorn's worker_exit hook as a worker
+# calls it (ENDING "worker") or through Python alone ("python"), writing to MARKS what ran on the way out.
+WORKER_ENDING = """
+import atexit, os, runpy, sys
+config, marks, status, ending = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+hooks = runpy.run_path(config)
+fd = os.open(marks, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+
+class TornDown:
+    write = staticmethod(os.write)
+
+    def __del__(self):
+        self.write(fd, b"torn down\\n")
+
+
+kept = TornDown()  # freed by the interpreter's teardown, when that runs
+atexit.register(os.write, fd, b"atexit\\n")
+
+
+class Worker:
+    wsgi = None  # the app is not needed: what stop_serving does is tested on its own
+    pid = os.getpid()
+
+
+class GoneWorker(Worker):
+    pid = -1
+
+
+try:
+    sys.exit(status)
+finally:
+    hooks["worker_exit"](None, GoneWorker())  # the master's call for a worker already gone
+    os.write(fd, b"the master's call returned\\n")
+    if ending == "worker":
+        hooks["worker_exit"](None, Worker())
+"""
+
+
+@pytest.mark.parametrize(("ending", "status"), [("worker", 0), ("worker", 3), ("python", 3)])
+def test_a_worker_ends_without_the_interpreters_teardown(
+    ending: str, status: int, settings: Settings, tmp_path: Path
+) -> None:
+    """A worker's end (gunicorn.conf.py `worker_exit`) keeps the exit status and runs the atexit handlers, but
+    frees no object, which would make the kernel copy every page the worker shares with the master; Python's own
+    exit (the control) does free them."""
+    marks = tmp_path / "marks"
+    result = subprocess.run(
+        [sys.executable, "-", str(ROOT / "gunicorn.conf.py"), str(marks), str(status), ending],
+        input=WORKER_ENDING,
+        cwd=ROOT,
+        env=service_env(settings, TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == status, result.stderr[-3000:]
+    ran = marks.read_text().splitlines()
+    assert ran[:2] == ["the master's call returned", "atexit"]
+    assert ("torn down" in ran) == (ending == "python")
+
+
 def test_pred_script_fails_when_nothing_listens() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "test_pred.py"), "127.0.0.1", "--port", str(free_port())],
