@@ -196,20 +196,11 @@ def main() -> int:
         "--observed", action="store_true", help="also the service with the prediction log and a shadow challenger"
     )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("bench/serve.py needs wrk: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    work, env = wrk_workspace("bench/serve.py", "serve-bench-")
     settings = Settings(
-        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registered_model=MODEL, model_cache_dir=str(work / "cache")
+        tracking_uri=env["MLFLOW_TRACKING_URI"], registered_model=MODEL, model_cache_dir=str(work / "cache")
     )
-    env = clean_env()
-    env |= {
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-        "MLFLOW_REGISTERED_MODEL": MODEL,
-        "MODEL_CACHE_DIR": settings.model_cache_dir,
-        "MODEL_REFRESH_SECONDS": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    env |= {"MLFLOW_REGISTERED_MODEL": MODEL, "MODEL_CACHE_DIR": settings.model_cache_dir}
     processes = []
     try:
         print("training the model to serve ...", flush=True)
