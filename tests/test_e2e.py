@@ -3,6 +3,7 @@ entry point refusing a bad setting in one line, and logging JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -43,12 +44,21 @@ def test_workers_keep_their_heartbeat_files_in_memory(settings: Settings, traine
     process, _ = start_gunicorn(service_env(settings), tmp_path / "gunicorn.log")
     try:
         workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        opened = [os.readlink(link) for worker in workers for link in Path(f"/proc/{worker}/fd").iterdir()]
-        heartbeats = [path for path in opened if "/wgunicorn-" in path]
+        heartbeats = [path for worker in workers for path in open_files(worker) if "/wgunicorn-" in path]
     finally:
         stop(process)
     assert workers and len(heartbeats) >= len(workers)
     assert all(path.startswith("/dev/shm/wgunicorn-") for path in heartbeats), heartbeats
+
+
+def open_files(pid: str) -> list[str]:
+    """What a process holds open, from /proc; a descriptor closed between the listing and its reading (a
+    connection, the registry's database as a worker checks it) is skipped."""
+    paths = []
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            paths.append(os.readlink(link))
+    return paths
 
 
 # Run as `python - CONFIG MARKS STATUS ENDING`: exits with STATUS through Gunicorn's worker_exit hook as a worker
