@@ -109,8 +109,8 @@ def worker_exit(server: Any, worker: Any) -> None:
 def end_worker(exiting: BaseException | None) -> None:
     """End the worker with the status Gunicorn exits it with, after the atexit handlers but without the
     interpreter's teardown, as multiprocessing ends its forked children. Freeing every object of the preloaded
-    app writes to pages the worker shares with the master, each copied first: about 200 ms of CPU per worker
-    replaced (docs/performance.md), while the other workers serve. Any other exit is left to Python."""
+    app writes to pages the worker shares with the master, which the kernel copies first, on a core the other
+    workers are serving from (docs/performance.md, "A worker's exit"). Any other exit is left to Python."""
     if not isinstance(exiting, SystemExit) or not (exiting.code is None or isinstance(exiting.code, int)):
         return
     atexit._run_exitfuncs()
