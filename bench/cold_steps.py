@@ -17,7 +17,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,8 @@ from bikeshare_membership.schema import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test harness: train.py as a user runs it
 
-from harness import clean_env, run_train  # noqa: E402
+from harness import run_train  # noqa: E402
+from serve import bench_workspace  # noqa: E402
 
 MODEL = "bikeshare-cold-bench"
 FALLBACK_CACHE_BYTES = 64 << 20
@@ -102,14 +102,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300, help="cold calls per step (ten times as many warm)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="cold-steps-"))
+    work, env = bench_workspace("cold-steps-")
     try:
         settings = Settings(
-            tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registered_model=MODEL, model_cache_dir=str(work / "cache")
+            tracking_uri=env["MLFLOW_TRACKING_URI"], registered_model=MODEL, model_cache_dir=str(work / "cache")
         )
         print("training the model to load ...", flush=True)
-        env = clean_env() | {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_REGISTERED_MODEL": MODEL}
-        run_train(env | {"MLFLOW_DISABLE_TELEMETRY": "true"}, work)
+        run_train(env | {"MLFLOW_REGISTERED_MODEL": MODEL}, work)
         calls = steps(settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)

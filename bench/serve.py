@@ -101,10 +101,15 @@ def found(pattern: str, text: str) -> tuple[str, ...]:
 
 
 def wrk_workspace(script: str, prefix: str) -> tuple[Path, dict[str, str]]:
-    """For a script driving servers with wrk: exits if wrk is missing; else a new temporary folder and the servers'
-    environment, with a SQLite registry in that folder, no registry checks and no telemetry."""
+    """For a script driving servers with wrk: exits if wrk is missing; else `bench_workspace`."""
     if shutil.which("wrk") is None:
         sys.exit(f"{script} needs wrk: apt-get install wrk")
+    return bench_workspace(prefix)
+
+
+def bench_workspace(prefix: str) -> tuple[Path, dict[str, str]]:
+    """A new temporary folder and the environment of the processes a benchmark starts (train.py, servers): a SQLite
+    registry in that folder, no registry checks and no telemetry."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     env = clean_env() | {
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",

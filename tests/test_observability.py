@@ -324,9 +324,8 @@ def test_archiving_dead_workers_keeps_every_sum(
     archives = {f"counter_{metrics_archive.ARCHIVE_NAME}.db", f"histogram_{metrics_archive.ARCHIVE_NAME}.db"}
     assert {path.name for path in tmp_path.glob("*.db")} == {"counter_103.db", "histogram_103.db"} | archives
 
-    scrape = os.open(
-        tmp_path / metrics_archive.ARCHIVE_LOCK, os.O_RDWR
-    )  # a stuck scrape: the master does not wait for it
+    # a stuck scrape: the master does not wait for it
+    scrape = os.open(tmp_path / metrics_archive.ARCHIVE_LOCK, os.O_RDWR)
     fcntl.flock(scrape, fcntl.LOCK_SH)
     monkeypatch.setattr(metrics_archive, "ARCHIVE_WAIT_SECONDS", 0.05)
     with caplog.at_level(logging.WARNING, logger=metrics_archive.__name__):
